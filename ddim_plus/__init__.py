@@ -1,0 +1,19 @@
+"""ddim_plus: DDIM (Song, Meng & Ermon, ICLR 2021) as a diffusers plugin.
+
+Importing the package registers its classes on the ``diffusers`` module, so ``DiffusionPipeline.from_pretrained``
+finds them by name.
+"""
+
+import diffusers
+
+from . import ddim_math
+from .scheduling_ddim_plus import DDIMSchedulerPlus, DDIMSchedulerPlusOutput
+
+__version__ = "0.1.0"
+
+__all__ = ["DDIMSchedulerPlus", "DDIMSchedulerPlusOutput", "ddim_math", "__version__"]
+
+# `DiffusionPipeline.from_pretrained` and `from_config` look classes up as attributes of `diffusers`.
+for _name in __all__[:1]:
+    if not hasattr(diffusers, _name):
+        setattr(diffusers, _name, globals()[_name])

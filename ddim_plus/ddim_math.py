@@ -1,0 +1,296 @@
+"""The DDIM equations as small pure functions (Song, Meng & Ermon, ICLR 2021, arXiv 2010.02502).
+
+Notation: ``abar_t`` is the paper's alpha_t (the cumulative product of 1 - beta, DDPM's alpha-bar),
+``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (eq. 4). Every function here is stateless: the scheduler and the
+pipelines are thin layers that precompute coefficients with these functions and apply them.
+
+Equation map (see docs/theory.md):
+- eq. 4   forward marginal ...................... :func:`add_noise`
+- eq. 9   x_0 from eps (and v, sample conversions) :func:`model_output_to_x0_eps`
+- eq. 12  the generalized (DDIM) step ........... :func:`ddim_step_coefficients`, :func:`ddim_step`
+- eq. 13  the ODE form, run forward = inversion . :func:`ddim_inverse_step`
+- eq. 16  sigma_t(eta) .......................... :func:`ddim_sigma`
+- sec. 5.1 sigma-hat (DDPM's "large" variance) .. :func:`ddim_sigma_hat`
+- App. D.2 timestep subsequences ................ :func:`timesteps_for_spacing`
+- sec. 5.3 slerp of x_T ......................... :func:`slerp`
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
+
+# Smallest abar used to turn an epsilon prediction into x_0 when the schedule reaches zero terminal SNR
+# (abar_T = 0 makes eq. 9 divide by zero). 2**-24 is the value diffusers' multistep solvers use for the same case.
+ZERO_SNR_ABAR_FLOOR = 2.0**-24
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Noise schedules
+# ----------------------------------------------------------------------------------------------------------------
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas of the Improved-DDPM cosine schedule (diffusers' ``squaredcos_cap_v2``)."""
+
+    def abar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - abar((i + 1) / num_train_timesteps) / abar(i / num_train_timesteps), max_beta)
+        for i in range(num_train_timesteps)
+    ]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def make_betas(
+    beta_schedule: str,
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    trained_betas: Optional[Sequence[float]] = None,
+) -> torch.Tensor:
+    """Betas exactly as diffusers builds them (float32), so a checkpoint sees the noise levels it was trained on.
+
+    Args:
+        beta_schedule (`str`): one of ``BETA_SCHEDULES``; ignored when ``trained_betas`` is given.
+        num_train_timesteps (`int`): T.
+        beta_start (`float`), beta_end (`float`): end points of the linear-type schedules.
+        trained_betas (`Sequence[float]`, *optional*): explicit betas, length T.
+
+    Returns:
+        `torch.Tensor`: float32 betas of length T.
+    """
+    if trained_betas is not None:
+        betas = torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
+        if betas.ndim != 1 or len(betas) != num_train_timesteps:
+            raise ValueError(
+                f"`trained_betas` must be a 1-D sequence of length `num_train_timesteps`={num_train_timesteps}, "
+                f"got shape {tuple(betas.shape)}."
+            )
+        return betas
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return _cosine_betas(num_train_timesteps)
+    if beta_schedule == "sigmoid":
+        return torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
+    raise ValueError(f"`beta_schedule`={beta_schedule!r} is not supported; choose one of {BETA_SCHEDULES}.")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(abar) so that abar_T = 0 while abar_0 is kept (Lin et al. 2023, Algorithm 1)."""
+    sqrt_abar = torch.cumprod(1.0 - betas.double(), dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return (1.0 - alphas).to(betas.dtype)
+
+
+def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
+    """abar_t = prod_{s<=t} (1 - beta_s), accumulated in float64 (1 - abar near t = 0 needs the precision)."""
+    return torch.cumprod(1.0 - betas.double(), dim=0)
+
+
+def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """lambda_t = log(abar_t / (1 - abar_t)), twice DPM-Solver's half-log-SNR."""
+    return torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward process and parameterisations
+# ----------------------------------------------------------------------------------------------------------------
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps; ``abar`` broadcasts against ``x0``."""
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def velocity(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022), the target of v-prediction."""
+    return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+
+def model_output_to_x0_eps(
+    model_output: torch.Tensor, sample: torch.Tensor, abar: float, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a network output into (x_0, eps) at noise level ``abar`` (eq. 9 and its v / sample analogues).
+
+    Args:
+        model_output (`torch.Tensor`): the network's prediction.
+        sample (`torch.Tensor`): x_t.
+        abar (`float`): abar_t. For epsilon prediction it must be > 0 (see ``ZERO_SNR_ABAR_FLOOR``).
+        prediction_type (`str`): ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: (x0_hat, eps_hat).
+    """
+    a, s = math.sqrt(abar), math.sqrt(1.0 - abar)
+    if prediction_type == "epsilon":
+        return (sample - s * model_output) / a, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - a * model_output) / s
+    if prediction_type == "v_prediction":
+        return a * sample - s * model_output, a * model_output + s * sample
+    raise ValueError(f"`prediction_type`={prediction_type!r} is not supported; choose one of {PREDICTION_TYPES}.")
+
+
+def eps_from_x0(sample: torch.Tensor, x0: torch.Tensor, abar: float) -> torch.Tensor:
+    """Eq. 4 solved for eps: eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)."""
+    return (sample - math.sqrt(abar) * x0) / math.sqrt(1.0 - abar)
+
+
+def x0_from_eps(sample: torch.Tensor, eps: torch.Tensor, abar: float) -> torch.Tensor:
+    """Eq. 9: x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
+    return (sample - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022): clip to the per-image ``ratio`` quantile s, divide by s."""
+    dtype = x0.dtype
+    flat = x0.reshape(x0.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # quantile and clamp are not implemented for half on CPU
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The generalized step (eq. 12) and its noise scale (eq. 16)
+# ----------------------------------------------------------------------------------------------------------------
+def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
+    """Eq. 16: sigma_t(eta) = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
+
+    eta = 1 is the DDPM posterior standard deviation, eta = 0 the deterministic DDIM.
+    """
+    if abar_t >= 1.0:
+        return 0.0
+    return eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * math.sqrt(max(1.0 - abar_t / abar_prev, 0.0))
+
+
+def ddim_sigma_hat(abar_t: float, abar_prev: float) -> float:
+    """Section 5.1: sigma-hat_t = sqrt(1 - abar_t / abar_prev), DDPM's larger ("beta") variance."""
+    return math.sqrt(max(1.0 - abar_t / abar_prev, 0.0))
+
+
+def ddim_step_coefficients(abar_prev: float, sigma: float, direction_sigma: Optional[float] = None) -> tuple:
+    """Eq. 12's weights: x_prev = c_x0 x0 + c_eps eps + c_noise z.
+
+    Args:
+        abar_prev (`float`): abar at the timestep being stepped to.
+        sigma (`float`): standard deviation of the fresh noise z.
+        direction_sigma (`float`, *optional*): the sigma inside "direction pointing to x_t",
+            sqrt(1 - abar_prev - sigma^2). Equal to ``sigma`` except for sigma-hat, where the paper keeps sigma(1).
+
+    Returns:
+        `tuple[float, float, float]`: (c_x0, c_eps, c_noise).
+    """
+    d = sigma if direction_sigma is None else direction_sigma
+    return math.sqrt(abar_prev), math.sqrt(max(1.0 - abar_prev - d * d, 0.0)), sigma
+
+
+def ddim_step(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    abar_prev: float,
+    sigma: float = 0.0,
+    noise: Optional[torch.Tensor] = None,
+    direction_sigma: Optional[float] = None,
+) -> torch.Tensor:
+    """Eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z."""
+    c_x0, c_eps, c_noise = ddim_step_coefficients(abar_prev, sigma, direction_sigma)
+    x_prev = c_x0 * x0 + c_eps * eps
+    if c_noise > 0:
+        if noise is None:
+            raise ValueError("`noise` is required when `sigma` > 0.")
+        x_prev = x_prev + c_noise * noise
+    return x_prev
+
+
+def ddim_inverse_step(x0: torch.Tensor, eps: torch.Tensor, abar_next: float) -> torch.Tensor:
+    """Eq. 13 run forward in t (inversion): x_next = sqrt(abar_next) x0 + sqrt(1 - abar_next) eps, with (x0, eps)
+    predicted at the current, less noisy, point. It is eq. 12 at eta = 0 with the roles of the two levels swapped."""
+    return math.sqrt(abar_next) * x0 + math.sqrt(1.0 - abar_next) * eps
+
+
+def dpm_solver_2m_x0(x0: torch.Tensor, x0_prev: torch.Tensor, h: float, h_prev: float) -> torch.Tensor:
+    """DPM-Solver++(2M)'s corrected data prediction (Lu et al. 2022, Algorithm 2):
+    D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev, r = h_prev / h, h the step in half-log-SNR. Used in place of x0 in
+    eq. 12 at eta = 0 it turns DDIM (= DPM-Solver-1) into a second-order multistep solver."""
+    c = h / (2.0 * h_prev)
+    return (1.0 + c) * x0 - c * x0_prev
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timestep subsequences (App. D.2) and interpolation (sec. 5.3)
+# ----------------------------------------------------------------------------------------------------------------
+def _strictly_descending(ascending: np.ndarray) -> np.ndarray:
+    """Bump repeated values up by one so an ascending int array becomes strictly ascending; return it descending."""
+    out = ascending.astype(np.int64).copy()
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1] + 1)
+    return out[::-1].copy()
+
+
+def timesteps_for_spacing(
+    spacing: str,
+    num_inference_steps: int,
+    num_train_timesteps: int,
+    steps_offset: int = 0,
+    alphas_cumprod: Optional[torch.Tensor] = None,
+) -> np.ndarray:
+    """The S timesteps to visit, descending, each in [0, T).
+
+    - ``leading``, ``trailing``, ``linspace``: exactly diffusers' definitions (``steps_offset`` added to leading).
+    - ``quadratic``: the paper's released code, ``floor(linspace(0, sqrt(0.8 T), S) ** 2)``. For large S that
+      formula repeats small timesteps; each repeat is moved up to one more than its predecessor, so S distinct
+      steps are always returned.
+    - ``logsnr``: uniform in log-SNR between the first and the last training timestep (needs ``alphas_cumprod``);
+      repeats are removed the same way.
+
+    Returns:
+        `np.ndarray`: int64 timesteps, strictly descending.
+    """
+    S, T = num_inference_steps, num_train_timesteps
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, S).round()[::-1].copy().astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, S) * (T // S)).round()[::-1].copy().astype(np.int64) + steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / S)).astype(np.int64) - 1
+    if spacing == "quadratic":
+        return _strictly_descending(np.floor(np.linspace(0, math.sqrt(T * 0.8), S) ** 2))
+    if spacing == "logsnr":
+        if alphas_cumprod is None:
+            raise ValueError("`logsnr` spacing needs `alphas_cumprod`.")
+        lam = log_snr(alphas_cumprod.double().clamp(min=ZERO_SNR_ABAR_FLOOR)).numpy()
+        targets = np.linspace(lam[0], lam[-1], S)
+        # lambda decreases with t: for each target, the timestep whose lambda is nearest.
+        ts = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
+        return _strictly_descending(np.sort(ts))
+    raise ValueError(f"`timestep_spacing`={spacing!r} is not supported; choose one of {TIMESTEP_SPACINGS}.")
+
+
+def slerp(x0: torch.Tensor, x1: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Section 5.3: x(a) = sin((1 - a) theta) / sin(theta) x0 + sin(a theta) / sin(theta) x1, theta the angle
+    between x0 and x1 per batch element. Falls back to linear interpolation when the two are (anti)parallel."""
+    if x0.shape != x1.shape:
+        raise ValueError(f"`x0` and `x1` must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}.")
+    a = x0.reshape(x0.shape[0], -1).double()
+    b = x1.reshape(x1.shape[0], -1).double()
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    theta = torch.arccos(cos.clamp(-1.0, 1.0))
+    sin = torch.sin(theta)
+    parallel = sin.abs() < 1e-6
+    safe_sin = torch.where(parallel, torch.ones_like(sin), sin)
+    w0 = torch.where(parallel, torch.full_like(sin, 1 - alpha), torch.sin((1 - alpha) * theta) / safe_sin)
+    w1 = torch.where(parallel, torch.full_like(sin, alpha), torch.sin(alpha * theta) / safe_sin)
+    out = w0[:, None] * a + w1[:, None] * b
+    return out.reshape(x0.shape).to(x0.dtype)

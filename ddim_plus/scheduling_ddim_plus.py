@@ -1,0 +1,476 @@
+"""`DDIMSchedulerPlus`: a drop-in for diffusers' `DDIMScheduler` that follows the paper exactly.
+
+Differences from the stock scheduler (see docs/scheduler.md):
+- the previous timestep is the next element of ``self.timesteps``, so trailing, linspace, quadratic, log-SNR and
+  custom schedules step between the right noise levels (diffusers uses ``t - T // S``, right for leading only);
+- the paper's quadratic spacing, a log-SNR-uniform spacing and custom ``timesteps``;
+- the paper's sigma-hat variance (``sigma_type="sigma_hat"``), an inverse step for DDIM inversion and an optional
+  second-order multistep correction (``solver_order=2``, DPM-Solver++(2M) written in DDIM form);
+- coefficients computed once per ``set_timesteps`` in float64, so a step is a handful of tensor operations;
+- zero terminal SNR with epsilon prediction never produces inf/NaN.
+
+The equations live in :mod:`ddim_plus.ddim_math`; this class only keeps the state diffusers expects.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from . import ddim_math as dm
+
+SIGMA_TYPES = ("eta", "sigma_hat")
+
+
+@dataclass
+class DDIMSchedulerPlusOutput(BaseOutput):
+    """Output of :meth:`DDIMSchedulerPlus.step` and :meth:`DDIMSchedulerPlus.inverse_step`.
+
+    Args:
+        prev_sample (`torch.Tensor`): the sample at the timestep stepped to (x_{t-1} for ``step``, x_{t+1} for
+            ``inverse_step``).
+        pred_original_sample (`torch.Tensor`): the predicted x_0 (after clipping or thresholding).
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """Everything a step needs about one transition, as Python floats (no tensor indexing in the hot path)."""
+
+    abar_t: float  # abar at the current timestep (floored for epsilon prediction at zero terminal SNR)
+    abar_prev: float  # abar at the timestep stepped to (final_alpha_cumprod after the last scheduled one)
+    ddpm_sigma: float  # sigma_t(eta = 1), eq. 16
+    h: float  # step in log-SNR, lambda_prev - lambda_t (inf when stepping to abar = 1)
+
+
+class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
+    """Denoising diffusion implicit models (Song et al. 2021), eq. 12 and 16 exactly, with a correct previous
+    timestep for every spacing.
+
+    Args:
+        num_train_timesteps (`int`, defaults to 1000): number of diffusion steps used to train the model.
+        beta_start (`float`, defaults to 0.0001): first beta of the linear-type schedules.
+        beta_end (`float`, defaults to 0.02): last beta of the linear-type schedules.
+        beta_schedule (`str`, defaults to `"linear"`): `"linear"`, `"scaled_linear"`, `"squaredcos_cap_v2"` or
+            `"sigmoid"`.
+        trained_betas (`np.ndarray` or `List[float]`, *optional*): betas given directly.
+        clip_sample (`bool`, defaults to `True`): clip the predicted x_0 to [-clip_sample_range, clip_sample_range].
+        set_alpha_to_one (`bool`, defaults to `True`): after the last scheduled step, go to abar = 1 (a clean
+            image); if `False`, to abar_0.
+        steps_offset (`int`, defaults to 0): added to the timesteps of the `"leading"` spacing.
+        prediction_type (`str`, defaults to `"epsilon"`): what the network predicts: `"epsilon"`, `"sample"` or
+            `"v_prediction"`.
+        thresholding (`bool`, defaults to `False`): Imagen's dynamic thresholding of x_0 (instead of clipping).
+        dynamic_thresholding_ratio (`float`, defaults to 0.995): quantile used by dynamic thresholding.
+        clip_sample_range (`float`, defaults to 1.0): clipping bound for `clip_sample`.
+        sample_max_value (`float`, defaults to 1.0): largest threshold of dynamic thresholding.
+        timestep_spacing (`str`, defaults to `"leading"`): `"leading"`, `"trailing"`, `"linspace"` (diffusers'
+            definitions), `"quadratic"` (the paper's CIFAR-10 schedule) or `"logsnr"` (uniform in log-SNR).
+        rescale_betas_zero_snr (`bool`, defaults to `False`): rescale betas to zero terminal SNR (Lin et al. 2023).
+            With epsilon prediction abar_T = 0 is floored at 2**-24 when converting to x_0, so no inf/NaN appears.
+        sigma_type (`str`, defaults to `"eta"`): the noise of stochastic steps. `"eta"` is eq. 16 scaled by the
+            `eta` passed to `step`; `"sigma_hat"` is the paper's sigma-hat (section 5.1, DDPM's larger variance),
+            for which `eta` is ignored.
+        solver_order (`int`, defaults to 1): 1 is the paper's DDIM. 2 adds the DPM-Solver++(2M) multistep
+            correction of x_0 (deterministic sampling only, `eta` must be 0).
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+        sigma_type: str = "eta",
+        solver_order: int = 1,
+    ):
+        if num_train_timesteps < 1:
+            raise ValueError(f"`num_train_timesteps` must be >= 1, got {num_train_timesteps}.")
+        if prediction_type not in dm.PREDICTION_TYPES:
+            raise ValueError(
+                f"`prediction_type`={prediction_type!r} is not supported; choose one of {dm.PREDICTION_TYPES}."
+            )
+        if timestep_spacing not in dm.TIMESTEP_SPACINGS:
+            raise ValueError(
+                f"`timestep_spacing`={timestep_spacing!r} is not supported; choose one of {dm.TIMESTEP_SPACINGS}."
+            )
+        if sigma_type not in SIGMA_TYPES:
+            raise ValueError(f"`sigma_type`={sigma_type!r} is not supported; choose one of {SIGMA_TYPES}.")
+        if solver_order not in (1, 2):
+            raise ValueError(f"`solver_order` must be 1 (DDIM) or 2 (multistep second order), got {solver_order}.")
+        if solver_order == 2 and sigma_type == "sigma_hat":
+            raise ValueError("`solver_order`=2 is deterministic; it cannot be combined with `sigma_type`='sigma_hat'.")
+
+        self.betas = dm.make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
+        if rescale_betas_zero_snr:
+            self.betas = dm.rescale_zero_terminal_snr(self.betas)
+        self.alphas = 1.0 - self.betas
+        # float64 on the CPU: the source of every coefficient. Device copies are made (and cached) where needed.
+        self.alphas_cumprod = dm.alphas_cumprod_from_betas(self.betas)
+        self.final_alpha_cumprod = (
+            torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one else self.alphas_cumprod[0]
+        )
+
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
+        self._abar_list = self.alphas_cumprod.tolist()
+        self._noise_tables = {}
+        self._reset_schedule_state([])
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Schedule
+    # ------------------------------------------------------------------------------------------------------------
+    def _reset_schedule_state(self, timesteps: List[int]) -> None:
+        self._timestep_list = timesteps
+        self._ascending = sorted(timesteps)
+        self._index_of = {t: i for i, t in enumerate(timesteps)}
+        self._plans = [self._plan(t, self._prev_of_index(i)) for i, t in enumerate(timesteps)]
+        # multistep history (solver_order=2): index of the last step taken and its x_0
+        self._last_index = None
+        self._last_x0 = None
+
+    def _prev_of_index(self, index: int) -> int:
+        return self._timestep_list[index + 1] if index + 1 < len(self._timestep_list) else -1
+
+    def _abar(self, timestep: int) -> float:
+        """abar at an integer timestep; -1 stands for the level after the last step (final_alpha_cumprod)."""
+        return self._abar_list[timestep] if timestep >= 0 else float(self.final_alpha_cumprod)
+
+    def _plan(self, timestep: int, prev_timestep: int) -> _StepPlan:
+        abar_t, abar_prev = self._abar(timestep), self._abar(prev_timestep)
+        if self.config.prediction_type == "epsilon":
+            abar_t = max(abar_t, dm.ZERO_SNR_ABAR_FLOOR)
+        lam_t = math.log(max(abar_t, dm.ZERO_SNR_ABAR_FLOOR)) - math.log1p(-abar_t) if abar_t < 1 else math.inf
+        lam_prev = (
+            math.log(max(abar_prev, dm.ZERO_SNR_ABAR_FLOOR)) - math.log1p(-abar_prev) if abar_prev < 1 else math.inf
+        )
+        return _StepPlan(abar_t, abar_prev, dm.ddim_sigma(abar_t, abar_prev, 1.0), lam_prev - lam_t)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        timesteps: Optional[Sequence[int]] = None,
+    ) -> None:
+        """Choose the timesteps to visit (run before sampling). Also resets the multistep history.
+
+        Args:
+            num_inference_steps (`int`, *optional*): S, the number of sampling steps, 1 <= S <= T, spaced by
+                `config.timestep_spacing`.
+            device (`str` or `torch.device`, *optional*): device of `self.timesteps`.
+            timesteps (`List[int]`, *optional*): a custom strictly descending schedule within [0, T); replaces
+                `num_inference_steps`.
+        """
+        T = self.config.num_train_timesteps
+        if timesteps is not None:
+            if num_inference_steps is not None:
+                raise ValueError("Pass either `num_inference_steps` or `timesteps` to `set_timesteps`, not both.")
+            schedule = self._validate_custom_timesteps(timesteps)
+        else:
+            if num_inference_steps is None:
+                raise ValueError("`set_timesteps` needs `num_inference_steps` (1 to T) or a list of `timesteps`.")
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+                raise ValueError(f"`num_inference_steps` must be an int, got {num_inference_steps!r}.")
+            if not 1 <= num_inference_steps <= T:
+                raise ValueError(
+                    f"`num_inference_steps` must be between 1 and `num_train_timesteps`={T}, got {num_inference_steps}."
+                )
+            schedule = dm.timesteps_for_spacing(
+                self.config.timestep_spacing,
+                int(num_inference_steps),
+                T,
+                self.config.steps_offset,
+                self.alphas_cumprod,
+            )
+            if schedule.max() >= T or schedule.min() < 0:
+                raise ValueError(
+                    f"`steps_offset`={self.config.steps_offset} pushes the {self.config.timestep_spacing!r} schedule "
+                    f"outside [0, {T}) for `num_inference_steps`={num_inference_steps}; lower one of them."
+                )
+        self.num_inference_steps = len(schedule)
+        self.timesteps = torch.from_numpy(np.asarray(schedule, dtype=np.int64)).to(device)
+        self._reset_schedule_state([int(t) for t in schedule])
+
+    def _validate_custom_timesteps(self, timesteps: Sequence[int]) -> np.ndarray:
+        T = self.config.num_train_timesteps
+        values = timesteps.tolist() if isinstance(timesteps, (torch.Tensor, np.ndarray)) else list(timesteps)
+        if len(values) == 0:
+            raise ValueError("`timesteps` is empty; give at least one timestep in [0, T).")
+        for v in values:
+            if isinstance(v, bool) or not float(v).is_integer():
+                raise ValueError(f"`timesteps` must hold integers, got {v!r}.")
+        values = [int(v) for v in values]
+        bad = [v for v in values if not 0 <= v < T]
+        if bad:
+            raise ValueError(f"`timesteps` must lie in [0, {T}) (`num_train_timesteps`); got {bad}.")
+        for a, b in zip(values, values[1:]):
+            if b >= a:
+                raise ValueError(
+                    f"`timesteps` must be strictly descending (sampling goes from noise to data); found {a} then {b}."
+                )
+        return np.asarray(values, dtype=np.int64)
+
+    def previous_timestep(self, timestep: Union[int, torch.Tensor]) -> int:
+        """The timestep `step` moves to from `timestep`: the next element of `self.timesteps`, or -1 (meaning
+        `final_alpha_cumprod`) after the last. A timestep not in the schedule moves to the largest scheduled
+        timestep below it."""
+        t = self._checked_timestep(timestep)
+        index = self._index_of.get(t)
+        if index is not None:
+            return self._prev_of_index(index)
+        below = bisect.bisect_left(self._ascending, t)  # number of scheduled timesteps < t
+        return self._ascending[below - 1] if below > 0 else -1
+
+    def _checked_timestep(self, timestep: Union[int, torch.Tensor]) -> int:
+        if self.num_inference_steps is None:
+            raise ValueError("`num_inference_steps` is None: call `set_timesteps` before `step`.")
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise ValueError(f"`timestep` must be a single value, got a tensor of shape {tuple(timestep.shape)}.")
+            timestep = timestep.item()
+        t = int(timestep)
+        if t != timestep or not 0 <= t < self.config.num_train_timesteps:
+            raise ValueError(
+                f"`timestep` must be an integer in [0, {self.config.num_train_timesteps}), got {timestep!r}."
+            )
+        return t
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------------------------------------------------
+    def scale_model_input(self, sample: torch.Tensor, timestep: Optional[int] = None) -> torch.Tensor:
+        """DDIM needs no input scaling; kept for interchangeability with other schedulers.
+
+        Returns:
+            `torch.Tensor`: `sample`, unchanged.
+        """
+        return sample
+
+    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
+        """sigma_t(1)^2 of eq. 16 between two integer timesteps (diffusers' private helper, same arguments)."""
+        return torch.tensor(dm.ddim_sigma(self._abar(timestep), self._abar(prev_timestep), 1.0) ** 2)
+
+    def _postprocess_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.config.thresholding:
+            return dm.dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        if self.config.clip_sample:
+            return x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return x0
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[int, torch.Tensor],
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: Optional[torch.Generator] = None,
+        variance_noise: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+    ) -> Union[DDIMSchedulerPlusOutput, Tuple]:
+        """One step of eq. 12 from `timestep` to the previous timestep (the next element of `self.timesteps`).
+
+        Args:
+            model_output (`torch.Tensor`): the network's output at (`sample`, `timestep`).
+            timestep (`int`): the current timestep, in [0, T). One that is not in the schedule steps to the largest
+                scheduled timestep below it.
+            sample (`torch.Tensor`): x_t.
+            eta (`float`, defaults to 0.0): weight of the noise, eq. 16: 0 is deterministic DDIM, 1 the DDPM
+                posterior. Ignored when `sigma_type="sigma_hat"`.
+            use_clipped_model_output (`bool`, defaults to `False`): re-derive eps from the clipped x_0.
+            generator (`torch.Generator`, *optional*): source of the noise when `eta` > 0.
+            variance_noise (`torch.Tensor`, *optional*): the noise itself (instead of `generator`).
+            return_dict (`bool`, defaults to `True`): return a `DDIMSchedulerPlusOutput` rather than a tuple.
+
+        Returns:
+            `DDIMSchedulerPlusOutput` or `tuple`: (prev_sample, pred_original_sample).
+        """
+        t = self._checked_timestep(timestep)
+        if eta < 0:
+            raise ValueError(f"`eta` must be >= 0 (0 = deterministic DDIM, 1 = DDPM), got {eta}.")
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"`model_output` shape {tuple(model_output.shape)} does not match `sample` shape {tuple(sample.shape)}."
+            )
+        index = self._index_of.get(t)
+        plan = self._plans[index] if index is not None else self._plan(t, self.previous_timestep(t))
+        stochastic = self.config.sigma_type == "sigma_hat" or eta > 0
+        if self.config.solver_order == 2:
+            if stochastic:
+                raise ValueError(
+                    f"`solver_order`=2 is a deterministic (ODE) solver: use `eta`=0, got `eta`={eta}. "
+                    "Set `solver_order`=1 for stochastic DDIM."
+                )
+            self._check_multistep_order(t, index)
+
+        # 1. x_0 and eps from the network's output (eq. 9), then clipping or thresholding of x_0
+        x0, eps = dm.model_output_to_x0_eps(model_output, sample, plan.abar_t, self.config.prediction_type)
+        x0 = self._postprocess_x0(x0)
+        if use_clipped_model_output:
+            eps = dm.eps_from_x0(sample, x0, plan.abar_t)
+
+        # 2. second-order multistep: replace x_0 by the DPM-Solver++(2M) combination, eps by its consistent value
+        x0_for_step = x0
+        if self.config.solver_order == 2:
+            use_history = index > 0 and self._last_x0 is not None and plan.abar_prev < 1.0
+            if use_history:
+                x0_for_step = dm.dpm_solver_2m_x0(x0, self._last_x0, plan.h, self._plans[index - 1].h)
+                eps = dm.eps_from_x0(sample, x0_for_step, plan.abar_t)
+            self._last_index, self._last_x0 = index, x0
+
+        # 3. sigma: eq. 16, or sigma-hat with the direction term of sigma(1) (section 5.1)
+        if self.config.sigma_type == "sigma_hat":
+            sigma = dm.ddim_sigma_hat(plan.abar_t, plan.abar_prev)
+            c_x0, c_eps, c_noise = dm.ddim_step_coefficients(plan.abar_prev, sigma, direction_sigma=plan.ddpm_sigma)
+        else:
+            sigma = eta * plan.ddpm_sigma
+            c_x0, c_eps, c_noise = dm.ddim_step_coefficients(plan.abar_prev, sigma)
+
+        # 4. eq. 12: x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z
+        prev_sample = torch.add(x0_for_step * c_x0, eps, alpha=c_eps)
+        if stochastic:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("Pass either `generator` or `variance_noise` to `step`, not both.")
+            if variance_noise is None:
+                variance_noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
+            elif variance_noise.shape != sample.shape:
+                raise ValueError(
+                    f"`variance_noise` shape {tuple(variance_noise.shape)} does not match `sample` shape "
+                    f"{tuple(sample.shape)}."
+                )
+            if c_noise > 0:
+                prev_sample = prev_sample.add_(variance_noise, alpha=c_noise)
+
+        if not return_dict:
+            return (prev_sample, x0)
+        return DDIMSchedulerPlusOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    def _check_multistep_order(self, t: int, index: Optional[int]) -> None:
+        if index is None:
+            raise ValueError(
+                f"`solver_order`=2 needs the scheduled timesteps in order; timestep {t} is not in `self.timesteps`."
+            )
+        if index > 0 and self._last_index != index - 1:
+            expected = self._timestep_list[self._last_index + 1] if self._last_index is not None else None
+            raise ValueError(
+                f"`solver_order`=2 steps through `self.timesteps` in order: got timestep {t} but the next one is "
+                f"{expected if expected is not None else self._timestep_list[0]}. Call `set_timesteps` to restart."
+            )
+
+    def inverse_step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[int, torch.Tensor],
+        sample: torch.Tensor,
+        model_input: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+    ) -> Union[DDIMSchedulerPlusOutput, Tuple]:
+        """One deterministic inversion step (eq. 13 run forward in t): from the level just below `timestep` in the
+        schedule (the element after it in `self.timesteps`, or the clean level after the last) up to `timestep`.
+
+        Args:
+            model_output (`torch.Tensor`): the network's output at (`model_input`, `timestep`).
+            timestep (`int`): the scheduled timestep to move to.
+            sample (`torch.Tensor`): the sample at the level below `timestep`.
+            model_input (`torch.Tensor`, *optional*): what the network saw; defaults to `sample`, which is plain DDIM
+                inversion. Passing a guess of the result (fixed-point refinement) makes the step the exact inverse of
+                `step` at that guess.
+            return_dict (`bool`, defaults to `True`): return a `DDIMSchedulerPlusOutput` rather than a tuple.
+
+        Returns:
+            `DDIMSchedulerPlusOutput` or `tuple`: (the sample at `timestep`, the x_0 implied by `sample`).
+            x_0 is not clipped here: clipping cannot be inverted.
+        """
+        t = self._checked_timestep(timestep)
+        index = self._index_of.get(t)
+        if index is None:
+            raise ValueError(f"`timestep`={t} is not in the schedule; `inverse_step` moves between scheduled levels.")
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"`model_output` shape {tuple(model_output.shape)} does not match `sample` shape {tuple(sample.shape)}."
+            )
+        plan = self._plans[index]  # plan.abar_t: the level moved to; plan.abar_prev: the level of `sample`
+        model_input = sample if model_input is None else model_input
+        _, eps = dm.model_output_to_x0_eps(model_output, model_input, plan.abar_t, self.config.prediction_type)
+        x0 = dm.x0_from_eps(sample, eps, plan.abar_prev)
+        next_sample = dm.ddim_inverse_step(x0, eps, plan.abar_t)
+        if not return_dict:
+            return (next_sample, x0)
+        return DDIMSchedulerPlusOutput(prev_sample=next_sample, pred_original_sample=x0)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Training helpers
+    # ------------------------------------------------------------------------------------------------------------
+    def _noise_table(self, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(abar) and sqrt(1 - abar) per timestep on (device, dtype), computed in float64 once and cached."""
+        key = (str(device), dtype)
+        if key not in self._noise_tables:
+            self._noise_tables[key] = (
+                self.alphas_cumprod.sqrt().to(dtype).to(device),
+                (1.0 - self.alphas_cumprod).sqrt().to(dtype).to(device),
+            )
+        return self._noise_tables[key]
+
+    def _coefficients_for(self, timesteps, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        sqrt_abar, sqrt_one_minus = self._noise_table(like.device, like.dtype)
+        timesteps = torch.as_tensor(timesteps, device=like.device).long().flatten()
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return sqrt_abar[timesteps].reshape(shape), sqrt_one_minus[timesteps].reshape(shape)
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
+    ) -> torch.Tensor:
+        """Eq. 4, the forward marginal: sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+
+        Args:
+            original_samples (`torch.Tensor`): x_0.
+            noise (`torch.Tensor`): eps, same shape.
+            timesteps (`torch.IntTensor`): one timestep per batch element (or one for all).
+
+        Returns:
+            `torch.Tensor`: x_t.
+        """
+        a, s = self._coefficients_for(timesteps, original_samples)
+        return a * original_samples + s * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+        """The v-prediction target v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0.
+
+        Returns:
+            `torch.Tensor`: v.
+        """
+        a, s = self._coefficients_for(timesteps, sample)
+        return a * noise - s * sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps

@@ -1,0 +1,38 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ddim-plus",
+    version="0.1.0",
+    description="DDIM done exactly as the paper: a diffusers plugin with a correct scheduler, inversion and trainer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["ddim_plus", "ddim_plus.*"]),
+    package_data={"ddim_plus": ["assets/*"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "diffusers>=0.30",
+        "huggingface_hub>=0.23",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=9.0",
+    ],
+    extras_require={
+        "train": ["accelerate>=0.30", "datasets>=2.18", "scikit-learn>=1.2", "tensorboard>=2.12"],
+        "test": [
+            "pytest>=7",
+            "ruff>=0.5",
+            "accelerate>=0.30",
+            "datasets>=2.18",
+            "scikit-learn>=1.2",
+            "tensorboard>=2.12",
+        ],
+        "docs": ["matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["ddim-plus=ddim_plus.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
