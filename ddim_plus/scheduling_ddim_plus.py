@@ -31,6 +31,13 @@ from . import ddim_math as dm
 SIGMA_TYPES = ("eta", "sigma_hat")
 
 
+def _check_same_shape(model_output: torch.Tensor, sample: torch.Tensor) -> None:
+    if model_output.shape != sample.shape:
+        raise ValueError(
+            f"`model_output` shape {tuple(model_output.shape)} does not match `sample` shape {tuple(sample.shape)}."
+        )
+
+
 @dataclass
 class DDIMSchedulerPlusOutput(BaseOutput):
     """Output of :meth:`DDIMSchedulerPlus.step` and :meth:`DDIMSchedulerPlus.inverse_step`.
@@ -201,7 +208,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"`num_inference_steps` must be an int, got {num_inference_steps!r}.")
             if not 1 <= num_inference_steps <= T:
                 raise ValueError(
-                    f"`num_inference_steps` must be between 1 and `num_train_timesteps`={T}, got {num_inference_steps}."
+                    f"`num_inference_steps` must be between 1 and `num_train_timesteps`={T}, "
+                    f"got {num_inference_steps}."
                 )
             schedule = dm.timesteps_for_spacing(
                 self.config.timestep_spacing,
@@ -316,10 +324,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         t = self._checked_timestep(timestep)
         if eta < 0:
             raise ValueError(f"`eta` must be >= 0 (0 = deterministic DDIM, 1 = DDPM), got {eta}.")
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"`model_output` shape {tuple(model_output.shape)} does not match `sample` shape {tuple(sample.shape)}."
-            )
+        _check_same_shape(model_output, sample)
         index = self._index_of.get(t)
         plan = self._plans[index] if index is not None else self._plan(t, self.previous_timestep(t))
         stochastic = self.config.sigma_type == "sigma_hat" or eta > 0
@@ -415,10 +420,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         index = self._index_of.get(t)
         if index is None:
             raise ValueError(f"`timestep`={t} is not in the schedule; `inverse_step` moves between scheduled levels.")
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"`model_output` shape {tuple(model_output.shape)} does not match `sample` shape {tuple(sample.shape)}."
-            )
+        _check_same_shape(model_output, sample)
         plan = self._plans[index]  # plan.abar_t: the level moved to; plan.abar_prev: the level of `sample`
         model_input = sample if model_input is None else model_input
         _, eps = dm.model_output_to_x0_eps(model_output, model_input, plan.abar_t, self.config.prediction_type)
