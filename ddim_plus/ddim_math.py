@@ -231,11 +231,17 @@ def dpm_solver_2m_x0(x0: torch.Tensor, x0_prev: torch.Tensor, h: float, h_prev: 
 # ----------------------------------------------------------------------------------------------------------------
 # Timestep subsequences (App. D.2) and interpolation (sec. 5.3)
 # ----------------------------------------------------------------------------------------------------------------
-def _strictly_descending(ascending: np.ndarray) -> np.ndarray:
-    """Bump repeated values up by one so an ascending int array becomes strictly ascending; return it descending."""
+def _strictly_descending(ascending: np.ndarray, num_train_timesteps: int) -> np.ndarray:
+    """Bump repeated values up by one so an ascending int array becomes strictly ascending; return it descending.
+
+    Bumping can push the top past T - 1 when many values repeat near the top (log-SNR spacing at S close to T);
+    a second pass from the top then caps the values at T - 1, T - 2, ... . For S <= T the result lies in [0, T)."""
     out = ascending.astype(np.int64).copy()
     for i in range(1, len(out)):
         out[i] = max(out[i], out[i - 1] + 1)
+    upper = num_train_timesteps
+    for i in range(len(out) - 1, -1, -1):
+        upper = out[i] = min(out[i], upper - 1)
     return out[::-1].copy()
 
 
@@ -253,7 +259,7 @@ def timesteps_for_spacing(
       formula repeats small timesteps; each repeat is moved up to one more than its predecessor, so S distinct
       steps are always returned.
     - ``logsnr``: uniform in log-SNR between the first and the last training timestep (needs ``alphas_cumprod``);
-      repeats are removed the same way.
+      repeats are removed the same way, and any step bumped past T - 1 is moved back below its successor.
 
     Returns:
         `np.ndarray`: int64 timesteps, strictly descending.
@@ -266,7 +272,7 @@ def timesteps_for_spacing(
     if spacing == "trailing":
         return np.round(np.arange(T, 0, -T / S)).astype(np.int64) - 1
     if spacing == "quadratic":
-        return _strictly_descending(np.floor(np.linspace(0, math.sqrt(T * 0.8), S) ** 2))
+        return _strictly_descending(np.floor(np.linspace(0, math.sqrt(T * 0.8), S) ** 2), T)
     if spacing == "logsnr":
         if alphas_cumprod is None:
             raise ValueError("`logsnr` spacing needs `alphas_cumprod`.")
@@ -274,7 +280,7 @@ def timesteps_for_spacing(
         targets = np.linspace(lam[0], lam[-1], S)
         # lambda decreases with t: for each target, the timestep whose lambda is nearest.
         ts = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
-        return _strictly_descending(np.sort(ts))
+        return _strictly_descending(np.sort(ts), T)
     raise ValueError(f"`timestep_spacing`={spacing!r} is not supported; choose one of {TIMESTEP_SPACINGS}.")
 
 
