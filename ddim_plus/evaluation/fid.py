@@ -1,0 +1,365 @@
+"""Frechet distance between image sets, in a named feature space.
+
+The distance itself is torchmetrics' `FrechetInceptionDistance` (float64 statistics, eigenvalue-based matrix square
+root); this module only chooses the feature network and keeps its name next to every number, because a Frechet
+distance in one feature space says nothing about another:
+
+- ``"digits"``: a tiny CNN (about 10k parameters) trained on scikit-learn's bundled 8x8 digits by
+  ``scripts/train_digits_features.py`` and shipped in ``ddim_plus/assets/``. Always available offline; the right
+  yardstick for models trained on the bundled digits, meaningless for anything else.
+- ``"inception"`` / ``"inception:PATH"``: the standard FID (Heusel et al. 2017) in Inception-v3 pool features, via
+  torch-fidelity. With a PATH the weights are read from disk; without one torch-fidelity downloads them.
+- ``"dinov2:PATH_OR_REPO_ID"``: the Frechet distance in DINOv2 CLS features (Stein et al. 2023 find it tracks human
+  judgement better than Inception), loaded with `transformers` from a local folder or the local Hub cache.
+
+Images everywhere in this module are floats in [0, 1], either a `torch.Tensor` shaped (B, C, H, W) or a numpy
+array shaped (B, H, W, C) as returned by ``pipe(..., output_type="np").images``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DIGITS_FEATURES_FILE = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "assets", "digits_features.safetensors"
+)
+DIGITS_FEATURES_NAME = "digits-cnn-v1"
+DIGITS_RESOLUTION = 8
+FEATURE_KINDS = ("digits", "inception", "dinov2")
+
+ImageBatch = Union[torch.Tensor, np.ndarray]
+
+
+class FeatureWeightsUnavailableError(RuntimeError):
+    """Raised when the weights of a requested feature network are not on this machine (and may not be fetched)."""
+
+
+def to_image_tensor(images: ImageBatch) -> torch.Tensor:
+    """Return `images` as a float32 (B, C, H, W) tensor in [0, 1].
+
+    Args:
+        images (`torch.Tensor` or `np.ndarray`): a (B, C, H, W) tensor or a (B, H, W, C) array (the layout of
+            ``output_type="np"``), floats in [0, 1]. A single image without the batch axis is not accepted.
+
+    Returns:
+        `torch.Tensor`: (B, C, H, W), float32.
+    """
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4:
+            raise ValueError(f"`images` must be a (B, H, W, C) array, got shape {images.shape}.")
+        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    elif not isinstance(images, torch.Tensor):
+        raise TypeError(f"`images` must be a torch.Tensor or a numpy array, got {type(images).__name__}.")
+    elif images.ndim != 4:
+        raise ValueError(f"`images` must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}.")
+    images = images.float()
+    if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
+        raise ValueError(
+            f"`images` must hold values in [0, 1], got [{images.min().item():.3f}, {images.max().item():.3f}]; "
+            "for [-1, 1] model outputs use `(x / 2 + 0.5).clamp(0, 1)`."
+        )
+    return images
+
+
+def _to_rgb(images: torch.Tensor) -> torch.Tensor:
+    if images.shape[1] == 3:
+        return images
+    if images.shape[1] == 1:
+        return images.expand(-1, 3, -1, -1)
+    raise ValueError(f"`images` must have 1 or 3 channels for this feature network, got {images.shape[1]}.")
+
+
+class DigitsFeatureNet(nn.Module):
+    """A tiny CNN for scikit-learn's 8x8 digits whose 32-dimensional hidden layer serves as FID features.
+
+    Any input resolution and channel count is accepted: images are averaged to grey and area-resized to 8x8, which
+    is exactly how the digits models of this project upsample their training data in reverse.
+
+    Args:
+        hidden_features (`int`, defaults to 32): size of the feature layer.
+        num_classes (`int`, defaults to 10): size of the classification head used for training.
+    """
+
+    name = DIGITS_FEATURES_NAME
+
+    def __init__(self, hidden_features: int = 32, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.hidden = nn.Linear(16 * 4 * 4, hidden_features)
+        self.head = nn.Linear(hidden_features, num_classes)
+        self.num_features = hidden_features
+
+    @staticmethod
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        """Grey, 8x8, centred inputs from (B, C, H, W) images in [0, 1]."""
+        grey = images.mean(dim=1, keepdim=True)
+        if grey.shape[-2:] != (DIGITS_RESOLUTION, DIGITS_RESOLUTION):
+            grey = F.interpolate(grey, size=(DIGITS_RESOLUTION, DIGITS_RESOLUTION), mode="area")
+        return grey * 2 - 1
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The hidden layer before its nonlinearity (no dead units, so the covariance has full rank)."""
+        x = F.relu(self.conv1(self.prepare(images)))
+        x = F.relu(self.conv2(x))
+        return self.hidden(x.flatten(1))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Class scores for the ten digits."""
+        return self.head(F.relu(self.features(images)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+
+def load_digits_feature_net(path: Optional[str] = None) -> DigitsFeatureNet:
+    """Load the digits feature network shipped with the package (no network access).
+
+    Args:
+        path (`str`, *optional*): a safetensors file written by ``scripts/train_digits_features.py``; defaults to
+            the packaged ``ddim_plus/assets/digits_features.safetensors``.
+
+    Returns:
+        `DigitsFeatureNet`: in eval mode, gradients off.
+    """
+    from safetensors.torch import load_file
+
+    path = path or DIGITS_FEATURES_FILE
+    if not os.path.isfile(path):
+        raise FeatureWeightsUnavailableError(
+            f"Digits feature weights not found at {path!r}; make them with `python scripts/train_digits_features.py`."
+        )
+    state = load_file(path)
+    net = DigitsFeatureNet(hidden_features=state["hidden.weight"].shape[0])
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False)
+
+
+class Dinov2Features(nn.Module):
+    """CLS-token features of a `transformers` DINOv2 model, at 224x224 with ImageNet normalisation.
+
+    Args:
+        model (`transformers.Dinov2Model`): the backbone.
+        name (`str`): label reported beside every number.
+    """
+
+    _mean = (0.485, 0.456, 0.406)
+    _std = (0.229, 0.224, 0.225)
+
+    def __init__(self, model: nn.Module, name: str):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+        self.num_features = model.config.hidden_size
+        self.register_buffer("mean", torch.tensor(self._mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self._std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(_to_rgb(images), size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
+        x = (x.clamp(0, 1) - self.mean) / self.std
+        return self.model(pixel_values=x).last_hidden_state[:, 0]
+
+
+def load_dinov2_features(path_or_repo_id: str) -> Dinov2Features:
+    """Load DINOv2 from a local folder or the local Hugging Face cache; never downloads.
+
+    Args:
+        path_or_repo_id (`str`): a folder saved by ``save_pretrained`` or a Hub id already in the cache
+            (e.g. ``facebook/dinov2-base``).
+
+    Returns:
+        `Dinov2Features`
+    """
+    from transformers import Dinov2Model
+
+    try:
+        model = Dinov2Model.from_pretrained(path_or_repo_id, local_files_only=True)
+    except OSError as error:
+        raise FeatureWeightsUnavailableError(
+            f"DINOv2 weights {path_or_repo_id!r} are not available locally ({error.__class__.__name__}). Download "
+            f"them once with `huggingface-cli download {path_or_repo_id}` or pass a folder saved by save_pretrained."
+        ) from error
+    label = os.path.basename(os.path.normpath(path_or_repo_id))
+    return Dinov2Features(model, name=f"dinov2({label})")
+
+
+def parse_features(spec: str) -> tuple:
+    """Split a feature spec such as ``"inception:/w/pt_inception.pth"`` into ``(kind, argument or None)``."""
+    kind, _, argument = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind not in FEATURE_KINDS:
+        raise ValueError(
+            f"`features` must be one of 'digits', 'inception[:PATH]' or 'dinov2:PATH_OR_REPO_ID', got {spec!r}."
+        )
+    if kind == "dinov2" and not argument:
+        raise ValueError("`features='dinov2'` needs a location: 'dinov2:PATH_OR_REPO_ID' (e.g. a local folder).")
+    return kind, argument or None
+
+
+def _inception_metric(weights_path: Optional[str]):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    if not _TORCH_FIDELITY_AVAILABLE:
+        raise FeatureWeightsUnavailableError(
+            "Inception features need torch-fidelity: `pip install torch-fidelity` (and the FID Inception weights, "
+            "`pt_inception-2015-12-05-6726825d.pth`, passed as 'inception:PATH' when offline)."
+        )
+    if weights_path is not None and not os.path.isfile(weights_path):
+        raise FeatureWeightsUnavailableError(f"Inception weights file {weights_path!r} does not exist.")
+    return FrechetInceptionDistance(
+        feature=2048, normalize=True, reset_real_features=False, feature_extractor_weights_path=weights_path
+    )
+
+
+@dataclass
+class FrechetDistanceResult:
+    """A Frechet distance and everything needed to read it.
+
+    Args:
+        value (`float`): the distance.
+        features (`str`): name of the feature network it was computed in (e.g. ``"digits-cnn-v1"``).
+        num_real (`int`): size of the reference set.
+        num_generated (`int`): size of the generated set.
+    """
+
+    value: float
+    features: str
+    num_real: int
+    num_generated: int
+
+    def __str__(self) -> str:
+        return f"FD[{self.features}] = {self.value:.4g} ({self.num_real} reference vs {self.num_generated} generated)"
+
+
+class FrechetDistance:
+    """Frechet distance in a chosen feature space, with the reference statistics kept across generated sets.
+
+    Feed the reference images once with ``update(images, real=True)``, then for each generated set
+    ``update(images, real=False)``, ``compute()`` and ``reset()`` (which keeps the reference).
+
+    Args:
+        features (`str` or `torch.nn.Module`, defaults to ``"digits"``): ``"digits"``, ``"inception"``,
+            ``"inception:PATH"``, ``"dinov2:PATH_OR_REPO_ID"``, or a module mapping (B, C, H, W) images in [0, 1] to
+            (B, D) features, with an int ``num_features = D`` attribute and optionally a ``name`` (reported).
+        batch_size (`int`, defaults to 256): images per forward pass of the feature network.
+        device (`str` or `torch.device`, *optional*): where the feature network runs; defaults to CPU.
+    """
+
+    def __init__(
+        self,
+        features: Union[str, nn.Module] = "digits",
+        batch_size: int = 256,
+        device: Optional[Union[str, torch.device]] = None,
+    ):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+        self.batch_size = batch_size
+        self.device = torch.device(device or "cpu")
+        if isinstance(features, nn.Module):
+            if not isinstance(getattr(features, "num_features", None), int):
+                raise ValueError(
+                    f"A custom `features` module must say its output size in an int `num_features` attribute; "
+                    f"{type(features).__name__} has none (set `module.num_features = D`)."
+                )
+            network = features.eval()
+            self.features_name = getattr(features, "name", type(features).__name__)
+        else:
+            kind, argument = parse_features(features)
+            if kind == "inception":
+                self._metric = _inception_metric(argument).to(self.device)
+                self.features_name = "inception-v3-pool3" + ("" if argument is None else "(local)")
+                return
+            network = load_digits_feature_net(argument) if kind == "digits" else load_dinov2_features(argument)
+            self.features_name = network.name
+        self._metric = FrechetInceptionDistance(feature=network, reset_real_features=False).to(self.device)
+        # torchmetrics keeps the float64 sums it accumulates; features may be computed in any dtype.
+        self._metric.inception.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, images: Union[ImageBatch, Iterable[ImageBatch]], real: bool) -> None:
+        """Add images to the reference (`real=True`) or generated set.
+
+        Args:
+            images (`torch.Tensor`, `np.ndarray` or an iterable of them): floats in [0, 1], see `to_image_tensor`.
+            real (`bool`): whether these are reference images.
+        """
+        batches = [images] if isinstance(images, (torch.Tensor, np.ndarray)) else images
+        for batch in batches:
+            batch = to_image_tensor(batch)
+            if self.features_name.startswith("inception"):
+                batch = _to_rgb(batch)
+            for chunk in batch.split(self.batch_size):
+                self._metric.update(chunk.to(self.device), real=real)
+
+    @property
+    def num_real(self) -> int:
+        return int(self._metric.real_features_num_samples)
+
+    @property
+    def num_generated(self) -> int:
+        return int(self._metric.fake_features_num_samples)
+
+    def compute(self) -> FrechetDistanceResult:
+        """The distance between the reference and the generated images seen since the last `reset`."""
+        if self.num_real < 2 or self.num_generated < 2:
+            raise ValueError(
+                f"Need at least 2 reference and 2 generated images, got {self.num_real} and {self.num_generated}."
+            )
+        value = float(self._metric.compute().double().clamp_min(0).item())
+        return FrechetDistanceResult(value, self.features_name, self.num_real, self.num_generated)
+
+    def reset(self) -> None:
+        """Forget the generated images; the reference statistics are kept."""
+        self._metric.reset()
+
+
+def frechet_distance(
+    reference_images: ImageBatch,
+    generated_images: ImageBatch,
+    features: Union[str, nn.Module] = "digits",
+    batch_size: int = 256,
+) -> FrechetDistanceResult:
+    """Frechet distance between two image sets in the named feature space (see `FrechetDistance`).
+
+    Args:
+        reference_images (`torch.Tensor` or `np.ndarray`): the reference set, floats in [0, 1].
+        generated_images (`torch.Tensor` or `np.ndarray`): the generated set, floats in [0, 1].
+        features (`str` or `torch.nn.Module`, defaults to ``"digits"``): see `FrechetDistance`.
+        batch_size (`int`, defaults to 256): images per forward pass of the feature network.
+
+    Returns:
+        `FrechetDistanceResult`: the value with the feature network's name and both set sizes.
+    """
+    metric = FrechetDistance(features, batch_size=batch_size)
+    metric.update(reference_images, real=True)
+    metric.update(generated_images, real=False)
+    return metric.compute()
+
+
+def digits_reference_images(resolution: int = DIGITS_RESOLUTION, channels: int = 1) -> torch.Tensor:
+    """All 1,797 images of scikit-learn's bundled digits as a (N, C, H, W) tensor in [0, 1] (no download).
+
+    Args:
+        resolution (`int`, defaults to 8): output size; 8x8 images are upsampled by nearest neighbour (exact, so the
+            digits feature network sees the original pixels again).
+        channels (`int`, defaults to 1): 1 or 3 (grey repeated).
+
+    Returns:
+        `torch.Tensor`
+    """
+    from sklearn.datasets import load_digits
+
+    images = torch.from_numpy(load_digits().images).float().div(16.0).unsqueeze(1)
+    if resolution != DIGITS_RESOLUTION:
+        images = F.interpolate(images, size=(resolution, resolution), mode="nearest")
+    return images.expand(-1, channels, -1, -1).contiguous()
