@@ -168,15 +168,21 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
 def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
     """Eq. 16: sigma_t(eta) = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
 
-    eta = 1 is the DDPM posterior standard deviation, eta = 0 the deterministic DDIM.
+    eta = 1 is the DDPM posterior standard deviation, eta = 0 the deterministic DDIM. Returns 0 where the formula is
+    undefined: at the clean level (abar_t = 1), and when stepping to abar_prev <= 0, which only a degenerate
+    schedule produces (betas near or above 1 make abar underflow; diffusers' own tests build one) and which has no
+    signal left to step towards.
     """
-    if abar_t >= 1.0:
+    if abar_t >= 1.0 or abar_prev <= 0.0:
         return 0.0
     return eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * math.sqrt(max(1.0 - abar_t / abar_prev, 0.0))
 
 
 def ddim_sigma_hat(abar_t: float, abar_prev: float) -> float:
-    """Section 5.1: sigma-hat_t = sqrt(1 - abar_t / abar_prev), DDPM's larger ("beta") variance."""
+    """Section 5.1: sigma-hat_t = sqrt(1 - abar_t / abar_prev), DDPM's larger ("beta") variance (0 for
+    abar_prev <= 0, as in :func:`ddim_sigma`)."""
+    if abar_prev <= 0.0:
+        return 0.0
     return math.sqrt(max(1.0 - abar_t / abar_prev, 0.0))
 
 

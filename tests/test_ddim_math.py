@@ -143,6 +143,12 @@ def test_sigma_scales_linearly_with_eta_and_vanishes_at_clean_level():
     assert dm.ddim_sigma(1.0, 1.0, 1.0) == 0.0
 
 
+def test_sigmas_are_zero_when_stepping_to_a_level_without_signal():
+    # only degenerate schedules (abar underflowing to 0 before T) get here; set_timesteps must not divide by zero
+    assert dm.ddim_sigma(0.0, 0.0, 1.0) == 0.0
+    assert dm.ddim_sigma_hat(0.0, 0.0) == 0.0
+
+
 def test_sigma_hat_is_ddpm_large_variance():
     betas = dm.make_betas("linear", 1000, 1e-4, 0.02).double()
     abar = dm.alphas_cumprod_from_betas(betas)
