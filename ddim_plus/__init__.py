@@ -7,13 +7,26 @@ finds them by name.
 import diffusers
 
 from . import ddim_math
+from .ddim_math import slerp
+from .pipeline_ddim_inversion import DDIMInversionPipeline, DDIMInversionPipelineOutput
+from .pipeline_ddim_plus import DDIMPlusPipeline, DDIMPlusPipelineOutput
 from .scheduling_ddim_plus import DDIMSchedulerPlus, DDIMSchedulerPlusOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["DDIMSchedulerPlus", "DDIMSchedulerPlusOutput", "ddim_math", "__version__"]
+__all__ = [
+    "DDIMSchedulerPlus",
+    "DDIMPlusPipeline",
+    "DDIMInversionPipeline",
+    "DDIMSchedulerPlusOutput",
+    "DDIMPlusPipelineOutput",
+    "DDIMInversionPipelineOutput",
+    "slerp",
+    "ddim_math",
+    "__version__",
+]
 
 # `DiffusionPipeline.from_pretrained` and `from_config` look classes up as attributes of `diffusers`.
-for _name in __all__[:1]:
+for _name in __all__[:3]:
     if not hasattr(diffusers, _name):
         setattr(diffusers, _name, globals()[_name])

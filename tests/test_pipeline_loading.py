@@ -1,0 +1,246 @@
+"""Saving, loading (folder, Hub cache, stock diffusers, DDPM checkpoints) and publishing of both pipelines."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_unet
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline
+
+import ddim_plus
+from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
+
+STEPS = 4
+# A scheduler config that differs from the defaults in keys stock diffusers knows and in keys only we know.
+SCHEDULER_CONFIG = dict(beta_end=0.03, clip_sample=False, sigma_type="sigma_hat", solver_order=1)
+
+
+def saved_pipeline(folder, cls=DDIMPlusPipeline):
+    pipe = cls(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus(**SCHEDULER_CONFIG))
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def generate(pipe, seed=0):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(seed), num_inference_steps=STEPS, output_type="np"
+    )
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0)
+
+
+def test_save_pretrained_writes_safetensors_and_a_portable_model_index(tmp_path):
+    saved_pipeline(tmp_path)
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == [
+        "README.md",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    ]
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "DDIMPlusPipeline"
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    assert index["unet"] == ["diffusers", "UNet2DModel"]
+    scheduler_config = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["_class_name"] == "DDIMSchedulerPlus"
+    assert scheduler_config["sigma_type"] == "sigma_hat"
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: diffusers" in card and "import ddim_plus" in card
+
+
+@pytest.mark.parametrize("cls", [DDIMPlusPipeline, DDIMInversionPipeline])
+def test_diffusion_pipeline_from_pretrained_returns_our_class(tmp_path, cls):
+    original = saved_pipeline(tmp_path, cls)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(loaded) is cls
+    assert type(loaded.scheduler) is DDIMSchedulerPlus
+    for key, value in SCHEDULER_CONFIG.items():
+        assert loaded.scheduler.config[key] == value
+    assert_same_weights(loaded.unet, original.unet)
+    assert type(cls.from_pretrained(tmp_path)) is cls
+
+
+def test_reloaded_pipeline_generates_the_same_images(tmp_path):
+    original = saved_pipeline(tmp_path)
+    original.scheduler = DDIMSchedulerPlus(beta_end=0.03)  # deterministic sampling for the comparison
+    original.save_pretrained(tmp_path / "deterministic")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "deterministic")
+    np.testing.assert_array_equal(generate(loaded).images, generate(original).images)
+
+
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np, torch, diffusers
+
+    source, out = sys.argv[1], sys.argv[2]
+    # a user without our package: stock DDIMPipeline loads the repo, and only the generic loader needs us
+    stock = diffusers.DDIMPipeline.from_pretrained(source)
+    assert "ddim_plus" not in sys.modules
+    assert type(stock.scheduler).__name__ == "DDIMScheduler", type(stock.scheduler)
+    stock.set_progress_bar_config(disable=True)
+    np.save(out + "_stock.npy", stock(batch_size=2, generator=torch.Generator().manual_seed(0),
+                                      num_inference_steps=4, output_type="np").images)
+    try:
+        diffusers.DiffusionPipeline.from_pretrained(source)
+        raise SystemExit("DiffusionPipeline loaded a DDIMPlusPipeline without ddim_plus imported")
+    except AttributeError:
+        pass
+
+    import ddim_plus
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(source)
+    print(type(pipe).__name__, type(pipe.scheduler).__name__, pipe.scheduler.config.beta_end)
+    pipe.set_progress_bar_config(disable=True)
+    np.save(out + "_ours.npy", pipe(batch_size=2, generator=torch.Generator().manual_seed(0),
+                                    num_inference_steps=4, output_type="np").images)
+    """
+)
+
+
+def run_load_script(source, out, env_overrides=None):
+    env = {**os.environ, **(env_overrides or {})}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(source), str(out)], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+def check_stock_and_ours_agree(out):
+    # leading spacing, eta = 0: stock DDIMScheduler and DDIMSchedulerPlus give the same images
+    np.testing.assert_allclose(np.load(f"{out}_ours.npy"), np.load(f"{out}_stock.npy"), atol=1e-4)
+
+
+def deterministic_folder(folder):
+    pipe = DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus(beta_end=0.03))
+    pipe.save_pretrained(folder)
+
+
+def test_folder_loads_in_stock_diffusers_and_in_ours_offline(tmp_path, offline_hf_home):
+    deterministic_folder(tmp_path / "pipe")
+    line = run_load_script(tmp_path / "pipe", tmp_path / "images")
+    assert line == "DDIMPlusPipeline DDIMSchedulerPlus 0.03"
+    check_stock_and_ours_agree(tmp_path / "images")
+
+
+def test_hub_cache_loads_by_repo_id_offline(tmp_path, offline_hf_home):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = offline_hf_home / "hub" / "models--ddim-plus-tests--tiny-ddim"
+    deterministic_folder(repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    line = run_load_script("ddim-plus-tests/tiny-ddim", tmp_path / "images", {"HF_HUB_OFFLINE": "1"})
+    assert line == "DDIMPlusPipeline DDIMSchedulerPlus 0.03"
+    check_stock_and_ours_agree(tmp_path / "images")
+
+
+@pytest.mark.parametrize("stock_cls, stock_scheduler", [(DDPMPipeline, DDPMScheduler), (DDIMPipeline, DDIMScheduler)])
+def test_stock_checkpoints_load_as_ddim_plus(tmp_path, stock_cls, stock_scheduler):
+    unet = make_tiny_unet(channels=1)
+    stock_cls(unet=unet, scheduler=stock_scheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(tmp_path)
+    ours = DDIMPlusPipeline.from_pretrained(tmp_path)
+    assert type(ours.scheduler) is DDIMSchedulerPlus
+    assert ours.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    torch.testing.assert_close(
+        ours.scheduler.alphas_cumprod.float(), stock_scheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    )
+    assert_same_weights(ours.unet, unet)
+    # DDIM reuses the DDPM checkpoint: the same images as stock DDIMPipeline on the same folder
+    stock_ddim = DDIMPipeline.from_pretrained(tmp_path)
+    np.testing.assert_allclose(generate(ours).images, generate(stock_ddim).images, atol=1e-4)
+    assert type(DDIMInversionPipeline.from_pretrained(tmp_path).scheduler) is DDIMSchedulerPlus
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path):
+    for cls in (DDIMPlusPipeline, DDIMInversionPipeline):
+        with pytest.raises(ValueError, match="`pretrained_model_name_or_path`.*no model_index.json"):
+            cls.from_pretrained(tmp_path)
+    with pytest.raises(OSError, match="model_index.json"):  # diffusers' own loader, for comparison
+        DiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_missing_weights_file(tmp_path):
+    saved_pipeline(tmp_path)
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="missing its weights file .*diffusion_pytorch_model.safetensors"):
+        DDIMPlusPipeline.from_pretrained(tmp_path)
+
+
+def test_pickled_weights_load_only_on_request(tmp_path):
+    pipe = DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus())
+    pipe.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").exists()
+    with pytest.raises(ValueError, match="use_safetensors=False"):
+        DDIMPlusPipeline.from_pretrained(tmp_path)
+    assert_same_weights(DDIMPlusPipeline.from_pretrained(tmp_path, use_safetensors=False).unet, pipe.unet)
+
+
+@pytest.fixture
+def recorded_hub(monkeypatch):
+    """Replace the two Hub calls where our pipeline looks them up; record their arguments and the uploaded files."""
+    calls = []
+
+    class Repo:
+        def __init__(self, repo_id):
+            self.repo_id = repo_id
+
+    def fake_create_repo(repo_id, private=None, token=None, exist_ok=False, **kwargs):
+        calls.append(("create_repo", {"repo_id": repo_id, "private": private, "exist_ok": exist_ok}))
+        return Repo(repo_id)
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        files = sorted(
+            os.path.relpath(os.path.join(root, f), folder_path) for root, _, fs in os.walk(folder_path) for f in fs
+        )
+        calls.append(("upload_folder", {"repo_id": repo_id, "files": files, **kwargs}))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(ddim_plus.pipeline_ddim_plus, "create_repo", fake_create_repo)
+    monkeypatch.setattr(ddim_plus.pipeline_ddim_plus, "upload_folder", fake_upload_folder)
+    return calls
+
+
+EXPECTED_UPLOAD = [
+    "README.md",
+    "model_index.json",
+    os.path.join("scheduler", "scheduler_config.json"),
+    os.path.join("unet", "config.json"),
+    os.path.join("unet", "diffusion_pytorch_model.safetensors"),
+]
+
+
+def test_push_to_hub_creates_a_private_repo_and_uploads_the_pipeline(recorded_hub, offline_hf_home):
+    pipe = DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus())
+    url = pipe.push_to_hub("someone/tiny-ddim", private=True, commit_message="first")
+    assert url == "https://huggingface.co/someone/tiny-ddim/commit/0"
+    (create_name, create_args), (upload_name, upload_args) = recorded_hub
+    assert create_name == "create_repo" and create_args == {
+        "repo_id": "someone/tiny-ddim",
+        "private": True,
+        "exist_ok": True,
+    }
+    assert upload_name == "upload_folder" and upload_args["repo_id"] == "someone/tiny-ddim"
+    assert upload_args["files"] == EXPECTED_UPLOAD and upload_args["commit_message"] == "first"
+
+
+def test_save_pretrained_with_push_to_hub(tmp_path, recorded_hub, offline_hf_home):
+    pipe = DDIMInversionPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus())
+    pipe.save_pretrained(tmp_path / "tiny", push_to_hub=True, repo_id="org/tiny-inversion", private=False)
+    (_, create_args), (_, upload_args) = recorded_hub
+    assert create_args["repo_id"] == "org/tiny-inversion" and create_args["private"] is False
+    assert upload_args["files"] == EXPECTED_UPLOAD
+    assert upload_args["commit_message"] == "Upload DDIMInversionPipeline"
+    assert "org/tiny-inversion" in (tmp_path / "tiny" / "README.md").read_text()
