@@ -91,7 +91,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             `eta` passed to `step`; `"sigma_hat"` is the paper's sigma-hat (section 5.1, DDPM's larger variance),
             for which `eta` is ignored.
         solver_order (`int`, defaults to 1): 1 is the paper's DDIM. 2 adds the DPM-Solver++(2M) multistep
-            correction of x_0 (deterministic sampling only, `eta` must be 0).
+            correction of x_0 (deterministic sampling only, `eta` must be 0). The first step, the step to abar = 1
+            and, with fewer than 15 steps, the last two steps stay first order.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -345,7 +346,11 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         # 2. second-order multistep: replace x_0 by the DPM-Solver++(2M) combination, eps by its consistent value
         x0_for_step = x0
         if self.config.solver_order == 2:
-            use_history = index > 0 and self._last_x0 is not None and plan.abar_prev < 1.0
+            # Like diffusers' `lower_order_final`: with fewer than 15 steps the last two steps are first order. The
+            # log-SNR jump into the last timestep (t = 0 for most spacings) is then several times the previous one
+            # and the 2M extrapolation overshoots (10x worse at 5 "leading" steps, see docs/sampler_quality.md).
+            final_steps = self.num_inference_steps < 15 and index >= self.num_inference_steps - 2
+            use_history = index > 0 and self._last_x0 is not None and plan.abar_prev < 1.0 and not final_steps
             if use_history:
                 x0_for_step = dm.dpm_solver_2m_x0(x0, self._last_x0, plan.h, self._plans[index - 1].h)
                 eps = dm.eps_from_x0(sample, x0_for_step, plan.abar_t)
