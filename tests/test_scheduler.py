@@ -264,7 +264,7 @@ def test_eta_one_full_schedule_is_ddpm_posterior(T, checked, prediction_type):
         sample, model_output, noise = (_randn(2, 3, 4, 4, seed=3 * t + k) for k in range(3))
         mean_out = ours.step(model_output, t, sample, eta=1.0, variance_noise=torch.zeros_like(noise))
         noisy_out = ours.step(model_output, t, sample, eta=1.0, variance_noise=noise)
-        x0 = mean_out.pred_original_sample.double()
+        _, x0 = _expected_step(model_output, t, sample, t - 1, prediction_type, 0.0, noise, abar)  # eq. 9, float64
         mean, var = _ddpm_posterior(x0, sample.double(), t, abar, betas)
         torch.testing.assert_close(mean_out.prev_sample.double(), mean, **F32)
         # the noise enters with standard deviation sqrt(beta-tilde_t)
