@@ -349,17 +349,23 @@ def frechet_distance(
 def digits_reference_images(resolution: int = DIGITS_RESOLUTION, channels: int = 1) -> torch.Tensor:
     """All 1,797 images of scikit-learn's bundled digits as a (N, C, H, W) tensor in [0, 1] (no download).
 
+    Prepared exactly as `ddim_plus.data.load_digits_dataset` prepares the training set (8-bit pixels, PIL bicubic
+    resize), so a digits model that learnt its data perfectly scores near zero.
+
     Args:
-        resolution (`int`, defaults to 8): output size; 8x8 images are upsampled by nearest neighbour (exact, so the
-            digits feature network sees the original pixels again).
+        resolution (`int`, defaults to 8): side of the images; 8 keeps the originals.
         channels (`int`, defaults to 1): 1 or 3 (grey repeated).
 
     Returns:
         `torch.Tensor`
     """
+    import PIL.Image
     from sklearn.datasets import load_digits
 
-    images = torch.from_numpy(load_digits().images).float().div(16.0).unsqueeze(1)
+    pixels = np.round(load_digits().images / 16.0 * 255.0).astype(np.uint8)
     if resolution != DIGITS_RESOLUTION:
-        images = F.interpolate(images, size=(resolution, resolution), mode="nearest")
+        pixels = np.stack(
+            [np.asarray(PIL.Image.fromarray(p).resize((resolution, resolution), PIL.Image.BICUBIC)) for p in pixels]
+        )
+    images = torch.from_numpy(pixels).float().div(255.0).unsqueeze(1)
     return images.expand(-1, channels, -1, -1).contiguous()
