@@ -1,0 +1,463 @@
+"""`ddim-plus`: sample, invert, interpolate and evaluate DDIM models from the command line.
+
+MODEL is a folder written by ``save_pretrained`` (or the trainer) or a Hugging Face Hub id; any unconditional
+UNet2DModel pipeline loads (DDPM, DDIM or ddim_plus), and sampling always runs `DDIMSchedulerPlus`.
+
+Exit codes: 0 success, 1 failure while running (model or file not loadable, feature weights missing), 2 invalid
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence
+
+SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
+
+
+class CommandError(Exception):
+    """A failure to report in one line, with its exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument types
+# ----------------------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> List[int]:
+    return [_positive_int(part) for part in text.split(",") if part.strip()] or _positive_int("")
+
+
+def _eta_list(text: str) -> list:
+    from .evaluation.quality import SIGMA_HAT
+
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected a comma-separated list such as 0,0.2,0.5,1")
+    return [SIGMA_HAT if part in (SIGMA_HAT, "sigma_hat") else _non_negative_float(part) for part in parts]
+
+
+def _spacing_list(text: str) -> List[str]:
+    spacings = [part.strip() for part in text.split(",") if part.strip()]
+    for spacing in spacings:
+        name = spacing[len("stock:") :] if spacing.startswith("stock:") else spacing
+        allowed = ("leading", "trailing", "linspace") if spacing.startswith("stock:") else SPACINGS
+        if name not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)} or stock:leading, stock:trailing, "
+                "stock:linspace (diffusers' own DDIMScheduler)"
+            )
+    if not spacings:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of spacings")
+    return spacings
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------------------------
+def load_pipeline(
+    model: str, spacing: Optional[str] = None, sigma_hat: bool = False, device: str = "cpu", quiet: bool = False
+):
+    """Load MODEL as a `DDIMPlusPipeline`, optionally with another spacing or the sigma-hat variance."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from . import DDIMPlusPipeline, DDIMSchedulerPlus
+
+    if quiet:
+        diffusers_logging.disable_progress_bar()
+    try:
+        pipe = DDIMPlusPipeline.from_pretrained(model)
+    except Exception as error:  # diffusers raises OSError, ValueError or EnvironmentError depending on the cause
+        hint = "" if os.path.isdir(model) else " (no such folder; as a Hub id it could not be fetched)"
+        raise CommandError(f"could not load model {model!r}{hint}: {error}") from error
+    overrides = {}
+    if spacing is not None:
+        overrides["timestep_spacing"] = spacing
+    if sigma_hat:
+        overrides["sigma_type"] = "sigma_hat"
+    if overrides:
+        pipe.scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, **overrides)
+    return pipe.to(device)
+
+
+def _generators(seeds: Sequence[int]):
+    import torch
+
+    return [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def _write_image(picture, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    try:
+        picture.save(path)
+    except (ValueError, OSError) as error:
+        raise CommandError(f"could not write {path!r}: {error}") from error
+
+
+def _set_progress(pipe, quiet: bool) -> None:
+    pipe.set_progress_bar_config(disable=quiet, leave=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subcommands
+# ----------------------------------------------------------------------------------------------------------------
+def run_sample(args) -> None:
+    import numpy as np
+
+    from .evaluation.grids import make_grid
+
+    pipe = load_pipeline(args.model, args.spacing, args.sigma_hat, args.device, quiet=args.quiet)
+    _set_progress(pipe, args.quiet)
+    batches = []
+    for start in range(0, args.num, args.batch_size):
+        count = min(args.batch_size, args.num - start)
+        output = pipe(
+            batch_size=count,
+            generator=_generators(range(args.seed + start, args.seed + start + count)),
+            eta=args.eta,
+            num_inference_steps=args.steps,
+            output_type="np",
+        )
+        batches.append(output.images)
+    _write_image(make_grid(np.concatenate(batches), num_columns=args.columns, scale=args.scale), args.out)
+    print(f"wrote {args.num} samples ({args.steps} steps, eta={args.eta:g}, seeds {args.seed}..) to {args.out}")
+
+
+def _load_images(paths: Sequence[str], channels: int, size: int):
+    import numpy as np
+    import PIL.Image
+
+    mode = "L" if channels == 1 else "RGB"
+    arrays = []
+    for path in paths:
+        try:
+            picture = PIL.Image.open(path)
+            picture.load()
+        except (OSError, ValueError) as error:
+            raise CommandError(f"could not read image {path!r}: {error}") from error
+        picture = picture.convert(mode)
+        if picture.size != (size, size):
+            print(f"note: resizing {path} from {picture.size[0]}x{picture.size[1]} to {size}x{size}", file=sys.stderr)
+            picture = picture.resize((size, size), PIL.Image.BICUBIC)
+        array = np.asarray(picture, dtype=np.float32) / 255.0
+        arrays.append(array[..., None] if array.ndim == 2 else array)
+    return np.stack(arrays)
+
+
+def run_invert(args) -> None:
+    from safetensors.torch import save_file
+
+    from . import DDIMInversionPipeline
+    from .evaluation.grids import make_grid
+    from .evaluation.reconstruction import mean_squared_error
+
+    pipe = load_pipeline(args.model, args.spacing, device=args.device, quiet=args.quiet)
+    inversion = DDIMInversionPipeline(**pipe.components)
+    _set_progress(inversion, args.quiet)
+    images = _load_images(args.images, pipe.unet.config.in_channels, pipe.unet.config.sample_size)
+    output = inversion(
+        images,
+        num_inference_steps=args.steps,
+        refine=not args.no_refine,
+        refine_iterations=args.refine_iterations,
+        return_reconstruction=args.reconstruction is not None,
+        output_type="np",
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    metadata = {
+        "model": args.model,
+        "num_inference_steps": str(args.steps),
+        "timestep_spacing": str(pipe.scheduler.config.timestep_spacing),
+        "refine": str(not args.no_refine),
+        "images": ",".join(os.path.basename(p) for p in args.images),
+    }
+    save_file({"latents": output.latents.detach().cpu().contiguous()}, args.out, metadata=metadata)
+    print(f"wrote latents {tuple(output.latents.shape)} to {args.out}")
+    if args.reconstruction is not None:
+        _write_image(make_grid(output.images, num_columns=len(images), scale=args.scale), args.reconstruction)
+        mse = mean_squared_error(output.images, images)
+        print(f"reconstruction MSE (per pixel, [0, 1]): {mse:.3g}; written to {args.reconstruction}")
+
+
+def _load_latents_pair(path: str):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        latents = load_file(path)["latents"]
+    except (OSError, KeyError, SafetensorError) as error:
+        message = f"could not read latents from {path!r} (write them with `ddim-plus invert`): {error}"
+        raise CommandError(message) from error
+    if latents.shape[0] < 2:
+        raise CommandError(f"{path!r} holds {latents.shape[0]} latent(s); interpolation needs two.", exit_code=2)
+    return latents[0], latents[1]
+
+
+def run_interpolate(args) -> None:
+    from . import DDIMInversionPipeline
+    from .evaluation.grids import make_grid
+
+    pipe = load_pipeline(args.model, args.spacing, device=args.device, quiet=args.quiet)
+    interpolation = DDIMInversionPipeline(**pipe.components)
+    _set_progress(interpolation, args.quiet)
+    if args.latents is not None:
+        latents_a, latents_b = _load_latents_pair(args.latents)
+        source = f"the first two latents of {args.latents}"
+    else:
+        latents_a = pipe.prepare_latents(1, _generators([args.seed_a]), None)[0]
+        latents_b = pipe.prepare_latents(1, _generators([args.seed_b]), None)[0]
+        source = f"seeds {args.seed_a} and {args.seed_b}"
+    images = interpolation.interpolate(
+        latents_a.to(pipe.unet.dtype),
+        latents_b.to(pipe.unet.dtype),
+        num_frames=args.frames,
+        num_inference_steps=args.steps,
+        output_type="np",
+    ).images
+    _write_image(make_grid(images, num_columns=args.frames, scale=args.scale), args.out)
+    print(f"wrote a {args.frames}-frame slerp between {source} ({args.steps} steps) to {args.out}")
+
+
+def _load_reference(reference: str, channels: int, size: int):
+    import numpy as np
+    import torch
+
+    from .evaluation.fid import digits_reference_images
+
+    if reference == "digits":
+        return digits_reference_images(resolution=size, channels=channels)
+    if reference.endswith(".npy") and os.path.isfile(reference):
+        return torch.from_numpy(np.load(reference)).float()
+    if os.path.isdir(reference):
+        files = sorted(
+            os.path.join(reference, name)
+            for name in os.listdir(reference)
+            if name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+        )
+        if len(files) < 2:
+            raise CommandError(f"reference folder {reference!r} holds {len(files)} image(s); need at least 2.")
+        return _load_images(files, channels, size)
+    raise CommandError(
+        f"`--reference` must be 'digits', a folder of images or a (N, H, W, C) .npy file, got {reference!r}.", 2
+    )
+
+
+def run_evaluate(args) -> None:
+    from tqdm.auto import tqdm
+
+    from .evaluation.fid import FeatureWeightsUnavailableError, parse_features
+    from .evaluation.quality import SIGMA_HAT, plot_results, quality_sweep, results_to_markdown
+
+    try:
+        parse_features(args.features)
+    except ValueError as error:
+        raise CommandError(str(error), exit_code=2) from error
+    pipe = load_pipeline(args.model, device=args.device, quiet=args.quiet)
+    reference = _load_reference(args.reference, pipe.unet.config.in_channels, pipe.unet.config.sample_size)
+    etas = list(args.eta) + ([SIGMA_HAT] if args.sigma_hat and SIGMA_HAT not in args.eta else [])
+    spacings = args.spacings or [None]
+    # diffusers' stock scheduler has no sigma-hat: those cells are skipped.
+    runnable = [(s, e) for s in spacings for e in etas if not (s and s.startswith("stock:") and e == SIGMA_HAT)]
+    total = len(runnable) * len(args.steps)
+    with tqdm(total=total, desc="configurations", disable=args.quiet) as bar:
+        try:
+            results = quality_sweep(
+                pipe,
+                steps=args.steps,
+                etas=etas,
+                spacings=spacings,
+                features=args.features,
+                reference_images=reference,
+                num_images=args.num,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                on_result=lambda result: bar.update(1),
+            )
+        except FeatureWeightsUnavailableError as error:
+            raise CommandError(str(error)) from error
+    title = f"# Steps vs quality: `{args.model}`"
+    markdown = results_to_markdown(results, title=title)
+    print(markdown)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        handle.write(markdown)
+    print(f"wrote {args.out}")
+    if args.plot:
+        try:
+            plot_results(results, args.plot, title=f"{os.path.basename(os.path.normpath(args.model))}")
+        except ImportError as error:
+            raise CommandError(str(error)) from error
+        print(f"wrote {args.plot}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------------------------
+def _add_common(parser: argparse.ArgumentParser, spacing: bool = True) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a folder written by save_pretrained, or a Hub model id")
+    if spacing:
+        parser.add_argument(
+            "--spacing",
+            choices=SPACINGS,
+            default=None,
+            help="timestep spacing of the S steps (default: the model's scheduler config)",
+        )
+    parser.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddim-plus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    sample = commands.add_parser(
+        "sample", help="generate a grid of samples", description="Generate a grid of samples."
+    )
+    _add_common(sample)
+    sample.add_argument("--steps", type=_positive_int, default=50, help="number of sampling steps S (default: 50)")
+    sample.add_argument(
+        "--eta", type=_non_negative_float, default=0.0, help="0 = deterministic DDIM, 1 = DDPM-like (default: 0)"
+    )
+    sample.add_argument("--sigma-hat", action="store_true", help="use the paper's sigma-hat variance (ignores --eta)")
+    sample.add_argument("--num", type=_positive_int, default=64, help="number of samples (default: 64)")
+    sample.add_argument("--seed", type=int, default=0, help="sample i starts from seed SEED + i (default: 0)")
+    sample.add_argument("--batch-size", type=_positive_int, default=64, help="samples per model call (default: 64)")
+    sample.add_argument("--columns", type=_positive_int, default=None, help="grid columns (default: square grid)")
+    sample.add_argument("--scale", type=_positive_int, default=4, help="pixel upscaling of the grid (default: 4)")
+    sample.add_argument("--out", required=True, help="image file for the grid, e.g. grid.png")
+    sample.set_defaults(run=run_sample)
+
+    invert = commands.add_parser(
+        "invert",
+        help="invert images to their DDIM latents x_T",
+        description="Invert images to their DDIM latents x_T (decoding them with the same steps gives the images "
+        "back). Images are converted to the model's channels and resized to its size if needed.",
+    )
+    _add_common(invert)
+    invert.add_argument("images", metavar="IMAGE", nargs="+", help="image files to invert")
+    invert.add_argument("--steps", type=_positive_int, default=50, help="number of inversion steps S (default: 50)")
+    invert.add_argument(
+        "--no-refine", action="store_true", help="plain DDIM inversion (the paper's), without fixed-point refinement"
+    )
+    invert.add_argument(
+        "--refine-iterations", type=int, default=6, help="most extra model calls per refined step (default: 6)"
+    )
+    invert.add_argument("--out", required=True, help="safetensors file for the latents (key 'latents')")
+    invert.add_argument(
+        "--reconstruction", default=None, help="also decode the latents and save the images here; prints the MSE"
+    )
+    invert.add_argument("--scale", type=_positive_int, default=4, help="pixel upscaling of the image (default: 4)")
+    invert.set_defaults(run=run_invert)
+
+    interpolate = commands.add_parser(
+        "interpolate",
+        help="decode a spherical interpolation between two x_T",
+        description="Decode a spherical interpolation (slerp, paper section 5.3) between two latents x_T: drawn "
+        "from two seeds, or the first two latents of a file written by `ddim-plus invert`.",
+    )
+    _add_common(interpolate)
+    interpolate.add_argument("--seed-a", type=int, default=1, help="seed of the first x_T (default: 1)")
+    interpolate.add_argument("--seed-b", type=int, default=2, help="seed of the second x_T (default: 2)")
+    interpolate.add_argument("--latents", default=None, help="safetensors from `invert`; overrides the seeds")
+    interpolate.add_argument("--frames", type=int, default=8, help="images along the path, ends included (default: 8)")
+    interpolate.add_argument("--steps", type=_positive_int, default=50, help="decoding steps (default: 50)")
+    interpolate.add_argument(
+        "--scale", type=_positive_int, default=4, help="pixel upscaling of the strip (default: 4)"
+    )
+    interpolate.add_argument("--out", required=True, help="image file for the strip, e.g. strip.png")
+    interpolate.set_defaults(run=run_interpolate)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="Frechet distance for each number of steps, eta and spacing",
+        description="Frechet distance for each number of steps S, eta and spacing, all from the same x_T; prints a "
+        "markdown table (rows S, columns eta, one table per spacing) and writes it to --out.",
+    )
+    _add_common(evaluate, spacing=False)
+    evaluate.add_argument(
+        "--steps", type=_int_list, default=[10, 20, 50, 100], help="comma-separated S values (default: 10,20,50,100)"
+    )
+    evaluate.add_argument(
+        "--eta",
+        type=_eta_list,
+        default=[0.0],
+        help="comma-separated eta values; 'sigma-hat' is accepted as a value too (default: 0)",
+    )
+    evaluate.add_argument("--sigma-hat", action="store_true", help="add the paper's sigma-hat column")
+    evaluate.add_argument(
+        "--spacings",
+        type=_spacing_list,
+        default=None,
+        help="comma-separated spacings (leading, trailing, linspace, quadratic, logsnr) and stock:leading etc. for "
+        "diffusers' DDIMScheduler (default: the model's own spacing)",
+    )
+    evaluate.add_argument(
+        "--features",
+        default="digits",
+        help="feature network: digits (shipped, for digits models), inception[:PATH] (needs torch-fidelity; "
+        "downloads without PATH) or dinov2:PATH_OR_REPO_ID (local weights) (default: digits)",
+    )
+    evaluate.add_argument(
+        "--reference",
+        default="digits",
+        help="real images: digits (scikit-learn's bundled set), a folder of images or a (N, H, W, C) .npy in [0, 1] "
+        "(default: digits)",
+    )
+    evaluate.add_argument("--num", type=_positive_int, default=256, help="generated images per cell (default: 256)")
+    evaluate.add_argument("--seed", type=int, default=0, help="image i starts from seed SEED + i (default: 0)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default: 64)")
+    evaluate.add_argument("--out", required=True, help="markdown file for the table, e.g. results.md")
+    evaluate.add_argument("--plot", default=None, help="also plot distance against S to this image (needs matplotlib)")
+    evaluate.set_defaults(run=run_evaluate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `ddim-plus` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "sigma_hat", False) and args.command == "sample" and args.eta:
+        print("note: --sigma-hat sets the variance itself; --eta is ignored", file=sys.stderr)
+    if args.command == "interpolate" and args.frames < 2:
+        parser.error(f"--frames must be at least 2 (both ends are included), got {args.frames}")
+    try:
+        args.run(args)
+    except CommandError as error:
+        print(f"ddim-plus {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except ValueError as error:
+        print(f"ddim-plus {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Steps-vs-quality sweeps (the shape of the paper's Table 1) on any DDIM pipeline.
+
+Every configuration decodes the same x_T (image i always starts from seed ``seed + i``), so differences between
+cells come from the sampler, not from drawing different noise. Each cell records its sampling time too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .fid import FrechetDistance, ImageBatch, digits_reference_images
+
+SIGMA_HAT = "sigma-hat"
+STOCK_PREFIX = "stock:"
+
+
+@dataclass
+class QualityResult:
+    """One cell of a sweep.
+
+    Args:
+        spacing (`str`): timestep spacing; ``"stock:<spacing>"`` for diffusers' own `DDIMPipeline`/`DDIMScheduler`.
+        steps (`int`): number of sampling steps S.
+        eta (`float` or `str`): eta, or ``"sigma-hat"`` for the paper's DDPM-large variance.
+        frechet_distance (`float`): Frechet distance to the reference set.
+        features (`str`): name of the feature network the distance was computed in.
+        num_images (`int`): number of images generated.
+        seconds (`float`): wall time of the sampling (not of the feature extraction).
+    """
+
+    spacing: str
+    steps: int
+    eta: Union[float, str]
+    frechet_distance: float
+    features: str
+    num_images: int
+    seconds: float
+
+
+def _sampler(pipe, spacing: Optional[str], eta: Union[float, str]):
+    """A pipeline sharing `pipe`'s UNet with the scheduler the cell asks for, and the eta to call it with."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from ..pipeline_ddim_plus import DDIMPlusPipeline
+    from ..scheduling_ddim_plus import DDIMSchedulerPlus
+
+    config = pipe.scheduler.config
+    if spacing is not None and spacing.startswith(STOCK_PREFIX):
+        if eta == SIGMA_HAT:
+            return None, None
+        # Only the keys the stock scheduler knows, so it does not warn about ours (sigma_type, solver_order).
+        stock_keys = inspect.signature(DDIMScheduler.__init__).parameters
+        stock_config = {key: value for key, value in config.items() if key in stock_keys}
+        scheduler = DDIMScheduler.from_config(stock_config, timestep_spacing=spacing[len(STOCK_PREFIX) :])
+        sampler = DDIMPipeline(unet=pipe.unet, scheduler=scheduler)
+    else:
+        overrides = {} if spacing is None else {"timestep_spacing": spacing}
+        overrides["sigma_type"] = "sigma_hat" if eta == SIGMA_HAT else "eta"
+        sampler = DDIMPlusPipeline(unet=pipe.unet, scheduler=DDIMSchedulerPlus.from_config(config, **overrides))
+    sampler.set_progress_bar_config(disable=True)
+    # A sigma-hat scheduler ignores eta; 0.0 keeps the pipeline's eta check quiet.
+    return sampler, 0.0 if eta == SIGMA_HAT else float(eta)
+
+
+def generate_images(
+    sampler, num_images: int, num_inference_steps: int, eta: float, seed: int = 0, batch_size: int = 64
+) -> np.ndarray:
+    """`num_images` images as (N, H, W, C) floats in [0, 1]; image i starts from the generator seeded `seed + i`.
+
+    Args:
+        sampler (`DDIMPlusPipeline` or `diffusers.DDIMPipeline`): the pipeline to call.
+        num_images (`int`): how many.
+        num_inference_steps (`int`): S.
+        eta (`float`): eta.
+        seed (`int`, defaults to 0): seed of the first image.
+        batch_size (`int`, defaults to 64): images per pipeline call.
+
+    Returns:
+        `np.ndarray`
+    """
+    batches = []
+    for start in range(0, num_images, batch_size):
+        count = min(batch_size, num_images - start)
+        generators = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(count)]
+        output = sampler(
+            batch_size=count, generator=generators, eta=eta, num_inference_steps=num_inference_steps, output_type="np"
+        )
+        batches.append(output.images)
+    return np.concatenate(batches)
+
+
+def quality_sweep(
+    pipe,
+    steps: Sequence[int] = (10, 20, 50, 100),
+    etas: Sequence[Union[float, str]] = (0.0,),
+    spacings: Sequence[Optional[str]] = (None,),
+    features: Union[str, torch.nn.Module] = "digits",
+    reference_images: Optional[ImageBatch] = None,
+    num_images: int = 256,
+    seed: int = 0,
+    batch_size: int = 64,
+    on_result: Optional[Callable[[QualityResult], None]] = None,
+) -> List[QualityResult]:
+    """Frechet distance for every (spacing, S, eta), all from the same x_T.
+
+    Args:
+        pipe (`DDIMPlusPipeline`): its UNet and scheduler configuration are used.
+        steps (`Sequence[int]`, defaults to (10, 20, 50, 100)): the values of S.
+        etas (`Sequence`, defaults to (0.0,)): eta values; ``"sigma-hat"`` selects the paper's sigma-hat variance
+            (skipped for stock spacings, which do not have it).
+        spacings (`Sequence[str]`, defaults to (None,)): ``None`` keeps the pipeline's spacing; a name sets
+            `timestep_spacing` of `DDIMSchedulerPlus`; ``"stock:leading"`` etc. runs diffusers' `DDIMPipeline`.
+        features (`str` or `torch.nn.Module`, defaults to ``"digits"``): see `FrechetDistance`.
+        reference_images (`np.ndarray` or `torch.Tensor`, *optional*): the real set; defaults to the 1,797 bundled
+            digits at the model's resolution and channels.
+        num_images (`int`, defaults to 256): generated images per cell (>= 2; FD is biased upwards at small N, so
+            compare cells of one sweep, not with numbers computed at another N).
+        seed (`int`, defaults to 0): seed of the first x_T.
+        batch_size (`int`, defaults to 64): images per pipeline call.
+        on_result (`Callable`, *optional*): called with each `QualityResult` as soon as it is ready (progress).
+
+    Returns:
+        `List[QualityResult]`, in loop order spacing -> eta -> S.
+    """
+    if num_images < 2:
+        raise ValueError(f"`num_images` must be at least 2 for a Frechet distance, got {num_images}.")
+    for eta in etas:
+        if eta != SIGMA_HAT and not (isinstance(eta, (int, float)) and 0.0 <= float(eta)):
+            raise ValueError(f"`etas` must hold non-negative numbers or {SIGMA_HAT!r}, got {eta!r}.")
+    metric = FrechetDistance(features)
+    if reference_images is None:
+        channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+        reference_images = digits_reference_images(resolution=size, channels=channels)
+    metric.update(reference_images, real=True)
+
+    results = []
+    for spacing in spacings:
+        for eta in etas:
+            sampler, call_eta = _sampler(pipe, spacing, eta)
+            if sampler is None:
+                continue
+            for num_steps in steps:
+                start = time.perf_counter()
+                images = generate_images(sampler, num_images, num_steps, call_eta, seed=seed, batch_size=batch_size)
+                seconds = time.perf_counter() - start
+                metric.update(images, real=False)
+                distance = metric.compute()
+                metric.reset()
+                label = spacing or pipe.scheduler.config.timestep_spacing
+                result = QualityResult(label, num_steps, eta, distance.value, distance.features, num_images, seconds)
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+    return results
+
+
+def _eta_label(eta: Union[float, str]) -> str:
+    return eta if isinstance(eta, str) else f"eta={float(eta):g}"
+
+
+def results_to_markdown(results: Sequence[QualityResult], title: Optional[str] = None) -> str:
+    """Markdown tables, one per spacing: rows = S, columns = eta, cells = Frechet distance (seconds of sampling).
+
+    Args:
+        results (`Sequence[QualityResult]`): from `quality_sweep`.
+        title (`str`, *optional*): a line printed above the tables.
+
+    Returns:
+        `str`: the tables, with the features and the number of images stated under the title.
+    """
+    if not results:
+        raise ValueError("`results` is empty; run a sweep first.")
+    features = sorted({r.features for r in results})
+    sizes = sorted({r.num_images for r in results})
+    lines = [title, ""] if title else []
+    lines.append(
+        f"Frechet distance in **{', '.join(features)}** features, {', '.join(map(str, sizes))} generated images per "
+        "cell (lower is better); in brackets the seconds spent sampling."
+    )
+    by_spacing: Dict[str, List[QualityResult]] = {}
+    for result in results:
+        by_spacing.setdefault(result.spacing, []).append(result)
+    for spacing, cells in by_spacing.items():
+        etas = list(dict.fromkeys(_eta_label(r.eta) for r in cells))
+        steps = list(dict.fromkeys(r.steps for r in cells))
+        table = {(r.steps, _eta_label(r.eta)): r for r in cells}
+        lines += ["", f"Spacing `{spacing}`:", "", "| S | " + " | ".join(etas) + " |", "|---" * (len(etas) + 1) + "|"]
+        for num_steps in steps:
+            row = [
+                f"{table[num_steps, eta].frechet_distance:.3f} ({table[num_steps, eta].seconds:.1f}s)"
+                if (num_steps, eta) in table
+                else "-"
+                for eta in etas
+            ]
+            lines.append(f"| {num_steps} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: Sequence[QualityResult], path: str, title: Optional[str] = None) -> None:
+    """Frechet distance against S (log axes), one line per (spacing, eta); needs matplotlib.
+
+    Args:
+        results (`Sequence[QualityResult]`): from `quality_sweep`.
+        path (`str`): image file to write (format from the extension).
+        title (`str`, *optional*): the plot's title.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("Plotting needs matplotlib: `pip install matplotlib` (or `ddim-plus[eval]`).") from error
+    lines: Dict[str, List[QualityResult]] = {}
+    for result in results:
+        lines.setdefault(f"{result.spacing}, {_eta_label(result.eta)}", []).append(result)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, cells in lines.items():
+        axis.plot([r.steps for r in cells], [r.frechet_distance for r in cells], marker="o", label=label)
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("sampling steps S")
+    axis.set_ylabel(f"Frechet distance ({', '.join(sorted({r.features for r in results}))})")
+    axis.set_title(title or "Quality against number of steps")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def steps_vs_quality_table(
+    pipe,
+    steps: Sequence[int] = (10, 20, 50),
+    etas: Sequence[Union[float, str]] = (0.0,),
+    spacings: Sequence[Optional[str]] = (None,),
+    features: str = "digits",
+    num_images: int = 256,
+    seed: int = 0,
+    reference_images: Optional[ImageBatch] = None,
+) -> str:
+    """A markdown steps-vs-quality table for a model card (see `quality_sweep` for the arguments).
+
+    Returns:
+        `str`: markdown, naming the feature network and the number of images.
+    """
+    results = quality_sweep(
+        pipe,
+        steps=steps,
+        etas=etas,
+        spacings=spacings,
+        features=features,
+        reference_images=reference_images,
+        num_images=num_images,
+        seed=seed,
+    )
+    return results_to_markdown(results)

@@ -1,0 +1,75 @@
+"""Steps-vs-quality sweeps: same x_T in every cell, stock parity, the markdown a model card receives, grids."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_unet
+
+from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
+from ddim_plus.evaluation.grids import make_grid
+from ddim_plus.evaluation.quality import (
+    SIGMA_HAT,
+    generate_images,
+    quality_sweep,
+    results_to_markdown,
+    steps_vs_quality_table,
+)
+
+pytest.importorskip("torchmetrics")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = DDIMPlusPipeline(unet=make_tiny_unet(channels=1, sample_size=8), scheduler=DDIMSchedulerPlus())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_generate_images_is_independent_of_batch_size(pipe):
+    whole = generate_images(pipe, 5, num_inference_steps=3, eta=1.0, seed=7, batch_size=5)
+    pieces = generate_images(pipe, 5, num_inference_steps=3, eta=1.0, seed=7, batch_size=2)
+    assert whole.shape == (5, 8, 8, 1)
+    np.testing.assert_allclose(pieces, whole, atol=1e-5)  # batched convolutions round differently
+
+
+def test_stock_leading_matches_ours_at_leading(pipe):
+    # With "leading" spacing diffusers' step rule is right, so both samplers must agree cell by cell.
+    results = quality_sweep(
+        pipe, steps=(2, 4), etas=(0.0, SIGMA_HAT), spacings=("leading", "stock:leading"), num_images=8
+    )
+    ours = {(r.steps, r.eta): r.frechet_distance for r in results if r.spacing == "leading"}
+    stock = {(r.steps, r.eta): r.frechet_distance for r in results if r.spacing == "stock:leading"}
+    assert set(ours) == {(2, 0.0), (4, 0.0), (2, SIGMA_HAT), (4, SIGMA_HAT)}
+    assert set(stock) == {(2, 0.0), (4, 0.0)}  # stock has no sigma-hat
+    for key, value in stock.items():
+        assert value == pytest.approx(ours[key], rel=1e-4)
+    assert all(r.features == "digits-cnn-v1" and r.num_images == 8 and r.seconds > 0 for r in results)
+
+
+def test_sweep_rejects_bad_arguments(pipe):
+    with pytest.raises(ValueError, match="num_images"):
+        quality_sweep(pipe, num_images=1)
+    with pytest.raises(ValueError, match="etas"):
+        quality_sweep(pipe, etas=(-0.5,), num_images=4)
+
+
+def test_steps_vs_quality_table_for_the_model_card(pipe):
+    markdown = steps_vs_quality_table(pipe, steps=(2, 3), num_images=6)
+    assert "digits-cnn-v1" in markdown and "6 generated images" in markdown
+    assert "| S | eta=0 |" in markdown
+    for num_steps in (2, 3):
+        assert f"| {num_steps} | " in markdown
+    with pytest.raises(ValueError, match="empty"):
+        results_to_markdown([])
+
+
+def test_make_grid_places_each_image():
+    images = torch.stack([torch.full((3, 2, 2), v) for v in (0.0, 0.5, 1.0)])
+    grid = np.asarray(make_grid(images, num_columns=2, padding=1, background=1.0))
+    assert grid.shape == (7, 7, 3)
+    assert (grid[1:3, 1:3] == 0).all() and (grid[1:3, 4:6] == 128).all() and (grid[4:6, 1:3] == 255).all()
+    assert (grid[4:6, 4:6] == 255).all()  # empty cell: background
+    big = make_grid(images[:, :1].numpy().transpose(0, 2, 3, 1), scale=3)
+    assert big.mode == "L" and big.size == (21, 21)
+    with pytest.raises(ValueError, match="empty"):
+        make_grid(torch.zeros(0, 1, 2, 2))
