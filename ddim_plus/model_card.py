@@ -1,0 +1,82 @@
+"""Model cards for pipelines trained with `training/train.py`, made with huggingface_hub's `ModelCard`."""
+
+from typing import Dict, List, Optional, Sequence
+
+from huggingface_hub import ModelCard, ModelCardData
+
+MODEL_CARD_TAGS = ("ddim", "ddim-plus", "diffusers", "unconditional-image-generation")
+
+
+def _markdown_table(rows: Sequence[Dict[str, object]]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_format_cell(row.get(column, "")) for column in columns) + " |")
+    return "\n".join(lines)
+
+
+def _format_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def make_model_card(
+    repo_id: str,
+    dataset_name: Optional[str],
+    training_config: Dict[str, object],
+    sample_images: Sequence[str] = ("samples.png",),
+    metrics: Optional[Sequence[Dict[str, object]]] = None,
+    metrics_description: Optional[str] = None,
+    license: str = "apache-2.0",
+    extra_tags: Sequence[str] = (),
+) -> ModelCard:
+    """The model card (README.md) of a trained DDIM pipeline.
+
+    Args:
+        repo_id (`str`): the Hub repo id, or the output folder's name for a local model; shown in the title and in
+            the loading snippet.
+        dataset_name (`str`, *optional*): the training data (a Hub dataset id goes into the `datasets` metadata).
+        training_config (`Dict[str, object]`): the command-line settings of the run, shown as a table.
+        sample_images (`Sequence[str]`, defaults to `("samples.png",)`): sample grids, as paths relative to the card.
+        metrics (`Sequence[Dict[str, object]]`, *optional*): rows of a results table, e.g. one per number of DDIM
+            steps with the quality figures measured at it.
+        metrics_description (`str`, *optional*): a sentence saying how the metrics were measured.
+        license (`str`, defaults to `"apache-2.0"`): the model's license.
+        extra_tags (`Sequence[str]`): tags added to ddim, ddim-plus, diffusers and unconditional-image-generation.
+
+    Returns:
+        `huggingface_hub.ModelCard`: call `.save(path)` to write it.
+    """
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        license=license,
+        tags=list(dict.fromkeys([*MODEL_CARD_TAGS, *extra_tags])),
+        datasets=[dataset_name] if dataset_name else None,
+    )
+    sections: List[str] = [
+        f"# {repo_id}",
+        "An unconditional image model trained with [ddim_plus](https://github.com/ddim-plus/ddim_plus)'s "
+        "`training/train.py` and sampled with DDIM (Song, Meng & Ermon, ICLR 2021)"
+        + (f" on `{dataset_name}`." if dataset_name else "."),
+        "## Samples",
+        *[f"![samples]({path})" for path in sample_images],
+        "## How to use",
+        "```python\n"
+        "import torch\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        "import ddim_plus  # registers DDIMPlusPipeline and DDIMSchedulerPlus with diffusers\n\n"
+        f'pipeline = DiffusionPipeline.from_pretrained("{repo_id}")\n'
+        "images = pipeline(batch_size=16, num_inference_steps=50, eta=0.0, "
+        "generator=torch.Generator().manual_seed(0)).images\n"
+        "```",
+    ]
+    if metrics:
+        sections += ["## Results", *([metrics_description] if metrics_description else []), _markdown_table(metrics)]
+    sections += [
+        "## Training configuration",
+        _markdown_table([{"setting": key, "value": value} for key, value in training_config.items()]),
+    ]
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
+    return ModelCard(content)

@@ -1,0 +1,286 @@
+"""training/train.py end to end: exact resume, checkpoint rotation, two processes, bad input, a short real run.
+
+Runs launch the script in a subprocess (as users do) with a tiny UNet; bad-input checks call it in-process, since
+they must fail before anything is trained or written.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_unet
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("ddim_plus_train_script", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = load_train_module()
+
+
+def subprocess_env(hf_home):
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_train(argv, hf_home, num_processes=1, port=29731):
+    if num_processes == 1:
+        command = [sys.executable, str(TRAIN_SCRIPT), *argv]
+    else:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port), str(TRAIN_SCRIPT), *argv,
+        ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(hf_home), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def read_debug_log(output_dir, process=0):
+    with open(Path(output_dir) / f"process-{process}.debug.jsonl", encoding="utf-8") as file:
+        records = [json.loads(line) for line in file]
+    steps = [record for record in records if not record.get("final")]
+    finals = [record for record in records if record.get("final")]
+    return steps, finals[-1]
+
+
+def write_digit_folder(folder, num_images):
+    """The first `num_images` bundled digits as 8x8 PNG files (an imagefolder dataset)."""
+    from sklearn.datasets import load_digits
+
+    folder.mkdir(parents=True)
+    for index, image in enumerate(load_digits().images[:num_images]):
+        Image.fromarray(np.uint8(image / 16 * 255)).save(folder / f"digit_{index:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    (root / "hf_home").mkdir()
+    make_tiny_unet(channels=1, sample_size=8).save_config(root / "tiny_unet")
+    return root
+
+
+def tiny_args(workdir, output_dir, *extra):
+    return [
+        "--output_dir", str(output_dir), "--resolution", "8", "--model_config_name_or_path",
+        str(workdir / "tiny_unet"), "--train_batch_size", "4", "--eval_inference_steps", "2",
+        "--ddim_num_inference_steps", "2", "--num_eval_samples", "4", "--logger", "none", "--debug_log", *extra,
+    ]  # fmt: skip
+
+
+# A run long enough to cross epochs with gradient accumulation: 20 images in micro-batches of 4 are 5 micro-batches
+# per epoch, 3 optimiser steps of 2 micro-batches (the last takes the leftover one), so 7 steps span 3 epochs.
+REFERENCE_FLAGS = (
+    "--gradient_accumulation_steps", "2", "--max_train_steps", "7", "--checkpointing_steps", "2",
+    "--checkpoints_total_limit", "2", "--random_flip", "--lr_warmup_steps", "2", "--snr_gamma", "5",
+    "--noise_offset", "0.05",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference_run(workdir):
+    """An uninterrupted run, shared by the resume, rotation and output tests."""
+    data_dir = write_digit_folder(workdir / "digits_folder", 20)
+    output_dir = workdir / "reference"
+    argv = tiny_args(workdir, output_dir, "--train_data_dir", str(data_dir), *REFERENCE_FLAGS)
+    run_train(argv, workdir / "hf_home")
+    return {"output_dir": output_dir, "data_dir": data_dir}
+
+
+def test_checkpoints_rotate_and_outputs_are_complete(reference_run):
+    output_dir = reference_run["output_dir"]
+    # Checkpoints at 2, 4 and 6; with --checkpoints_total_limit 2 only the newest two remain.
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    for checkpoint in ("checkpoint-4", "checkpoint-6"):
+        assert (output_dir / checkpoint / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        assert (output_dir / checkpoint / "unet_ema" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(output_dir.glob(".staging-*"))
+    for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "samples.png"):
+        assert (output_dir / name).is_file(), name
+    scheduler_config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["_class_name"] == "DDIMSchedulerPlus"
+    assert scheduler_config["timestep_spacing"] == "trailing"
+
+    steps, final = read_debug_log(output_dir)
+    assert [record["step"] for record in steps] == list(range(1, 8))
+    assert [record["epoch"] for record in steps] == [0, 0, 0, 1, 1, 1, 2]
+    # Each epoch's micro-batches cover the 20 images exactly once.
+    for epoch in (0, 1):
+        seen = sorted(i for record in steps if record["epoch"] == epoch for i in record["indices"])
+        assert seen == list(range(20))
+    # Warm-up over 2 steps then cosine decay to 0 at step 7.
+    assert steps[0]["lr"] == pytest.approx(0.5e-3)
+    assert final["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pipeline_holds_the_ema_weights(reference_run):
+    output_dir = reference_run["output_dir"]
+    pipeline_weights = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    # The final EMA is not in a checkpoint (step 7), but the raw weights at step 6 must differ from the EMA.
+    ema_at_6 = load_file(output_dir / "checkpoint-6" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    raw_at_6 = load_file(output_dir / "checkpoint-6" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(ema_at_6[key], raw_at_6[key]) for key in ema_at_6)
+    assert pipeline_weights.keys() == ema_at_6.keys()
+
+
+def test_resume_after_a_kill_is_bit_exact(reference_run, workdir):
+    """A run killed after checkpoint 4 (while writing checkpoint 6) and resumed with `latest` ends bit-identical."""
+    reference = reference_run["output_dir"]
+    resumed = workdir / "resumed"
+    resumed.mkdir()
+    shutil.copytree(reference / "checkpoint-4", resumed / "checkpoint-4")
+    # What a kill during the next save leaves behind: a half-written staging folder that `latest` must ignore.
+    (resumed / ".staging-checkpoint-6" / "unet").mkdir(parents=True)
+    argv = tiny_args(workdir, resumed, "--train_data_dir", str(reference_run["data_dir"]), *REFERENCE_FLAGS)
+    run_train([*argv, "--resume_from_checkpoint", "latest"], workdir / "hf_home")
+
+    reference_steps, reference_final = read_debug_log(reference)
+    resumed_steps, resumed_final = read_debug_log(resumed)
+    assert [r["step"] for r in resumed_steps] == [5, 6, 7]
+    # Same data order, same losses, same raw weights...
+    assert [r["indices"] for r in resumed_steps] == [r["indices"] for r in reference_steps[4:]]
+    assert [r["loss"] for r in resumed_steps] == [r["loss"] for r in reference_steps[4:]]
+    assert resumed_final["weights"] == reference_final["weights"]
+    # ... and the same EMA weights in the published pipeline.
+    expected = load_file(reference / "unet" / "diffusion_pytorch_model.safetensors")
+    actual = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_two_processes_split_the_data_and_end_identical(workdir):
+    output_dir = workdir / "two_processes"
+    argv = tiny_args(workdir, output_dir, "--max_train_steps", "3", "--lr_warmup_steps", "2")
+    run_train(argv, workdir / "hf_home", num_processes=2)
+
+    steps_0, final_0 = read_debug_log(output_dir, process=0)
+    steps_1, final_1 = read_debug_log(output_dir, process=1)
+    seen_0 = {i for record in steps_0 for i in record["indices"]}
+    seen_1 = {i for record in steps_1 for i in record["indices"]}
+    assert len(seen_0) == len(seen_1) == 12
+    assert not seen_0 & seen_1
+    assert final_0["weights"] == final_1["weights"]
+    # The loss is reduced across processes, so both log the same value.
+    assert [r["loss"] for r in steps_0] == [r["loss"] for r in steps_1]
+    # LR steps counted once per optimiser step (diffusers issue 8384): half-way through warm-up after step 1, and
+    # the cosine at 0 after the last step (without the fix it would be back at its peak).
+    assert steps_0[0]["lr"] == pytest.approx(0.5e-3)
+    assert final_0["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert (output_dir / "model_index.json").is_file()
+
+
+def test_short_digits_run_learns_and_loads(workdir):
+    """The demo's set-up (default UNet, bundled digits) for a few dozen steps: the loss falls and the output loads."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import ModelCard
+
+    import ddim_plus
+
+    output_dir = workdir / "short_demo"
+    argv = [
+        "--output_dir", str(output_dir), "--max_train_steps", "40", "--train_batch_size", "32",
+        "--lr_warmup_steps", "5", "--eval_inference_steps", "5", "--ddim_num_inference_steps", "5",
+        "--num_eval_samples", "16", "--debug_log",
+    ]  # fmt: skip
+    run_train(argv, workdir / "hf_home")
+    steps, _ = read_debug_log(output_dir)
+    losses = [record["loss"] for record in steps]
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+    assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
+
+    pipeline = DiffusionPipeline.from_pretrained(output_dir)
+    assert isinstance(pipeline, ddim_plus.DDIMPlusPipeline)
+    assert isinstance(pipeline.scheduler, ddim_plus.DDIMSchedulerPlus)
+    images = pipeline(
+        batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+    )
+    assert images.images.shape == (2, 16, 16, 1)
+
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.library_name == "diffusers"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert "recognisable fraction" in card.text
+    assert "samples_5steps.png" in card.text and (output_dir / "samples_5steps.png").is_file()
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics[0]["DDIM steps"] == 5 and sum(map(int, metrics[0]["class histogram (0-9)"].split())) == 16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: a clear ValueError before training, and nothing written.
+# ---------------------------------------------------------------------------------------------------------------
+def expect_error_without_output(argv, output_dir, match):
+    before = sorted(str(p) for p in output_dir.rglob("*")) if output_dir.exists() else None
+    with pytest.raises(ValueError, match=match):
+        train.main(argv)
+    after = sorted(str(p) for p in output_dir.rglob("*")) if output_dir.exists() else None
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--train_batch_size", "0"], "`--train_batch_size` must be >= 1, got 0"),
+        (["--eval_batch_size", "-1"], "`--eval_batch_size` must be >= 1"),
+        (["--snr_gamma", "0"], "`--snr_gamma` must be > 0, got 0.0"),
+        (["--snr_gamma", "-5"], "`--snr_gamma` must be > 0"),
+        (["--prediction_type", "noise"], "`--prediction_type`='noise' is unknown"),
+        (["--resolution", "10"], "`--resolution`=10 must be a positive multiple of 4"),
+        (["--timestep_spacing", "uniform"], "`--timestep_spacing`='uniform' is unknown"),
+        (["--ddim_num_inference_steps", "2000"], "DDIM steps must be between 1 and"),
+    ],
+)
+def test_bad_flags_fail_before_training(tmp_path, flags, match):
+    expect_error_without_output(["--output_dir", str(tmp_path / "out"), *flags], tmp_path / "out", match)
+
+
+def test_bad_data_folders_fail_before_training(tmp_path):
+    output_dir = tmp_path / "out"
+    expect_error_without_output(
+        ["--output_dir", str(output_dir), "--train_data_dir", str(tmp_path / "missing")], output_dir, "is not a folder"
+    )
+    (tmp_path / "empty").mkdir()
+    expect_error_without_output(
+        ["--output_dir", str(output_dir), "--train_data_dir", str(tmp_path / "empty")], output_dir, "is empty"
+    )
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notes.txt").write_text("not an image")
+    expect_error_without_output(
+        ["--output_dir", str(output_dir), "--train_data_dir", str(tmp_path / "texts")], output_dir, "no image files"
+    )
+    fake = write_digit_folder(tmp_path / "fake", 3)
+    (fake / "broken.png").write_text("not an image either")
+    expect_error_without_output(
+        ["--output_dir", str(output_dir), "--train_data_dir", str(fake)], output_dir, "not readable images: broken.png"
+    )
+
+
+def test_bad_checkpoints_fail_before_training(tmp_path):
+    output_dir = tmp_path / "out"
+    expect_error_without_output(
+        ["--output_dir", str(output_dir), "--resume_from_checkpoint", "checkpoint-3"], output_dir, "checkpoint-3"
+    )
+    # A checkpoint of another architecture (here: the tiny UNet) cannot be resumed with the default UNet.
+    make_tiny_unet(channels=1, sample_size=16).save_pretrained(output_dir / "checkpoint-2" / "unet")
+    expect_error_without_output(
+        ["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest"],
+        output_dir,
+        "another configuration .*block_out_channels",
+    )

@@ -1,0 +1,560 @@
+"""Train an unconditional `UNet2DModel` and publish it as a DDIM pipeline (ddim_plus).
+
+    accelerate launch training/train.py                                   # bundled digits, CPU or GPU, ~5 min on CPU
+    accelerate launch training/train.py --dataset_name huggan/flowers-102-categories --resolution 64 \\
+        --model_config_name_or_path my_unet_config.json --output_dir flowers
+    accelerate launch --multi_gpu --num_processes 2 training/train.py ...          # several processes (GPUs or CPU)
+    accelerate launch training/train.py ... --resume_from_checkpoint latest        # continue, bit-exact on CPU
+
+The output folder holds the pipeline (`model_index.json`, `unet/` with the EMA weights, `scheduler/`), which
+`DiffusionPipeline.from_pretrained` loads after `import ddim_plus`, sample grids, and a model card (`README.md`).
+Flags follow diffusers' `examples/unconditional_image_generation/train_unconditional.py`; see docs/training.md.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.utils import make_image_grid
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus, ddim_math
+from ddim_plus.data import (
+    DIGITS_DATASET_NAME,
+    TrainingImages,
+    dataset_num_channels,
+    find_image_column,
+    load_image_dataset,
+)
+from ddim_plus.model_card import make_model_card
+from ddim_plus.training_utils import (
+    PREDICTION_TYPES,
+    STAGING_PREFIX,
+    check_checkpoint_compatible,
+    check_positive,
+    check_resolution,
+    checkpoint_step,
+    create_ema_model,
+    min_snr_loss_weights,
+    publish_directory,
+    push_to_hub,
+    register_checkpoint_hooks,
+    resolve_checkpoint,
+    save_checkpoint,
+    step_generator,
+    training_step,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+# Each sample is drawn at least this many pixels wide in the saved grids, so 16x16 digits stay visible.
+GRID_TILE_PIXELS = 64
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (diffusers' train_unconditional flag names, plus DDIM sampling and the digits defaults)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    # Data
+    add("--dataset_name", default=DIGITS_DATASET_NAME, help="'digits' (bundled, offline), a Hub id or a local path")
+    add("--dataset_config_name", default=None, help="configuration of the dataset, if it has several")
+    add("--train_data_dir", default=None, help="a folder of images (imagefolder); used instead of --dataset_name")
+    add("--cache_dir", default=None, help="where datasets are cached")
+    add("--image_column", default=None, help="column holding the images (default: the first image column)")
+    add("--resolution", type=int, default=16, help="side of the square training images")
+    add("--center_crop", action="store_true", help="crop the centre (default: a random crop)")
+    add("--random_flip", action="store_true", help="flip images left-right at random (not for digits!)")
+    add("--dataloader_num_workers", type=int, default=0, help="data-loading subprocesses (0: in the main one)")
+    # Model and diffusion
+    add("--model_config_name_or_path", default=None, help="UNet2DModel config (default: a small UNet for the data)")
+    add("--prediction_type", default="epsilon", help=f"what the UNet predicts: one of {PREDICTION_TYPES}")
+    add("--ddpm_num_steps", type=int, default=1000, help="diffusion steps T of the training noise schedule")
+    add("--ddpm_beta_schedule", default="linear", help="betas: linear, scaled_linear, squaredcos_cap_v2, sigmoid")
+    add("--rescale_betas_zero_snr", action="store_true", help="rescale betas to zero terminal SNR (Lin et al.)")
+    add("--snr_gamma", type=float, default=None, help="min-SNR loss weighting with this gamma (5.0 is usual)")
+    add("--noise_offset", type=float, default=0.0, help="scale of the per-channel offset added to the noise")
+    # Sampling with DDIM
+    add("--ddim_num_inference_steps", type=int, default=50, help="DDIM steps of samples.png and of training samples")
+    add("--ddim_eta", type=float, default=0.0, help="DDIM eta of the samples (0: deterministic DDIM)")
+    add("--timestep_spacing", default="trailing", help=f"DDIM step spacing, one of {ddim_math.TIMESTEP_SPACINGS}")
+    add("--eval_inference_steps", type=int, nargs="*", default=[10, 50], help="DDIM steps of the final grids")
+    add("--num_eval_samples", type=int, default=256, help="samples drawn per final grid (and scored on digits)")
+    add("--save_images_steps", type=int, default=None, help="also sample a grid every this many optimiser steps")
+    add("--eval_batch_size", type=int, default=64, help="samples per grid drawn during training")
+    # Optimisation
+    add("--output_dir", default="ddim-plus-digits", help="where the pipeline, checkpoints and logs go")
+    add("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation and noise")
+    add("--train_batch_size", type=int, default=64, help="images per process per micro-batch")
+    add("--num_epochs", type=int, default=60, help="passes over the data (unless --max_train_steps is given)")
+    add("--max_train_steps", type=int, default=None, help="optimiser steps in all (overrides --num_epochs)")
+    add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimiser step")
+    add("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
+    add("--learning_rate", type=float, default=1e-3, help="peak learning rate")
+    add("--lr_scheduler", default="cosine", help=f"learning-rate schedule, one of {LR_SCHEDULERS}")
+    add("--lr_warmup_steps", type=int, default=100, help="optimiser steps of linear warm-up")
+    add("--adam_beta1", type=float, default=0.95, help="AdamW beta1")
+    add("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    add("--adam_weight_decay", type=float, default=1e-6, help="AdamW weight decay")
+    add("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
+    add("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights")
+    add("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inverse gamma")
+    add("--ema_power", type=float, default=0.75, help="EMA warm-up power")
+    add("--ema_max_decay", type=float, default=0.9999, help="largest EMA decay")
+    add("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's config")
+    # Checkpoints, logs, Hub
+    add("--checkpointing_steps", type=int, default=500, help="save a checkpoint every this many optimiser steps")
+    add("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
+    add("--resume_from_checkpoint", default=None, help="'latest', a checkpoint folder, or its name in output_dir")
+    add("--logger", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="experiment tracker")
+    add("--logging_dir", default="logs", help="tracker folder, inside output_dir")
+    add("--push_to_hub", action="store_true", help="upload the pipeline and model card (no checkpoints or logs)")
+    add("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name)")
+    add("--hub_private_repo", action="store_true", help="create the Hub repo private")
+    add("--hub_token", default=None, help="Hub token (default: the logged-in one)")
+    add("--license", default="apache-2.0", help="license in the model card")
+    add("--debug_log", action="store_true", help="write per-process sample indices, loss and LR to *.debug.jsonl")
+    return parser.parse_args(argv)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check the flags that need no data (each error names the flag, the value and the fix)."""
+    for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs", "resolution"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
+    for name in ("max_train_steps", "checkpoints_total_limit", "save_images_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be >= 1 (or left out), got {getattr(args, name)}.")
+    check_positive("learning_rate", args.learning_rate)
+    check_positive("checkpointing_steps", args.checkpointing_steps)
+    check_positive("num_eval_samples", args.num_eval_samples)
+    check_positive("snr_gamma", args.snr_gamma, allow_none=True)
+    if args.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"`--prediction_type`={args.prediction_type!r} is unknown; choose one of {PREDICTION_TYPES}.")
+    if args.timestep_spacing not in ddim_math.TIMESTEP_SPACINGS:
+        raise ValueError(
+            f"`--timestep_spacing`={args.timestep_spacing!r} is unknown; choose one of {ddim_math.TIMESTEP_SPACINGS}."
+        )
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"`--lr_scheduler`={args.lr_scheduler!r} is unknown; choose one of {LR_SCHEDULERS}.")
+    for steps in [args.ddim_num_inference_steps, *args.eval_inference_steps]:
+        if not 1 <= steps <= args.ddpm_num_steps:
+            raise ValueError(
+                f"DDIM steps must be between 1 and `--ddpm_num_steps`={args.ddpm_num_steps}, got {steps} "
+                "(`--ddim_num_inference_steps` / `--eval_inference_steps`)."
+            )
+    if args.noise_offset < 0 or args.lr_warmup_steps < 0 or args.max_grad_norm < 0:
+        raise ValueError("`--noise_offset`, `--lr_warmup_steps` and `--max_grad_norm` must be >= 0.")
+    if args.train_data_dir is not None and args.dataset_name not in (None, DIGITS_DATASET_NAME):
+        raise ValueError(
+            f"Both `--dataset_name`={args.dataset_name!r} and `--train_data_dir`={args.train_data_dir!r} were "
+            "given; pass only one."
+        )
+
+
+def default_unet_config(resolution: int, num_channels: int) -> dict:
+    """A small UNet for small images: 3 levels of 16/32/32 channels, no attention (~0.27M parameters).
+
+    Sized so that the bundled 16x16 digits train to recognisable samples in about five minutes on 2 CPU cores.
+    """
+    return {
+        "sample_size": resolution,
+        "in_channels": num_channels,
+        "out_channels": num_channels,
+        "layers_per_block": 1,
+        "block_out_channels": (16, 32, 32),
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+    }
+
+
+def build_unet_config(args: argparse.Namespace, num_channels: int) -> dict:
+    """The UNet's config: `--model_config_name_or_path` or the default, sized to the data's resolution/channels."""
+    if args.model_config_name_or_path is None:
+        config = default_unet_config(args.resolution, num_channels)
+    else:
+        config = dict(UNet2DModel.load_config(args.model_config_name_or_path))
+        config.update(sample_size=args.resolution, in_channels=num_channels, out_channels=num_channels)
+    check_resolution(args.resolution, config)
+    return dict(UNet2DModel.from_config(config).config)
+
+
+def prepare_run(args: argparse.Namespace) -> dict:
+    """Everything that can fail on bad input, done before any file is written.
+
+    Returns:
+        `dict`: `dataset`, `image_column`, `num_channels`, `unet_config` and `checkpoint` (a folder or `None`).
+    """
+    validate_args(args)
+    dataset = load_image_dataset(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, args.resolution
+    )
+    image_column = find_image_column(dataset, args.image_column)
+    num_channels = dataset_num_channels(dataset, image_column)
+    unet_config = build_unet_config(args, num_channels)
+    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        check_checkpoint_compatible(checkpoint, unet_config)
+    return {
+        "dataset": dataset,
+        "image_column": image_column,
+        "num_channels": num_channels,
+        "unet_config": unet_config,
+        "checkpoint": checkpoint,
+    }
+
+
+def save_grid(images: np.ndarray, path: str, resolution: int) -> Image.Image:
+    """Save (B, H, W, C) images in [0, 1] as a square-ish grid, each tile at least GRID_TILE_PIXELS wide."""
+    tiles = DDIMPlusPipeline.numpy_to_pil(images)
+    scale = max(1, GRID_TILE_PIXELS // resolution)
+    tiles = [tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST) for tile in tiles]
+    cols = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    tiles += [Image.new(tiles[0].mode, tiles[0].size)] * (rows * cols - len(tiles))
+    grid = make_image_grid(tiles, rows=rows, cols=cols)
+    grid.save(path)
+    return grid
+
+
+def generate_with_ema(accelerator, unet, ema_model, scheduler, num_samples, num_inference_steps, eta, seed, batch):
+    """Samples drawn with the EMA weights swapped in, then the raw weights put back so training goes on with them."""
+    model = accelerator.unwrap_model(unet)
+    if ema_model is not None:
+        ema_model.store(model.parameters())
+        ema_model.copy_to(model.parameters())
+    was_training = model.training
+    model.eval()
+    pipeline = DDIMPlusPipeline(unet=model, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+    images = []
+    for start in range(0, num_samples, batch):
+        output = pipeline(
+            batch_size=min(batch, num_samples - start),
+            generator=generator,
+            eta=eta,
+            num_inference_steps=num_inference_steps,
+            output_type="np",
+        )
+        images.append(output.images)
+    model.train(was_training)
+    if ema_model is not None:
+        ema_model.restore(model.parameters())
+    return np.concatenate(images)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights, to check that processes (or runs) ended identical."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def training_config_for_card(args: argparse.Namespace, total_batch_size: int, global_step: int) -> dict:
+    keys = (
+        "dataset_name", "train_data_dir", "resolution", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule",
+        "rescale_betas_zero_snr", "snr_gamma", "noise_offset", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+        "adam_beta1", "adam_beta2", "adam_weight_decay", "max_grad_norm", "use_ema", "ema_max_decay", "ema_power",
+        "mixed_precision", "timestep_spacing", "ddim_eta", "seed",
+    )  # fmt: skip
+    config = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    config.update(total_batch_size=total_batch_size, optimizer_steps=global_step)
+    return config
+
+
+def launched_without_accelerator_devices() -> bool:
+    """Whether several processes were launched (e.g. `accelerate launch --multi_gpu`) on a machine without GPUs.
+
+    accelerate then treats each process as a separate single-process run: each trains alone and all write the same
+    files. Running them on the CPU makes them one data-parallel run over gloo instead.
+    """
+    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_gpu
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    run = prepare_run(args)
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        cpu=launched_without_accelerator_devices(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.logger == "none" else args.logger,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        # A sampler seeded per epoch is what makes the data order after a resume the same as without one.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    # accelerate reports every file of every checkpoint at INFO; our own line per checkpoint is enough.
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # Model, EMA, noise schedule, optimiser
+    unet = UNet2DModel.from_config(run["unet_config"])
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ema_model = None
+    if args.use_ema:
+        ema_model = create_ema_model(unet, args.ema_max_decay, args.ema_inv_gamma, args.ema_power)
+        ema_model.to(accelerator.device)
+    noise_scheduler = DDIMSchedulerPlus(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+        timestep_spacing=args.timestep_spacing,
+        rescale_betas_zero_snr=args.rescale_betas_zero_snr,
+    )
+    loss_weights = None
+    if args.snr_gamma is not None:
+        loss_weights = min_snr_loss_weights(noise_scheduler.alphas_cumprod, args.snr_gamma, args.prediction_type)
+        loss_weights = loss_weights.to(accelerator.device)
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+    # Data
+    train_dataset = TrainingImages(
+        run["dataset"],
+        run["image_column"],
+        args.resolution,
+        run["num_channels"],
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        seed=args.seed,
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers
+    )
+    train_dataloader = accelerator.prepare(train_dataloader)
+    batches_per_epoch = len(train_dataloader)  # per process, after sharding
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+
+    # A prepared LR scheduler steps once per process at every optimiser step (diffusers issue 8384): scale its
+    # step counts by the number of processes so warm-up and decay take the intended number of optimiser steps.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    register_checkpoint_hooks(accelerator, ema_model)
+
+    global_step = 0
+    if run["checkpoint"] is not None:
+        accelerator.print(f"Resuming from {run['checkpoint']}")
+        accelerator.load_state(run["checkpoint"])
+        global_step = checkpoint_step(run["checkpoint"])
+    first_epoch = global_step // updates_per_epoch
+    # Checkpoints are saved only after optimiser steps, so a resume starts at a whole number of them.
+    batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    if accelerator.is_main_process:
+        tracked = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+        accelerator.init_trackers("ddim_plus", config=tracked)
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"{len(train_dataset)} images, {num_epochs} epochs, {max_train_steps} optimiser steps of {total_batch_size} "
+        f"images ({accelerator.num_processes} processes x {args.train_batch_size} x "
+        f"{args.gradient_accumulation_steps} accumulation); starting at step {global_step}"
+    )
+    debug_file = None
+    if args.debug_log:
+        debug_path = os.path.join(args.output_dir, f"process-{accelerator.process_index}.debug.jsonl")
+        debug_file = open(debug_path, "a", encoding="utf-8")
+    sampling_scheduler = DDIMSchedulerPlus.from_config(noise_scheduler.config)
+
+    progress_bar = tqdm(
+        total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps"
+    )
+    started = time.perf_counter()
+    step_losses, step_indices = [], []
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:
+            break
+        train_dataset.set_epoch(epoch)
+        train_dataloader.set_epoch(epoch)
+        skip = batches_to_skip if epoch == first_epoch else 0
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        unet.train()
+        for batch_index, batch in enumerate(batches, start=skip):
+            micro_step = epoch * batches_per_epoch + batch_index
+            generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
+            with accelerator.accumulate(unet):
+                loss = training_step(
+                    accelerator,
+                    unet,
+                    optimizer,
+                    lr_scheduler,
+                    noise_scheduler,
+                    batch["pixel_values"],
+                    generator,
+                    prediction_type=args.prediction_type,
+                    loss_weights=loss_weights,
+                    noise_offset=args.noise_offset,
+                    max_grad_norm=args.max_grad_norm,
+                )
+            step_losses.append(loss)
+            step_indices.extend(batch["index"].tolist())
+            if not accelerator.sync_gradients:
+                continue
+
+            # One optimiser step done: EMA on every process (so all hold the same EMA), then bookkeeping.
+            if ema_model is not None:
+                ema_model.step(unet.parameters())
+            global_step += 1
+            mean_loss = accelerator.reduce(torch.stack(step_losses).mean(), reduction="mean").item()
+            logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+            if ema_model is not None:
+                logs["ema_decay"] = ema_model.cur_decay_value
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            if debug_file is not None:
+                record = dict(logs, step=global_step, process=accelerator.process_index, indices=step_indices)
+                debug_file.write(json.dumps(record) + "\n")
+                debug_file.flush()
+            step_losses, step_indices = [], []
+
+            if global_step % args.checkpointing_steps == 0:
+                path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                logger.info(f"Saved {path}")
+            if args.save_images_steps and global_step % args.save_images_steps == 0 and accelerator.is_main_process:
+                images = generate_with_ema(
+                    accelerator,
+                    unet,
+                    ema_model,
+                    sampling_scheduler,
+                    args.eval_batch_size,
+                    args.ddim_num_inference_steps,
+                    args.ddim_eta,
+                    args.seed,
+                    args.eval_batch_size,
+                )
+                os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+                save_grid(images, os.path.join(args.output_dir, "samples", f"step-{global_step}.png"), args.resolution)
+                for tracker in accelerator.trackers:
+                    if tracker.name == "tensorboard":
+                        tracker.writer.add_images("samples", images, global_step, dataformats="NHWC")
+            if global_step >= max_train_steps:
+                break
+    progress_bar.close()
+    training_seconds = time.perf_counter() - started
+    accelerator.wait_for_everyone()
+
+    final_unet = accelerator.unwrap_model(unet)
+    if debug_file is not None:
+        final = {"final": True, "process": accelerator.process_index, "step": global_step}
+        final.update(weights=weights_digest(final_unet), lr=lr_scheduler.get_last_lr()[0])
+        debug_file.write(json.dumps(final) + "\n")
+        debug_file.close()
+    if accelerator.is_main_process:
+        write_outputs(args, accelerator, final_unet, ema_model, sampling_scheduler, total_batch_size, global_step)
+        logger.info(f"Trained {global_step} steps in {training_seconds:.0f} s; outputs in {args.output_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return args.output_dir
+
+
+def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_size, global_step) -> None:
+    """Write the EMA pipeline, sample grids, scores and model card atomically into `output_dir`; maybe push."""
+    staging_dir = os.path.join(args.output_dir, f"{STAGING_PREFIX}pipeline")
+    if os.path.exists(staging_dir):
+        shutil.rmtree(staging_dir)
+    if ema_model is not None:
+        ema_model.store(unet.parameters())
+        ema_model.copy_to(unet.parameters())
+    pipeline = DDIMPlusPipeline(unet=unet, scheduler=scheduler)
+    pipeline.save_pretrained(staging_dir)
+    if ema_model is not None:
+        ema_model.restore(unet.parameters())
+
+    is_digits = args.train_data_dir is None and args.dataset_name == DIGITS_DATASET_NAME
+    step_counts = list(dict.fromkeys([*args.eval_inference_steps, args.ddim_num_inference_steps]))
+    sample_images, metrics = [], []
+    for num_steps in step_counts:
+        images = generate_with_ema(
+            accelerator, unet, ema_model, scheduler, args.num_eval_samples, num_steps, args.ddim_eta, args.seed, 256
+        )
+        grid_name = f"samples_{num_steps}steps.png"
+        # The grids show the first 64 samples; the scores use all of them.
+        save_grid(images[:64], os.path.join(staging_dir, grid_name), args.resolution)
+        if num_steps == args.ddim_num_inference_steps:
+            shutil.copyfile(os.path.join(staging_dir, grid_name), os.path.join(staging_dir, "samples.png"))
+        if num_steps in args.eval_inference_steps:
+            sample_images.append(grid_name)
+            row = {"DDIM steps": num_steps, "eta": args.ddim_eta, "samples": len(images)}
+            if is_digits:
+                from ddim_plus.evaluation.digits import digits_report
+
+                report = digits_report(images)
+                row.update(
+                    {
+                        "recognisable fraction": report["recognisable_fraction"],
+                        "class histogram (0-9)": " ".join(map(str, report["class_histogram"])),
+                        "class balance": report["class_balance"],
+                    }
+                )
+            metrics.append(row)
+            accelerator.print("  " + ", ".join(f"{key}: {value}" for key, value in row.items()))
+    with open(os.path.join(staging_dir, "metrics.json"), "w", encoding="utf-8") as file:
+        json.dump(metrics, file, indent=2)
+
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    card = make_model_card(
+        repo_id,
+        None if args.train_data_dir else args.dataset_name,
+        training_config_for_card(args, total_batch_size, global_step),
+        sample_images=sample_images or ["samples.png"],
+        metrics=metrics,
+        metrics_description=(
+            f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing. Recognisable fraction: share "
+            "of samples a digits classifier trained on the bundled data (`ddim_plus.evaluation.digits`) labels with "
+            "probability > 0.5; class balance: normalised entropy of the predicted-class histogram (1 = uniform)."
+            if is_digits
+            else f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing."
+        ),
+        license=args.license,
+    )
+    card.save(os.path.join(staging_dir, "README.md"))
+    publish_directory(staging_dir, args.output_dir)
+    accelerator.print(
+        f"Pipeline: {os.path.abspath(args.output_dir)} (load with `import ddim_plus; "
+        f"DiffusionPipeline.from_pretrained({args.output_dir!r})`)\n"
+        f"Samples: {', '.join(os.path.join(args.output_dir, name) for name in ['samples.png', *sample_images])}\n"
+        f"Model card: {os.path.join(args.output_dir, 'README.md')}"
+    )
+    if args.push_to_hub:
+        pushed = push_to_hub(args.output_dir, repo_id, private=args.hub_private_repo, token=args.hub_token)
+        accelerator.print(f"Pushed to https://huggingface.co/{pushed}")
+
+
+if __name__ == "__main__":
+    main()
