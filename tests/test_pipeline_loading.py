@@ -85,66 +85,54 @@ LOAD_SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np, torch, diffusers
 
-    source, out = sys.argv[1], sys.argv[2]
-    # a user without our package: stock DDIMPipeline loads the repo, and only the generic loader needs us
-    stock = diffusers.DDIMPipeline.from_pretrained(source)
+    out, sources = sys.argv[1], sys.argv[2:]
+
+
+    def images(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(0)
+        return pipe(batch_size=2, generator=generator, num_inference_steps=4, output_type="np").images
+
+
+    # a user without our package: stock DDIMPipeline loads every source; the generic loader cannot know our class
+    for k, source in enumerate(sources):
+        stock = diffusers.DDIMPipeline.from_pretrained(source)
+        assert type(stock.scheduler).__name__ == "DDIMScheduler", type(stock.scheduler)
+        np.save(f"{out}{k}_stock.npy", images(stock))
+        try:
+            diffusers.DiffusionPipeline.from_pretrained(source)
+            raise SystemExit("DiffusionPipeline loaded a DDIMPlusPipeline without ddim_plus imported")
+        except AttributeError:
+            pass
     assert "ddim_plus" not in sys.modules
-    assert type(stock.scheduler).__name__ == "DDIMScheduler", type(stock.scheduler)
-    stock.set_progress_bar_config(disable=True)
-    np.save(out + "_stock.npy", stock(batch_size=2, generator=torch.Generator().manual_seed(0),
-                                      num_inference_steps=4, output_type="np").images)
-    try:
-        diffusers.DiffusionPipeline.from_pretrained(source)
-        raise SystemExit("DiffusionPipeline loaded a DDIMPlusPipeline without ddim_plus imported")
-    except AttributeError:
-        pass
 
     import ddim_plus
 
-    pipe = diffusers.DiffusionPipeline.from_pretrained(source)
-    print(type(pipe).__name__, type(pipe.scheduler).__name__, pipe.scheduler.config.beta_end)
-    pipe.set_progress_bar_config(disable=True)
-    np.save(out + "_ours.npy", pipe(batch_size=2, generator=torch.Generator().manual_seed(0),
-                                    num_inference_steps=4, output_type="np").images)
+    for k, source in enumerate(sources):
+        pipe = diffusers.DiffusionPipeline.from_pretrained(source)
+        print(type(pipe).__name__, type(pipe.scheduler).__name__, pipe.scheduler.config.beta_end)
+        np.save(f"{out}{k}_ours.npy", images(pipe))
     """
 )
 
 
-def run_load_script(source, out, env_overrides=None):
-    env = {**os.environ, **(env_overrides or {})}
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD_SCRIPT, str(source), str(out)], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip().splitlines()[-1]
-
-
-def check_stock_and_ours_agree(out):
-    # leading spacing, eta = 0: stock DDIMScheduler and DDIMSchedulerPlus give the same images
-    np.testing.assert_allclose(np.load(f"{out}_ours.npy"), np.load(f"{out}_stock.npy"), atol=1e-4)
-
-
-def deterministic_folder(folder):
-    pipe = DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus(beta_end=0.03))
-    pipe.save_pretrained(folder)
-
-
-def test_folder_loads_in_stock_diffusers_and_in_ours_offline(tmp_path, offline_hf_home):
-    deterministic_folder(tmp_path / "pipe")
-    line = run_load_script(tmp_path / "pipe", tmp_path / "images")
-    assert line == "DDIMPlusPipeline DDIMSchedulerPlus 0.03"
-    check_stock_and_ours_agree(tmp_path / "images")
-
-
-def test_hub_cache_loads_by_repo_id_offline(tmp_path, offline_hf_home):
+def test_folder_and_hub_cache_load_offline_in_stock_diffusers_and_in_ours(tmp_path, offline_hf_home):
+    """One fresh interpreter (HF_HUB_OFFLINE=1, a private HF_HOME) loads a folder and a repo id from the Hub cache."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = offline_hf_home / "hub" / "models--ddim-plus-tests--tiny-ddim"
-    deterministic_folder(repo / "snapshots" / commit)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    line = run_load_script("ddim-plus-tests/tiny-ddim", tmp_path / "images", {"HF_HUB_OFFLINE": "1"})
-    assert line == "DDIMPlusPipeline DDIMSchedulerPlus 0.03"
-    check_stock_and_ours_agree(tmp_path / "images")
+    for folder in (tmp_path / "pipe", repo / "snapshots" / commit):
+        DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus(beta_end=0.03)).save_pretrained(folder)
+
+    out = tmp_path / "images"
+    command = [sys.executable, "-c", LOAD_SCRIPT, str(out), str(tmp_path / "pipe"), "ddim-plus-tests/tiny-ddim"]
+    result = subprocess.run(command, env=dict(os.environ), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines() == ["DDIMPlusPipeline DDIMSchedulerPlus 0.03"] * 2
+    for k in range(2):
+        # leading spacing, eta = 0: stock DDIMScheduler and DDIMSchedulerPlus give the same images
+        np.testing.assert_allclose(np.load(f"{out}{k}_ours.npy"), np.load(f"{out}{k}_stock.npy"), atol=1e-4)
 
 
 @pytest.mark.parametrize("stock_cls, stock_scheduler", [(DDPMPipeline, DDPMScheduler), (DDIMPipeline, DDIMScheduler)])
