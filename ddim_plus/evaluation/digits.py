@@ -60,16 +60,22 @@ def fit_digits_classifier(
     junk = _not_a_digit_examples(rng, pixels, len(pixels) // 2)
     inputs = torch.tensor(np.concatenate([pixels, junk]), dtype=torch.float32)
     targets = torch.tensor(np.concatenate([labels, np.full(len(junk), NUM_CLASSES)]), dtype=torch.long)
-    # Fork the global RNG so that fitting at first use never changes the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DigitsClassifier()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
-        for _ in range(num_steps):
-            loss = F.cross_entropy(model(inputs), targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    # The matrices are tiny: extra threads only add synchronisation, which on a busy machine costs 50x.
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # Fork the global RNG so that fitting at first use never changes the caller's random stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = DigitsClassifier()
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+            for _ in range(num_steps):
+                loss = F.cross_entropy(model(inputs), targets)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(num_threads)
     return model.eval()
 
 
