@@ -41,8 +41,8 @@ _PORTABLE_SCHEDULER_ENTRY = ["diffusers", "DDIMScheduler"]
 _MODEL_CARD_BODY = """
 # {class_name}
 
-A DDIM pipeline ([Song, Meng & Ermon 2021](https://huggingface.co/papers/2010.02502)) saved by
-[ddim_plus](https://github.com/ddim-plus/ddim_plus).
+A DDIM pipeline ([Song, Meng & Ermon 2021](https://huggingface.co/papers/2010.02502)) saved by the `ddim_plus`
+package, a diffusers plugin.
 
 ```python
 import ddim_plus  # registers {class_name} and DDIMSchedulerPlus on diffusers
