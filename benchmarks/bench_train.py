@@ -1,0 +1,147 @@
+"""Optimiser steps per second of our trainer's step against a bare PyTorch loop and a train_unconditional-style
+loop, in the same run.
+
+All three train a copy of the same UNet (the trainer's default digits UNet, 16x16x1, ~0.27M parameters, or
+`--resolution`/`--batch_size` to change the work) on the same fixed batch with AdamW:
+
+- ours: `ddim_plus.training_utils.training_step` inside `accelerator.accumulate`, as `training/train.py` runs it:
+  noise and timesteps from a per-step keyed generator, `DDIMSchedulerPlus.add_noise`, the loss, backward, gradient
+  clipping, optimiser and LR-scheduler steps, then the EMA update (`EMAModel`, fused `foreach`);
+- bare: forward, MSE against the noise, backward, `optimizer.step()`, `zero_grad()` (no clipping, no EMA);
+- train_unconditional: the loop body of diffusers' example (global-RNG noise, `DDPMScheduler.add_noise`,
+  `accelerator.accumulate`, clipping, LR scheduler, per-parameter `EMAModel.step`).
+
+Rounds of `--steps` steps run interleaved (ours, bare, diffusers, ours, ...) so that load from other processes hits
+all alike; the median seconds per step over `--rounds` rounds is reported with the ratios.
+
+    python benchmarks/bench_train.py [--rounds 7] [--steps 10] [--threads 1] [--batch_size 64] [--resolution 16]
+"""
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from ddim_plus import DDIMSchedulerPlus
+from ddim_plus.training_utils import create_ema_model, step_generator, training_step
+
+
+def make_optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per loop (median reported)")
+    parser.add_argument("--steps", type=int, default=10, help="optimiser steps per round")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noise on a shared box)")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per step")
+    parser.add_argument("--resolution", type=int, default=16, help="image side")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from importlib.util import module_from_spec, spec_from_file_location
+    from pathlib import Path
+
+    spec = spec_from_file_location("train", Path(__file__).resolve().parents[1] / "training" / "train.py")
+    train = module_from_spec(spec)
+    spec.loader.exec_module(train)
+    torch.manual_seed(0)
+    initial = UNet2DModel.from_config(train.default_unet_config(args.resolution, 1)).train()
+    clean_images = torch.rand(args.batch_size, 1, args.resolution, args.resolution) * 2 - 1
+    accelerator = Accelerator(cpu=True)
+    total_steps = 10**6
+
+    # Ours, exactly as training/train.py runs a step.
+    ours_unet = copy.deepcopy(initial)
+    ours_optimizer = make_optimizer(ours_unet)
+    ours_lr = get_scheduler("cosine", optimizer=ours_optimizer, num_warmup_steps=0, num_training_steps=total_steps)
+    ours_unet, ours_optimizer, ours_lr = accelerator.prepare(ours_unet, ours_optimizer, ours_lr)
+    ours_ema = create_ema_model(ours_unet)
+    ours_scheduler = DDIMSchedulerPlus()
+    ours_counter = iter(range(total_steps))
+
+    def ours_step():
+        generator = step_generator(0, next(ours_counter), 0)
+        with accelerator.accumulate(ours_unet):
+            training_step(
+                accelerator, ours_unet, ours_optimizer, ours_lr, ours_scheduler, clean_images, generator, "epsilon"
+            )
+        ours_ema.step(ours_unet.parameters())
+
+    # Bare PyTorch.
+    bare_unet = copy.deepcopy(initial)
+    bare_optimizer = make_optimizer(bare_unet)
+    bare_scheduler = DDIMSchedulerPlus()
+
+    def bare_step():
+        noise = torch.randn_like(clean_images)
+        timesteps = torch.randint(0, 1000, (args.batch_size,))
+        noisy = bare_scheduler.add_noise(clean_images, noise, timesteps)
+        loss = F.mse_loss(bare_unet(noisy, timesteps).sample, noise)
+        loss.backward()
+        bare_optimizer.step()
+        bare_optimizer.zero_grad(set_to_none=True)
+
+    # diffusers' train_unconditional loop body.
+    diffusers_unet = copy.deepcopy(initial)
+    diffusers_optimizer = make_optimizer(diffusers_unet)
+    diffusers_lr = get_scheduler(
+        "cosine", optimizer=diffusers_optimizer, num_warmup_steps=0, num_training_steps=total_steps
+    )
+    diffusers_unet, diffusers_optimizer, diffusers_lr = accelerator.prepare(
+        diffusers_unet, diffusers_optimizer, diffusers_lr
+    )
+    diffusers_ema = EMAModel(
+        diffusers_unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
+        model_cls=UNet2DModel, model_config=initial.config,
+    )  # fmt: skip
+    ddpm = DDPMScheduler(num_train_timesteps=1000)
+
+    def diffusers_step():
+        noise = torch.randn(clean_images.shape, dtype=clean_images.dtype, device=clean_images.device)
+        timesteps = torch.randint(0, 1000, (args.batch_size,), device=clean_images.device).long()
+        noisy = ddpm.add_noise(clean_images, noise, timesteps)
+        with accelerator.accumulate(diffusers_unet):
+            loss = F.mse_loss(diffusers_unet(noisy, timesteps).sample.float(), noise.float())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(diffusers_unet.parameters(), 1.0)
+            diffusers_optimizer.step()
+            diffusers_lr.step()
+            diffusers_optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            diffusers_ema.step(diffusers_unet.parameters())
+
+    loops = {"ours": ours_step, "bare": bare_step, "train_unconditional": diffusers_step}
+    for step in loops.values():  # warm-up: allocator, Adam state
+        step()
+        step()
+    seconds = {name: [] for name in loops}
+    for _ in range(args.rounds):
+        for name, step in loops.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            seconds[name].append((time.perf_counter() - start) / args.steps)
+
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    print(
+        f"UNet {sum(p.numel() for p in initial.parameters()) / 1e6:.2f}M params, batch {args.batch_size}x1x"
+        f"{args.resolution}x{args.resolution}, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps"
+    )
+    for name, value in median.items():
+        print(f"{name:>20}: {1 / value:6.2f} steps/s ({value * 1e3:7.1f} ms/step, min {min(seconds[name]) * 1e3:.1f})")
+    print(f"ours / bare time ratio: {median['ours'] / median['bare']:.3f} (target <= 1.05)")
+    print(f"ours / train_unconditional time ratio: {median['ours'] / median['train_unconditional']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
