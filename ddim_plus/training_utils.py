@@ -234,8 +234,10 @@ def register_checkpoint_hooks(accelerator, ema_model=None) -> None:
         for model in models:
             if accelerator.is_main_process:
                 accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
-            # Popped on every process so that accelerate does not save the same weights a second time.
-            weights.pop()
+            # Popped on every process so that accelerate does not save the same weights a second time (under
+            # DeepSpeed and FSDP accelerate saves the model itself and passes no weights).
+            if weights:
+                weights.pop()
         if ema_model is not None and accelerator.is_main_process:
             ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
 

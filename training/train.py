@@ -477,7 +477,7 @@ def main(argv=None) -> str:
         debug_file.close()
     if accelerator.is_main_process:
         write_outputs(args, accelerator, final_unet, ema_model, sampling_scheduler, total_batch_size, global_step)
-        logger.info(f"Trained {global_step} steps in {training_seconds:.0f} s; outputs in {args.output_dir}")
+        logger.info(f"Trained {global_step} steps in {training_seconds:.1f} s; outputs in {args.output_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return args.output_dir
