@@ -104,6 +104,11 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
                 raise ValueError("`image` is an empty list; pass at least one image.")
             if all(isinstance(im, PIL.Image.Image) for im in image):
                 expected_mode = _PIL_MODES.get(channels)
+                if expected_mode is None:
+                    raise ValueError(
+                        f"`image` holds PIL images, which cannot carry the UNet's {channels} channels; pass a numpy "
+                        "array or a tensor."
+                    )
                 bad_modes = sorted({im.mode for im in image if im.mode != expected_mode})
                 if bad_modes:
                     raise ValueError(

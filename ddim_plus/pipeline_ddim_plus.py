@@ -486,6 +486,7 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
         Examples:
 
         ```py
+        >>> import torch
         >>> import ddim_plus  # registers DDIMPlusPipeline on diffusers
         >>> from diffusers import DiffusionPipeline
 
