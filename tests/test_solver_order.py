@@ -126,6 +126,25 @@ def test_order_two_matches_diffusers_dpm_solver_pp_2m(spacing, prediction_type):
     assert (x_ours - _sample(ddim, oracle, _noise())[0]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_order_two_at_zero_terminal_snr_matches_diffusers(prediction_type):
+    # abar_T = 0: both floor it at 2**-24 for the log-SNR of the first step
+    config = dict(rescale_betas_zero_snr=True, prediction_type=prediction_type)
+    ours = DDIMSchedulerPlus(timestep_spacing="trailing", solver_order=2, clip_sample=False, **config)
+    ours.set_timesteps(20)
+    theirs = DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", **config
+    )
+    theirs.set_timesteps(timesteps=ours.timesteps.tolist())
+    oracle = GaussianMixtureOracle(MIXTURE, ours.alphas_cumprod.clamp(min=2**-24), prediction_type)
+    x_ours, _ = _sample(ours, oracle, _noise())
+    x_theirs = _noise()
+    for t in theirs.timesteps:
+        x_theirs = theirs.step(oracle(x_theirs, t), t, x_theirs).prev_sample
+    assert torch.isfinite(x_ours).all()
+    torch.testing.assert_close(x_ours, x_theirs, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("steps", [3, 5, 8, 14, 15])
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
 @pytest.mark.parametrize("spacing", ["trailing", "logsnr", "custom"])
