@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
 
@@ -35,12 +35,20 @@ ZERO_SNR_ABAR_FLOOR = 2.0**-24
 # ----------------------------------------------------------------------------------------------------------------
 # Noise schedules
 # ----------------------------------------------------------------------------------------------------------------
-def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """Betas of the Improved-DDPM cosine schedule (diffusers' ``squaredcos_cap_v2``)."""
+def _cosine_abar(t: float) -> float:
+    """Improved DDPM's cosine abar(t), t in [0, 1] (diffusers' ``squaredcos_cap_v2``)."""
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    def abar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
+def _laplace_abar(t: float) -> float:
+    """abar(t) of the Laplace log-SNR schedule (Hang et al. 2024; diffusers' ``laplace``)."""
+    lmb = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+    snr = math.exp(lmb)
+    return math.sqrt(snr / (1 + snr))
+
+
+def _betas_for_abar(abar, num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas that discretise a continuous abar(t), capped at ``max_beta`` (as diffusers' ``betas_for_alpha_bar``)."""
     betas = [
         min(1 - abar((i + 1) / num_train_timesteps) / abar(i / num_train_timesteps), max_beta)
         for i in range(num_train_timesteps)
@@ -79,7 +87,9 @@ def make_betas(
     if beta_schedule == "scaled_linear":
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
     if beta_schedule == "squaredcos_cap_v2":
-        return _cosine_betas(num_train_timesteps)
+        return _betas_for_abar(_cosine_abar, num_train_timesteps)
+    if beta_schedule == "laplace":
+        return _betas_for_abar(_laplace_abar, num_train_timesteps)
     if beta_schedule == "sigmoid":
         return torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
     raise ValueError(f"`beta_schedule`={beta_schedule!r} is not supported; choose one of {BETA_SCHEDULES}.")

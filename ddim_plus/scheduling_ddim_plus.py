@@ -70,8 +70,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         num_train_timesteps (`int`, defaults to 1000): number of diffusion steps used to train the model.
         beta_start (`float`, defaults to 0.0001): first beta of the linear-type schedules.
         beta_end (`float`, defaults to 0.02): last beta of the linear-type schedules.
-        beta_schedule (`str`, defaults to `"linear"`): `"linear"`, `"scaled_linear"`, `"squaredcos_cap_v2"` or
-            `"sigmoid"`.
+        beta_schedule (`str`, defaults to `"linear"`): `"linear"`, `"scaled_linear"`, `"squaredcos_cap_v2"`,
+            `"sigmoid"` or `"laplace"` (the betas diffusers' `DDPMScheduler` builds for each name).
         trained_betas (`np.ndarray` or `List[float]`, *optional*): betas given directly.
         clip_sample (`bool`, defaults to `True`): clip the predicted x_0 to [-clip_sample_range, clip_sample_range].
         set_alpha_to_one (`bool`, defaults to `True`): after the last scheduled step, go to abar = 1 (a clean

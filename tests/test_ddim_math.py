@@ -28,10 +28,11 @@ def test_betas_equal_diffusers_ddim(schedule, T):
     assert torch.equal(ours, stock)
 
 
-def test_sigmoid_betas_equal_diffusers_ddpm():
-    # DDIMScheduler has no sigmoid schedule; DDPM checkpoints may, so it must match DDPMScheduler's.
-    ours = dm.make_betas("sigmoid", 1000, 1e-4, 0.02)
-    assert torch.equal(ours, DDPMScheduler(beta_schedule="sigmoid").betas)
+@pytest.mark.parametrize("schedule", ["sigmoid", "laplace"])
+def test_ddpm_only_betas_equal_diffusers_ddpm(schedule):
+    # DDIMScheduler has neither schedule; DDPM checkpoints may, so they must match DDPMScheduler's.
+    ours = dm.make_betas(schedule, 1000, 1e-4, 0.02)
+    assert torch.equal(ours, DDPMScheduler(beta_schedule=schedule).betas)
 
 
 def test_trained_betas_are_used_as_given():
