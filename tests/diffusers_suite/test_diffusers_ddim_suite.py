@@ -11,7 +11,7 @@ test cannot apply as written, the reason is given at the test.
 
 Not carried over:
 - `SchedulerPushToHubTester` (push_to_hub, push_to_hub_in_organization): need Hub staging credentials and the
-  network; kept below as skipped tests.
+  network; our own push is tested offline with the Hub calls recorded (tests/test_pipeline_loading.py).
 - `SchedulerBaseTests.test_save_load_*`: exercise diffusers' `ConfigMixin` with dummy classes; no DDIM scheduler
   is involved.
 - `test_default_arguments_not_in_config` and `test_default_solver_type_after_switch` download
@@ -454,13 +454,3 @@ def test_default_solver_type_after_switch():
     assert scheduler.config.solver_type == "logrho"
     scheduler = UniPCMultistepScheduler.from_config(scheduler.config)
     assert scheduler.config.solver_type == "bh2"
-
-
-@pytest.mark.skip(reason="needs the Hugging Face Hub staging server, a token and the network")
-def test_push_to_hub():
-    pass
-
-
-@pytest.mark.skip(reason="needs the Hugging Face Hub staging server, a token and the network")
-def test_push_to_hub_in_organization():
-    pass
