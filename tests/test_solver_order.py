@@ -7,11 +7,12 @@ Gaussian toy whose probability-flow ODE is solved in closed form. Order 1 must s
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from ddim_plus import DDIMSchedulerPlus
+from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.evaluation.gmm import GaussianMixture, GaussianMixtureOracle
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -271,6 +272,25 @@ def test_history_resets_when_a_loop_starts_again():
         x = scheduler.step(oracle(x, t), t, x).prev_sample
     restarted, _ = _sample(scheduler, oracle, _noise())
     assert torch.equal(first, again) and torch.equal(first, after_reset) and torch.equal(first, restarted)
+
+
+def test_pipeline_called_twice_gives_identical_results():
+    scheduler = DDIMSchedulerPlus(solver_order=2, timestep_spacing="logsnr", clip_sample=False)
+    oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod)
+    pipe = DDIMPlusPipeline(unet=oracle.as_unet(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate(steps):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(batch_size=3, num_inference_steps=steps, generator=generator, output_type="np").images
+
+    first = generate(10)
+    generate(4)  # another schedule in between
+    assert np.array_equal(first, generate(10))
+    # and the pipeline runs the same loop as `_sample`
+    scheduler.set_timesteps(10)
+    x, _ = _sample(scheduler, oracle, torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0)))
+    np.testing.assert_allclose(first, (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-6)
 
 
 def test_history_resets_on_set_timesteps_with_another_schedule():
