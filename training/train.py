@@ -28,7 +28,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.utils import make_image_grid
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus, ddim_math
@@ -223,7 +223,12 @@ def save_grid(images: np.ndarray, path: str, resolution: int) -> Image.Image:
     """Save (B, H, W, C) images in [0, 1] as a square-ish grid, each tile at least GRID_TILE_PIXELS wide."""
     tiles = DDIMPlusPipeline.numpy_to_pil(images)
     scale = max(1, GRID_TILE_PIXELS // resolution)
-    tiles = [tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST) for tile in tiles]
+    # A grey frame per tile: digits touch their tile's edges, and without it the grid reads as stripes.
+    frame = 128 if tiles[0].mode == "L" else (128, 128, 128)
+    tiles = [
+        ImageOps.expand(tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST), border=2, fill=frame)
+        for tile in tiles
+    ]
     cols = math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / cols)
     tiles += [Image.new(tiles[0].mode, tiles[0].size)] * (rows * cols - len(tiles))
