@@ -198,13 +198,14 @@ def test_short_digits_run_learns_and_loads(workdir):
     argv = [
         "--output_dir", str(output_dir), "--max_train_steps", "40", "--train_batch_size", "32",
         "--lr_warmup_steps", "5", "--eval_inference_steps", "5", "--ddim_num_inference_steps", "5",
-        "--num_eval_samples", "16", "--debug_log",
+        "--num_eval_samples", "16", "--debug_log", "--save_images_steps", "20", "--eval_batch_size", "4",
     ]  # fmt: skip
     run_train(argv, workdir / "hf_home")
     steps, _ = read_debug_log(output_dir)
     losses = [record["loss"] for record in steps]
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
     assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (output_dir / "samples").iterdir()) == ["step-20.png", "step-40.png"]
 
     pipeline = DiffusionPipeline.from_pretrained(output_dir)
     assert isinstance(pipeline, ddim_plus.DDIMPlusPipeline)
@@ -284,3 +285,117 @@ def test_bad_checkpoints_fail_before_training(tmp_path):
         output_dir,
         "another configuration .*block_out_channels",
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks in ddim_plus.training_utils
+# ---------------------------------------------------------------------------------------------------------------
+class EchoUNet(torch.nn.Module):
+    """Returns a fixed output whatever the input, so the loss has a closed form."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, sample, timesteps):
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return UNet2DOutput(sample=self.output)
+
+
+def test_min_snr_weights_closed_forms():
+    from ddim_plus import DDIMSchedulerPlus
+    from ddim_plus.training_utils import min_snr_loss_weights
+
+    abar = DDIMSchedulerPlus().alphas_cumprod
+    snr = abar / (1 - abar)
+    gamma = 5.0
+    eps = min_snr_loss_weights(abar, gamma, "epsilon").double()
+    v = min_snr_loss_weights(abar, gamma, "v_prediction").double()
+    x0 = min_snr_loss_weights(abar, gamma, "sample").double()
+    torch.testing.assert_close(eps, torch.minimum(snr, torch.tensor(gamma)) / snr, rtol=1e-6, atol=0)
+    torch.testing.assert_close(v, torch.minimum(snr, torch.tensor(gamma)) / (snr + 1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(x0, torch.minimum(snr, torch.tensor(gamma)), rtol=1e-6, atol=0)
+    # Zero terminal SNR: the epsilon weight at t = T is 1 (the limit), not 0/0.
+    zero_snr = DDIMSchedulerPlus(rescale_betas_zero_snr=True).alphas_cumprod
+    weights = min_snr_loss_weights(zero_snr, gamma, "epsilon")
+    assert torch.isfinite(weights).all() and weights[-1] == 1.0
+    assert min_snr_loss_weights(zero_snr, gamma, "v_prediction")[-1] == 0.0
+
+
+def test_diffusion_loss_targets_and_weights():
+    from ddim_plus import DDIMSchedulerPlus
+    from ddim_plus.training_utils import diffusion_loss
+
+    scheduler = DDIMSchedulerPlus()
+    generator = torch.Generator().manual_seed(0)
+    clean, noise, output = (torch.randn(3, 1, 4, 4, generator=generator) for _ in range(3))
+    timesteps = torch.tensor([0, 500, 999])
+    unet = EchoUNet(output)
+    abar = scheduler.alphas_cumprod[timesteps].float().view(-1, 1, 1, 1)
+    targets = {
+        "epsilon": noise,
+        "sample": clean,
+        "v_prediction": abar.sqrt() * noise - (1 - abar).sqrt() * clean,
+    }
+    for prediction_type, target in targets.items():
+        loss = diffusion_loss(unet, scheduler, clean, noise, timesteps, prediction_type)
+        torch.testing.assert_close(loss, ((output - target) ** 2).mean())
+    weights = torch.linspace(0.5, 2.0, 1000)
+    loss = diffusion_loss(unet, scheduler, clean, noise, timesteps, "epsilon", weights)
+    per_sample = ((output - noise) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss, (per_sample * weights[timesteps]).mean())
+    with pytest.raises(ValueError, match="`prediction_type`='x0' is not supported"):
+        diffusion_loss(unet, scheduler, clean, noise, timesteps, "x0")
+
+
+def test_noise_is_keyed_and_offset_is_per_channel():
+    from ddim_plus.training_utils import sample_noise_and_timesteps, step_generator
+
+    clean = torch.zeros(256, 3, 4, 4)
+    noise_a, t_a = sample_noise_and_timesteps(clean, 1000, step_generator(0, 7, 1))
+    noise_b, t_b = sample_noise_and_timesteps(clean, 1000, step_generator(0, 7, 1))
+    assert torch.equal(noise_a, noise_b) and torch.equal(t_a, t_b)
+    noise_c, _ = sample_noise_and_timesteps(clean, 1000, step_generator(0, 7, 0))
+    assert not torch.equal(noise_a, noise_c)  # another process draws other noise
+    assert t_a.min() >= 0 and t_a.max() < 1000
+    offset_noise, _ = sample_noise_and_timesteps(clean, 1000, step_generator(0, 7, 1), noise_offset=1.0)
+    # Per image and channel the offset is one constant: the spread of channel means grows from 1/4 to about 1.
+    assert noise_a.mean(dim=(2, 3)).std() < 0.35 and offset_noise.mean(dim=(2, 3)).std() > 0.8
+
+
+def test_checkpoint_resolution_rotation_and_publishing(tmp_path):
+    from ddim_plus.training_utils import (
+        list_checkpoints,
+        publish_directory,
+        resolve_checkpoint,
+        rotate_checkpoints,
+    )
+
+    assert resolve_checkpoint(str(tmp_path), "latest") is None
+    for step in (9, 10, 2):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / ".staging-checkpoint-11").mkdir()
+    (tmp_path / "checkpoint-final").mkdir()
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [2, 9, 10]
+    assert resolve_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-10")
+    assert resolve_checkpoint(str(tmp_path), "checkpoint-9") == str(tmp_path / "checkpoint-9")
+    assert resolve_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-2")) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"'checkpoint-11' is not a checkpoint folder .*checkpoint-10"):
+        resolve_checkpoint(str(tmp_path), "checkpoint-11")
+    assert rotate_checkpoints(str(tmp_path), 2) == [str(tmp_path / "checkpoint-2")]
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [9, 10]
+
+    # Publishing replaces the previous pipeline and leaves checkpoints alone.
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "old.bin").write_text("old")
+    (tmp_path / "model_index.json").write_text("old")
+    staging = tmp_path / ".staging-pipeline"
+    (staging / "unet").mkdir(parents=True)
+    (staging / "unet" / "new.bin").write_text("new")
+    (staging / "model_index.json").write_text("new")
+    publish_directory(str(staging), str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == ["new.bin"]
+    assert (tmp_path / "model_index.json").read_text() == "new"
+    assert not staging.exists() and not list(tmp_path.glob(".staging-old-*"))
+    assert (tmp_path / "checkpoint-10").is_dir()
