@@ -1,5 +1,6 @@
 """Model cards for pipelines trained with `training/train.py`, made with huggingface_hub's `ModelCard`."""
 
+import os
 from typing import Dict, List, Optional, Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -28,6 +29,7 @@ def make_model_card(
     sample_images: Sequence[str] = ("samples.png",),
     metrics: Optional[Sequence[Dict[str, object]]] = None,
     metrics_description: Optional[str] = None,
+    dataset_description: Optional[str] = None,
     license: str = "apache-2.0",
     extra_tags: Sequence[str] = (),
 ) -> ModelCard:
@@ -42,6 +44,7 @@ def make_model_card(
         metrics (`Sequence[Dict[str, object]]`, *optional*): rows of a results table, e.g. one per number of DDIM
             steps with the quality figures measured at it.
         metrics_description (`str`, *optional*): a sentence saying how the metrics were measured.
+        dataset_description (`str`, *optional*): words for the data in the text (defaults to `dataset_name`).
         license (`str`, defaults to `"apache-2.0"`): the model's license.
         extra_tags (`Sequence[str]`): tags added to ddim, ddim-plus, diffusers and unconditional-image-generation.
 
@@ -57,11 +60,11 @@ def make_model_card(
     )
     sections: List[str] = [
         f"# {repo_id}",
-        "An unconditional image model trained with [ddim_plus](https://github.com/ddim-plus/ddim_plus)'s "
-        "`training/train.py` and sampled with DDIM (Song, Meng & Ermon, ICLR 2021)"
-        + (f" on `{dataset_name}`." if dataset_name else "."),
+        "An unconditional image model trained with ddim_plus's `training/train.py` and sampled with DDIM (Song, Meng "
+        "& Ermon, ICLR 2021)"
+        + (f", trained on {dataset_description or f'`{dataset_name}`'}." if dataset_name else "."),
         "## Samples",
-        *[f"![samples]({path})" for path in sample_images],
+        *[f"![{os.path.splitext(os.path.basename(path))[0]}]({path})" for path in sample_images],
         "## How to use",
         "```python\n"
         "import torch\n"

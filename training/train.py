@@ -274,6 +274,7 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def training_config_for_card(args: argparse.Namespace, total_batch_size: int, global_step: int) -> dict:
+    """The settings that shaped the model, for the model card's training-configuration table."""
     keys = (
         "dataset_name", "train_data_dir", "resolution", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule",
         "rescale_betas_zero_snr", "snr_gamma", "noise_offset", "learning_rate", "lr_scheduler", "lr_warmup_steps",
@@ -545,6 +546,11 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
             "probability > 0.5; class balance: normalised entropy of the predicted-class histogram (1 = uniform)."
             if is_digits
             else f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing."
+        ),
+        dataset_description=(
+            f"scikit-learn's 1,797 8x8 handwritten digits, resized to {args.resolution}x{args.resolution}"
+            if is_digits
+            else None
         ),
         license=args.license,
     )
