@@ -143,7 +143,8 @@ def test_pipeline_holds_the_ema_weights(reference_run):
 
 
 def test_resume_after_a_kill_is_bit_exact(reference_run, workdir):
-    """A run killed after checkpoint 4 (while writing checkpoint 6) and resumed with `latest` ends bit-identical."""
+    """A run killed after checkpoint 4 (while writing checkpoint 6) and resumed with `latest` ends bit-identical,
+    even when it samples along the way."""
     reference = reference_run["output_dir"]
     resumed = workdir / "resumed"
     resumed.mkdir()
@@ -151,11 +152,14 @@ def test_resume_after_a_kill_is_bit_exact(reference_run, workdir):
     # What a kill during the next save leaves behind: a half-written staging folder that `latest` must ignore.
     (resumed / ".staging-checkpoint-6" / "unet").mkdir(parents=True)
     argv = tiny_args(workdir, resumed, "--train_data_dir", str(reference_run["data_dir"]), *REFERENCE_FLAGS)
-    run_train([*argv, "--resume_from_checkpoint", "latest"], workdir / "hf_home")
+    # Sampling with the EMA weights swapped in after every step must leave training untouched.
+    sampling = ["--save_images_steps", "1", "--eval_batch_size", "2"]
+    run_train([*argv, *sampling, "--resume_from_checkpoint", "latest"], workdir / "hf_home")
 
     reference_steps, reference_final = read_debug_log(reference)
     resumed_steps, resumed_final = read_debug_log(resumed)
     assert [r["step"] for r in resumed_steps] == [5, 6, 7]
+    assert sorted(p.name for p in (resumed / "samples").iterdir()) == ["step-5.png", "step-6.png", "step-7.png"]
     # Same data order, same losses, same raw weights...
     assert [r["indices"] for r in resumed_steps] == [r["indices"] for r in reference_steps[4:]]
     assert [r["loss"] for r in resumed_steps] == [r["loss"] for r in reference_steps[4:]]
