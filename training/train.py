@@ -313,8 +313,8 @@ def main(argv=None) -> str:
     # accelerate reports every file of every checkpoint at INFO; our own line per checkpoint is enough.
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    # On every process: each writes its share of the checkpoints (and its debug log) into this folder.
+    os.makedirs(args.output_dir, exist_ok=True)
 
     # Model, EMA, noise schedule, optimiser
     unet = UNet2DModel.from_config(run["unet_config"])
