@@ -60,9 +60,9 @@ def make_model_card(
     )
     sections: List[str] = [
         f"# {repo_id}",
-        "An unconditional image model trained with ddim_plus's `training/train.py` and sampled with DDIM (Song, Meng "
-        "& Ermon, ICLR 2021)"
-        + (f", trained on {dataset_description or f'`{dataset_name}`'}." if dataset_name else "."),
+        "An unconditional image model trained"
+        + (f" on {dataset_description or f'`{dataset_name}`'}" if dataset_name else "")
+        + " with ddim_plus's `training/train.py`, for sampling with DDIM (Song, Meng & Ermon, ICLR 2021).",
         "## Samples",
         *[f"![{os.path.splitext(os.path.basename(path))[0]}]({path})" for path in sample_images],
         "## How to use",

@@ -32,7 +32,7 @@ def test_card_metadata_and_sections(tmp_path):
     assert "import ddim_plus" in text and 'DiffusionPipeline.from_pretrained("me/digits-ddim")' in text
     assert text.index("import ddim_plus") < text.index("DiffusionPipeline.from_pretrained")
     assert "![samples_10steps](samples_10steps.png)" in text and "![samples_50steps](samples_50steps.png)" in text
-    assert "trained on `digits`." in text
+    assert "trained on `digits` with ddim_plus" in text
     assert "| DDIM steps | recognisable fraction |" in text and "| 50 | 0.9 |" in text
     assert "Measured on 256 samples." in text
     assert "| learning_rate | 0.001 |" in text
