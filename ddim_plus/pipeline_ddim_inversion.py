@@ -276,10 +276,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         self._check_refinement(refine_iterations, refine_tolerance)
         sample = self.preprocess(image)
         scheduler = self.inversion_scheduler()
-        if timesteps is not None:
-            scheduler.set_timesteps(timesteps=timesteps)
-        else:
-            scheduler.set_timesteps(num_inference_steps)
+        self._set_schedule(scheduler, num_inference_steps, timesteps)
         self._interrupt = False
 
         latents = self._invert(sample, scheduler, refine_iterations if refine else 0, refine_tolerance)
@@ -340,10 +337,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         self._check_num_inference_steps(num_inference_steps, timesteps)
         self._check_output_type(output_type)
         scheduler = self.inversion_scheduler()
-        if timesteps is not None:
-            scheduler.set_timesteps(timesteps=timesteps)
-        else:
-            scheduler.set_timesteps(num_inference_steps)
+        self._set_schedule(scheduler, num_inference_steps, timesteps)
         self._interrupt = False
 
         device = self._execution_device

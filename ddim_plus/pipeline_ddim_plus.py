@@ -247,6 +247,16 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, height, width)
 
+    @staticmethod
+    def _set_schedule(
+        scheduler: DDIMSchedulerPlus, num_inference_steps: int, timesteps: Optional[Sequence[int]]
+    ) -> None:
+        """A custom `timesteps` list wins over `num_inference_steps`, which always has a default."""
+        if timesteps is not None:
+            scheduler.set_timesteps(timesteps=timesteps)
+        else:
+            scheduler.set_timesteps(num_inference_steps)
+
     def _check_num_inference_steps(self, num_inference_steps: int, timesteps: Optional[Sequence[int]]) -> None:
         if timesteps is not None:
             return  # the scheduler validates custom timesteps before touching its state
@@ -508,10 +518,7 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
         )
         self._interrupt = False
 
-        if timesteps is not None:
-            self.scheduler.set_timesteps(timesteps=timesteps)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps)
+        self._set_schedule(self.scheduler, num_inference_steps, timesteps)
         latents = self.prepare_latents(batch_size, generator, latents)
 
         sample, trajectory, previews = self._denoise(
