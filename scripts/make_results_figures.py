@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline
+from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.evaluation.fid import digits_reference_images
 from ddim_plus.evaluation.grids import make_grid
 from ddim_plus.evaluation.reconstruction import consistency, inversion_error_table
@@ -29,12 +29,19 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="seed pairs a b a b ...")
     parser.add_argument("--frames", type=int, default=8, help="frames per interpolation strip")
     parser.add_argument("--inversion-images", type=int, default=16, help="held-out digits inverted for Table 2")
+    parser.add_argument("--spacing", default=None, help="timestep spacing (default: the model's scheduler config)")
+    parser.add_argument("--no-clip", action="store_true", help="no x_0 clipping while sampling (the paper's code)")
+    parser.add_argument("--skip-inversion", action="store_true", help="skip the Table 2 inversion errors")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out_dir, exist_ok=True)
 
     pipe = DDIMPlusPipeline.from_pretrained(args.model)
+    overrides = {} if args.spacing is None else {"timestep_spacing": args.spacing}
+    if args.no_clip:
+        overrides["clip_sample"] = False
+    pipe.scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, **overrides)
     pipe.set_progress_bar_config(disable=True)
     size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
 
@@ -45,7 +52,11 @@ def main() -> None:
     make_grid(rows.reshape(-1, *rows.shape[2:]), num_columns=len(columns), scale=4).save(
         os.path.join(args.out_dir, "results_consistency.png")
     )
-    print(f"Consistency (per-pixel MSE on [0, 1] to the S = {args.reference_steps} image, eta = 0):\n")
+    config = pipe.scheduler.config
+    print(
+        f"Consistency (per-pixel MSE on [0, 1] to the S = {args.reference_steps} image, eta = 0, "
+        f"{config.timestep_spacing} spacing, clip_sample={config.clip_sample}):\n"
+    )
     print("| S | " + " | ".join(map(str, args.steps)) + " |")
     print("|---" * (len(args.steps) + 1) + "|")
     print("| MSE | " + " | ".join(f"{result.distances[s]:.2e}" for s in args.steps) + " |\n")
@@ -62,6 +73,8 @@ def main() -> None:
         os.path.join(args.out_dir, "results_slerp.png")
     )
 
+    if args.skip_inversion:
+        return
     # Table 2: reconstruction error of inversion, the last digits of the bundled set.
     images = digits_reference_images(resolution=size, channels=channels)[-args.inversion_images :]
     table = inversion_error_table(pipe, images, steps=args.steps)
