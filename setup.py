@@ -22,14 +22,16 @@ setup(
         "train": ["accelerate>=0.30", "datasets>=2.18", "scikit-learn>=1.2", "tensorboard>=2.12"],
         "test": [
             "pytest>=7",
-            "ruff>=0.5",
+            "ruff==0.17.6",  # pinned: `make test` checks formatting, which changes between ruff releases
             "accelerate>=0.30",
             "datasets>=2.18",
             "scikit-learn>=1.2",
             "tensorboard>=2.12",
             "torchmetrics>=1.0",
+            "matplotlib>=3.7",
+            "transformers>=4.40",
         ],
-        "eval": ["torchmetrics>=1.0", "scikit-learn>=1.2", "matplotlib>=3.7"],
+        "eval": ["torchmetrics>=1.0", "scikit-learn>=1.2", "matplotlib>=3.7", "transformers>=4.40"],
         "docs": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["ddim-plus=ddim_plus.cli:main"]},

@@ -177,8 +177,12 @@ def load_dinov2_features(path_or_repo_id: str) -> Dinov2Features:
     Returns:
         `Dinov2Features`
     """
-    from transformers import Dinov2Model
-
+    try:
+        from transformers import Dinov2Model
+    except ImportError as error:
+        raise FeatureWeightsUnavailableError(
+            "DINOv2 features need the `transformers` package: `pip install transformers` (or `ddim-plus[eval]`)."
+        ) from error
     try:
         model = Dinov2Model.from_pretrained(path_or_repo_id, local_files_only=True)
     except OSError as error:
