@@ -19,7 +19,7 @@ setup(
         "pillow>=9.0",
     ],
     extras_require={
-        "train": ["accelerate>=0.30", "datasets>=2.18", "scikit-learn>=1.2", "tensorboard>=2.12"],
+        "train": ["accelerate>=0.30", "datasets>=2.18", "scikit-learn>=1.2", "tensorboard>=2.12", "torchmetrics>=1.0"],
         "test": [
             "pytest>=7",
             "ruff==0.17.6",  # pinned: `make test` checks formatting, which changes between ruff releases

@@ -226,6 +226,9 @@ def test_short_digits_run_learns_and_loads(workdir):
     assert "samples_5steps.png" in card.text and (output_dir / "samples_5steps.png").is_file()
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics[0]["DDIM steps"] == 5 and sum(map(int, metrics[0]["class histogram (0-9)"].split())) == 16
+    (fd_key,) = [key for key in metrics[0] if key.startswith("FD [")]
+    assert "digits" in fd_key and 0 < metrics[0][fd_key] < float("inf")
+    assert fd_key in card.text
 
 
 # ---------------------------------------------------------------------------------------------------------------

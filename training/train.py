@@ -503,6 +503,11 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
         ema_model.restore(unet.parameters())
 
     is_digits = args.train_data_dir is None and args.dataset_name == DIGITS_DATASET_NAME
+    if is_digits:
+        from ddim_plus.evaluation.digits import digits_report
+        from ddim_plus.evaluation.fid import digits_reference_images, frechet_distance
+
+        digits_reference = digits_reference_images(args.resolution, unet.config.in_channels)
     step_counts = list(dict.fromkeys([*args.eval_inference_steps, args.ddim_num_inference_steps]))
     sample_images, metrics = [], []
     for num_steps in step_counts:
@@ -518,14 +523,14 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
             sample_images.append(grid_name)
             row = {"DDIM steps": num_steps, "eta": args.ddim_eta, "samples": len(images)}
             if is_digits:
-                from ddim_plus.evaluation.digits import digits_report
-
                 report = digits_report(images)
+                distance = frechet_distance(digits_reference, images)
                 row.update(
                     {
                         "recognisable fraction": report["recognisable_fraction"],
                         "class histogram (0-9)": " ".join(map(str, report["class_histogram"])),
                         "class balance": report["class_balance"],
+                        f"FD [{distance.features}]": round(distance.value, 4),
                     }
                 )
             metrics.append(row)
@@ -543,7 +548,9 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
         metrics_description=(
             f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing. Recognisable fraction: share "
             "of samples a digits classifier trained on the bundled data (`ddim_plus.evaluation.digits`) labels with "
-            "probability > 0.5; class balance: normalised entropy of the predicted-class histogram (1 = uniform)."
+            "probability > 0.5; class balance: normalised entropy of the predicted-class histogram (1 = uniform); FD: "
+            "Frechet distance to the 1,797 real digits in the features of the digits CNN shipped with ddim_plus "
+            "(`ddim_plus.evaluation.fid`; lower is better)."
             if is_digits
             else f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing."
         ),
