@@ -219,7 +219,11 @@ def _inception_metric(weights_path: Optional[str]):
     if weights_path is not None and not os.path.isfile(weights_path):
         raise FeatureWeightsUnavailableError(f"Inception weights file {weights_path!r} does not exist.")
     return FrechetInceptionDistance(
-        feature=2048, normalize=True, reset_real_features=False, feature_extractor_weights_path=weights_path
+        feature=2048,
+        normalize=True,
+        reset_real_features=False,
+        feature_extractor_weights_path=weights_path,
+        sync_on_compute=False,
     )
 
 
@@ -285,7 +289,12 @@ class FrechetDistance:
                 return
             network = load_digits_feature_net(argument) if kind == "digits" else load_dinov2_features(argument)
             self.features_name = network.name
-        self._metric = FrechetInceptionDistance(feature=network, reset_real_features=False).to(self.device)
+        # sync_on_compute=False: the distance is of the images given to this object. Under torch.distributed
+        # torchmetrics would otherwise gather from every process, and hang or fail when only one (the trainer's
+        # main process) computes it.
+        self._metric = FrechetInceptionDistance(feature=network, reset_real_features=False, sync_on_compute=False).to(
+            self.device
+        )
         # torchmetrics keeps the float64 sums it accumulates; features may be computed in any dtype.
         self._metric.inception.requires_grad_(False)
 
