@@ -75,8 +75,9 @@ def main() -> None:
         "bare UNet loop": run_bare,
     }
     outputs = {name: fn() for name, fn in contenders.items()}  # warm-up, and the outputs to compare
-    # equal up to float rounding: our coefficients are float64, diffusers' float32
-    np.testing.assert_allclose(outputs["DDIMPlusPipeline"], outputs["stock DDIMPipeline"], atol=1e-4)
+    # Equal up to float rounding (our coefficients are float64, diffusers' float32; on the CPU our UNet calls take
+    # channels-last inputs), which 50 steps can amplify to ~1e-4: well under one 8-bit level (1/255 = 3.9e-3).
+    np.testing.assert_allclose(outputs["DDIMPlusPipeline"], outputs["stock DDIMPipeline"], atol=1e-3)
 
     times = {name: [] for name in contenders}
     names = list(contenders)

@@ -311,6 +311,10 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
         # Plain ints for the scheduler and one device tensor for the UNet: no host<->device sync inside the loop.
         timestep_list = scheduler.timesteps.tolist()
         timesteps_on_device = scheduler.timesteps.to(latents.device)
+        if latents.device.type == "cpu":
+            # PyTorch's CPU convolutions run about 7% faster on channels-last inputs (benchmarks/bench_pipeline.py);
+            # the scheduler's elementwise steps keep the layout. Values are unchanged up to float rounding.
+            latents = latents.contiguous(memory_format=torch.channels_last)
         trajectory = [latents] if return_trajectory else None
         previews = [] if return_trajectory else None
         self._num_timesteps = len(timestep_list)
