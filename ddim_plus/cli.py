@@ -219,26 +219,33 @@ def _load_latents_pair(path: str):
 
 
 def run_interpolate(args) -> None:
-    from . import DDIMInversionPipeline
+    import torch
+
+    from . import DDIMInversionPipeline, slerp
     from .evaluation.grids import make_grid
 
     pipe = load_pipeline(args.model, args.spacing, device=args.device, quiet=args.quiet)
-    interpolation = DDIMInversionPipeline(**pipe.components)
-    _set_progress(interpolation, args.quiet)
     if args.latents is not None:
+        # Inverted latents: decode with the inversion pipeline's ODE (no clipping), so the end frames reproduce the
+        # reconstructions of the inverted images.
         latents_a, latents_b = _load_latents_pair(args.latents)
+        interpolation = DDIMInversionPipeline(**pipe.components)
+        _set_progress(interpolation, args.quiet)
+        images = interpolation.interpolate(
+            latents_a.to(pipe.unet.dtype),
+            latents_b.to(pipe.unet.dtype),
+            num_frames=args.frames,
+            num_inference_steps=args.steps,
+            output_type="np",
+        ).images
         source = f"the first two latents of {args.latents}"
     else:
-        latents_a = pipe.prepare_latents(1, _generators([args.seed_a]), None)[0]
-        latents_b = pipe.prepare_latents(1, _generators([args.seed_b]), None)[0]
+        # Fresh x_T: this is generation, so decode with the model's own sampler (its clipping included), as `sample`.
+        latents_a = pipe.prepare_latents(1, _generators([args.seed_a]), None)
+        latents_b = pipe.prepare_latents(1, _generators([args.seed_b]), None)
+        frames = torch.cat([slerp(latents_a, latents_b, f / (args.frames - 1)) for f in range(args.frames)])
+        images = pipe(batch_size=args.frames, latents=frames, num_inference_steps=args.steps, output_type="np").images
         source = f"seeds {args.seed_a} and {args.seed_b}"
-    images = interpolation.interpolate(
-        latents_a.to(pipe.unet.dtype),
-        latents_b.to(pipe.unet.dtype),
-        num_frames=args.frames,
-        num_inference_steps=args.steps,
-        output_type="np",
-    ).images
     _write_image(make_grid(images, num_columns=args.frames, scale=args.scale), args.out)
     print(f"wrote a {args.frames}-frame slerp between {source} ({args.steps} steps) to {args.out}")
 
