@@ -225,6 +225,7 @@ def run_interpolate(args) -> None:
     from .evaluation.grids import make_grid
 
     pipe = load_pipeline(args.model, args.spacing, device=args.device, quiet=args.quiet)
+    _set_progress(pipe, args.quiet)
     if args.latents is not None:
         # Inverted latents: decode with the inversion pipeline's ODE (no clipping), so the end frames reproduce the
         # reconstructions of the inverted images.
