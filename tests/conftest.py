@@ -25,6 +25,13 @@ def make_tiny_unet(channels: int = 3, sample_size: int = 8, seed: int = 0):
     ).eval()
 
 
+def count_unet_calls(pipe):
+    """A list that grows by one at every forward call of `pipe.unet`."""
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(1))
+    return calls
+
+
 @pytest.fixture
 def tiny_unet():
     return make_tiny_unet()

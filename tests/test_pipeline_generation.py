@@ -4,7 +4,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_tiny_unet
+from conftest import count_unet_calls, make_tiny_unet
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -17,12 +17,6 @@ def make_pipe(channels=3, **scheduler_kwargs):
     pipe = DDIMPlusPipeline(unet=make_tiny_unet(channels=channels), scheduler=DDIMSchedulerPlus(**scheduler_kwargs))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def count_unet_calls(pipe):
-    calls = []
-    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(1))
-    return calls
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])

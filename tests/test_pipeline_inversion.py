@@ -4,7 +4,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_tiny_unet
+from conftest import count_unet_calls, make_tiny_unet
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
@@ -44,12 +44,6 @@ def make_pipe(channels=3):
     pipe = DDIMInversionPipeline(unet=make_tiny_unet(channels=channels), scheduler=DDIMSchedulerPlus())
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def count_unet_calls(pipe):
-    calls = []
-    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(1))
-    return calls
 
 
 def reconstruction_mse(pipe, images, steps, refine):
