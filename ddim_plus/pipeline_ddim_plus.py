@@ -298,7 +298,7 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
         scheduler: DDIMSchedulerPlus,
         eta: float = 0.0,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
-        use_clipped_model_output: bool = False,
+        use_clipped_model_output: Optional[bool] = None,
         callback_on_step_end: Optional[Callable] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         return_trajectory: bool = False,
@@ -481,7 +481,7 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
             latents (`torch.Tensor`, *optional*): x_T, shape `(batch_size, C, H, W)` in the UNet's dtype. With
                 `eta`=0 the output is a deterministic function of it.
             use_clipped_model_output (`bool`, *optional*): re-derive eps from the clipped x_0 (see
-                `DDIMSchedulerPlus.step`); `None` means `False`.
+                `DDIMSchedulerPlus.step`); `None` does so whenever the scheduler clips or thresholds x_0.
             output_type (`str`, *optional*, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"` (the raw
                 sample in [-1, 1], unclamped).
             return_dict (`bool`, *optional*, defaults to `True`): return an output object rather than a tuple.
@@ -530,7 +530,7 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
             self.scheduler,
             eta=eta,
             generator=generator,
-            use_clipped_model_output=bool(use_clipped_model_output),
+            use_clipped_model_output=use_clipped_model_output,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             return_trajectory=return_trajectory,

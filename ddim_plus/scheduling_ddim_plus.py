@@ -300,7 +300,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         timestep: Union[int, torch.Tensor],
         sample: torch.Tensor,
         eta: float = 0.0,
-        use_clipped_model_output: bool = False,
+        use_clipped_model_output: Optional[bool] = None,
         generator: Optional[torch.Generator] = None,
         variance_noise: Optional[torch.Tensor] = None,
         return_dict: bool = True,
@@ -314,7 +314,12 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             sample (`torch.Tensor`): x_t.
             eta (`float`, defaults to 0.0): weight of the noise, eq. 16: 0 is deterministic DDIM, 1 the DDPM
                 posterior. Ignored when `sigma_type="sigma_hat"`.
-            use_clipped_model_output (`bool`, defaults to `False`): re-derive eps from the clipped x_0.
+            use_clipped_model_output (`bool`, *optional*): re-derive eps from the clipped (or thresholded) x_0.
+                The default, `None`, does so whenever `clip_sample` or `thresholding` is on: the step is then eq. 12
+                written in (x_t, x_0), which is DDPM's posterior with a clipped x_0 at eta = 1 and an ODE that
+                converges as S grows at eta = 0. `False` is stock `DDIMScheduler`'s default: it moves x_0 without
+                moving eps, a shift that does not shrink with the step size, so deterministic samples get worse as S
+                grows (docs/results.md).
             generator (`torch.Generator`, *optional*): source of the noise when `eta` > 0.
             variance_noise (`torch.Tensor`, *optional*): the noise itself (instead of `generator`).
             return_dict (`bool`, defaults to `True`): return a `DDIMSchedulerPlusOutput` rather than a tuple.
@@ -340,6 +345,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         # 1. x_0 and eps from the network's output (eq. 9), then clipping or thresholding of x_0
         x0, eps = dm.model_output_to_x0_eps(model_output, sample, plan.abar_t, self.config.prediction_type)
         x0 = self._postprocess_x0(x0)
+        if use_clipped_model_output is None:
+            use_clipped_model_output = self.config.clip_sample or self.config.thresholding
         if use_clipped_model_output:
             eps = dm.eps_from_x0(sample, x0, plan.abar_t)
 

@@ -28,8 +28,13 @@ def saved_pipeline(folder, cls=DDIMPlusPipeline):
 
 def generate(pipe, seed=0):
     pipe.set_progress_bar_config(disable=True)
+    # Explicit, so stock DDIMPipeline and ours sample alike: ours re-derives eps from a clipped x_0 by default.
     return pipe(
-        batch_size=2, generator=torch.Generator().manual_seed(seed), num_inference_steps=STEPS, output_type="np"
+        batch_size=2,
+        generator=torch.Generator().manual_seed(seed),
+        num_inference_steps=STEPS,
+        output_type="np",
+        use_clipped_model_output=True,
     )
 
 
@@ -91,7 +96,9 @@ LOAD_SCRIPT = textwrap.dedent(
     def images(pipe):
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(0)
-        return pipe(batch_size=2, generator=generator, num_inference_steps=4, output_type="np").images
+        return pipe(
+            batch_size=2, generator=generator, num_inference_steps=4, output_type="np", use_clipped_model_output=True
+        ).images
 
 
     # a user without our package: stock DDIMPipeline loads every source; the generic loader cannot know our class

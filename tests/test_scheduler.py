@@ -161,8 +161,15 @@ PARITY_FLAGS = [
 ]
 
 
-def _parity_pairs(prediction_type, flags, eta, stock_abar_in_float64):
-    """(stock, ours) outputs at every leading timestep of S=50, fed the same inputs and the same variance_noise."""
+def _parity_pairs(prediction_type, flags, eta, stock_abar_in_float64, use_clipped_model_output=None):
+    """(stock, ours) outputs at every leading timestep of S=50, fed the same inputs and the same variance_noise.
+
+    `use_clipped_model_output` goes to ours as given; stock gets what our default (`None`) means: re-derive eps
+    from the clipped x_0 whenever x_0 is clipped or thresholded (stock's own default is `False`).
+    """
+    stock_clipped = use_clipped_model_output
+    if stock_clipped is None:
+        stock_clipped = flags["clip_sample"] or flags["thresholding"]
     stock = DDIMScheduler(prediction_type=prediction_type, **flags)
     ours = DDIMSchedulerPlus(prediction_type=prediction_type, **flags)
     if stock_abar_in_float64:
@@ -172,18 +179,22 @@ def _parity_pairs(prediction_type, flags, eta, stock_abar_in_float64):
     assert torch.equal(stock.timesteps, ours.timesteps)
     for i, t in enumerate(stock.timesteps):
         sample, model_output, noise = (_randn(2, 3, 8, 8, seed=3 * i + k) for k in range(3))
-        a = stock.step(model_output, t, sample, eta=eta, variance_noise=noise)
-        b = ours.step(model_output, t, sample, eta=eta, variance_noise=noise)
+        a = stock.step(model_output, t, sample, eta=eta, variance_noise=noise, use_clipped_model_output=stock_clipped)
+        b = ours.step(
+            model_output, t, sample, eta=eta, variance_noise=noise, use_clipped_model_output=use_clipped_model_output
+        )
         yield (a.prev_sample, b.prev_sample), (a.pred_original_sample, b.pred_original_sample)
 
 
+@pytest.mark.parametrize("use_clipped_model_output", [None, False, True])
 @pytest.mark.parametrize("flags", PARITY_FLAGS, ids=["plain", "clip", "threshold"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_parity_with_stock_given_the_same_alphas_cumprod(prediction_type, eta, flags):
+def test_parity_with_stock_given_the_same_alphas_cumprod(prediction_type, eta, flags, use_clipped_model_output):
     # Give the stock scheduler float64 abar (as ours has) and the two agree to float32 rounding (measured max
     # |diff| <= 0.2e-6 (1 + |x|)) for every prediction type: the only difference left is the precision of abar.
-    for stock_out, ours_out in (pair for pairs in _parity_pairs(prediction_type, flags, eta, True) for pair in pairs):
+    pairs = _parity_pairs(prediction_type, flags, eta, True, use_clipped_model_output)
+    for stock_out, ours_out in (pair for step_pairs in pairs for pair in step_pairs):
         torch.testing.assert_close(ours_out, stock_out, rtol=1e-6, atol=1e-6)
 
 
@@ -214,7 +225,9 @@ def test_generator_draws_the_same_noise_as_stock(eta):
         generator = torch.Generator().manual_seed(0)
         sample = _randn(1, 3, 8, 8, seed=1)
         for t in scheduler.timesteps:
-            sample = scheduler.step(0.5 * sample, t, sample, eta=eta, generator=generator).prev_sample
+            # both clip x_0 (the default config); eps re-derived from it, as our default does when clipping
+            step = scheduler.step(0.5 * sample, t, sample, eta=eta, generator=generator, use_clipped_model_output=True)
+            sample = step.prev_sample
         results.append(sample)
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
 
@@ -230,7 +243,8 @@ def test_trailing_differs_from_stock_exactly_by_the_previous_timestep():
     t = 966
     assert ours.previous_timestep(t) == 932 and t - 1000 // 30 == 933
     sample, model_output = _randn(1, 3, 4, 4, seed=0), _randn(1, 3, 4, 4, seed=1)
-    ours_out = ours.step(model_output, t, sample).prev_sample
+    # stock's default step: eps kept while x_0 is clipped (ours does the same when asked explicitly)
+    ours_out = ours.step(model_output, t, sample, use_clipped_model_output=False).prev_sample
     stock_out = stock.step(model_output, t, sample).prev_sample
     abar = _abar64()
     x0 = ((sample.double() - math.sqrt(1 - abar[t]) * model_output.double()) / math.sqrt(abar[t])).clamp(-1, 1)

@@ -61,7 +61,7 @@ from ddim_plus.training_utils import (
 logger = get_logger(__name__, log_level="INFO")
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-# Each sample is drawn at least this many pixels wide in the saved grids, so 16x16 digits stay visible.
+# Each sample is drawn at least this many pixels wide in the saved grids, so 8x8 digits stay readable.
 GRID_TILE_PIXELS = 64
 
 
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--train_data_dir", default=None, help="a folder of images (imagefolder); used instead of --dataset_name")
     add("--cache_dir", default=None, help="where datasets are cached")
     add("--image_column", default=None, help="column holding the images (default: the first image column)")
-    add("--resolution", type=int, default=16, help="side of the square training images")
+    add("--resolution", type=int, default=8, help="side of the square training images (digits: 8, their own)")
     add("--center_crop", action="store_true", help="crop the centre (default: a random crop)")
     add("--random_flip", action="store_true", help="flip images left-right at random (not for digits!)")
     add("--dataloader_num_workers", type=int, default=0, help="data-loading subprocesses (0: in the main one)")
@@ -90,6 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Sampling with DDIM
     add("--ddim_num_inference_steps", type=int, default=50, help="DDIM steps of samples.png and of training samples")
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta of the samples (0: deterministic DDIM)")
+    add(
+        "--clip_sample",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="saved sampling config: clip x_0 to [-1, 1] (eps is re-derived from it, so DDIM still converges in S)",
+    )
     add("--timestep_spacing", default="trailing", help=f"DDIM step spacing, one of {ddim_math.TIMESTEP_SPACINGS}")
     add("--eval_inference_steps", type=int, nargs="*", default=[10, 50], help="DDIM steps of the final grids")
     add("--num_eval_samples", type=int, default=256, help="samples drawn per final grid (and scored on digits)")
@@ -99,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--output_dir", default="ddim-plus-digits", help="where the pipeline, checkpoints and logs go")
     add("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation and noise")
     add("--train_batch_size", type=int, default=64, help="images per process per micro-batch")
-    add("--num_epochs", type=int, default=60, help="passes over the data (unless --max_train_steps is given)")
+    add("--num_epochs", type=int, default=150, help="passes over the data (unless --max_train_steps is given)")
     add("--max_train_steps", type=int, default=None, help="optimiser steps in all (overrides --num_epochs)")
     add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimiser step")
     add("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
@@ -169,7 +175,8 @@ def validate_args(args: argparse.Namespace) -> None:
 def default_unet_config(resolution: int, num_channels: int) -> dict:
     """A small UNet for small images: 3 levels of 16/32/32 channels, no attention (~0.27M parameters).
 
-    Sized so that the bundled 16x16 digits train to recognisable samples in about five minutes on 2 CPU cores.
+    Sized so that the bundled 8x8 digits train in about five minutes on 2 CPU cores to a model whose deterministic
+    DDIM samples converge as S grows (docs/results.md).
     """
     return {
         "sample_size": resolution,
@@ -279,7 +286,7 @@ def training_config_for_card(args: argparse.Namespace, total_batch_size: int, gl
         "dataset_name", "train_data_dir", "resolution", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule",
         "rescale_betas_zero_snr", "snr_gamma", "noise_offset", "learning_rate", "lr_scheduler", "lr_warmup_steps",
         "adam_beta1", "adam_beta2", "adam_weight_decay", "max_grad_norm", "use_ema", "ema_max_decay", "ema_power",
-        "mixed_precision", "timestep_spacing", "ddim_eta", "seed",
+        "mixed_precision", "clip_sample", "timestep_spacing", "ddim_eta", "seed",
     )  # fmt: skip
     config = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     config.update(total_batch_size=total_batch_size, optimizer_steps=global_step)
@@ -330,6 +337,7 @@ def main(argv=None) -> str:
         prediction_type=args.prediction_type,
         timestep_spacing=args.timestep_spacing,
         rescale_betas_zero_snr=args.rescale_betas_zero_snr,
+        clip_sample=args.clip_sample,
     )
     loss_weights = None
     if args.snr_gamma is not None:
@@ -555,7 +563,10 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
             else f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing."
         ),
         dataset_description=(
-            f"scikit-learn's 1,797 8x8 handwritten digits, resized to {args.resolution}x{args.resolution}"
+            (
+                "scikit-learn's 1,797 8x8 handwritten digits"
+                + ("" if args.resolution == 8 else f", resized to {args.resolution}x{args.resolution}")
+            )
             if is_digits
             else None
         ),

@@ -1,0 +1,111 @@
+"""Frechet distance of a digits pipeline's samples for every sampler setting docs/results.md reports, with spreads.
+
+Each cell draws `--blocks` disjoint blocks of `--block-size` images from the same x_T seeds in every cell (block b
+starts from the generator seeded `--seed + b`) and scores each block against all 1,797 real digits in the shipped
+digits-CNN features. A cell reports the mean over blocks and their standard deviation: the spread of one block's FD
+between draws of x_T, which is what a difference must exceed to count.
+
+    python scripts/measure_demo_sampling.py demo_output --out runs/demo_sampling.json           # CPU: hours
+    python scripts/measure_demo_sampling.py demo_output --device cuda --out runs/demo_sampling.json  # GPU: minutes
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
+from ddim_plus.evaluation.fid import digits_reference_images, frechet_distance
+
+ETAS = (0.0, 0.2, 0.5, 1.0, "sigma-hat")
+TABLE1_STEPS = (10, 20, 50, 100, 200, 1000)
+SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
+
+
+def cells(saved_clip: bool):
+    """(name, scheduler overrides, S, eta, use_clipped_model_output) for every cell of the report."""
+    for eta in ETAS:
+        for steps in TABLE1_STEPS if eta in (0.0, 1.0) else (10, 20, 50, 100, 1000):
+            yield "table1", {}, steps, eta, None
+    for steps in TABLE1_STEPS:
+        yield "other_clip", {"clip_sample": not saved_clip}, steps, 0.0, None
+    yield "other_clip", {"clip_sample": not saved_clip}, 1000, 1.0, None
+    for steps in TABLE1_STEPS:
+        yield "stock_clipping", {"clip_sample": True}, steps, 0.0, False
+    for spacing in SPACINGS:
+        for steps in (10, 20, 50):
+            yield f"spacing:{spacing}", {"timestep_spacing": spacing}, steps, 0.0, None
+    for steps in (10, 20, 50):
+        yield "order2:quadratic", {"timestep_spacing": "quadratic", "solver_order": 2}, steps, 0.0, None
+
+
+def sample_block(pipe, overrides, steps, eta, use_clipped, seed, size, device):
+    sigma_type = "sigma_hat" if eta == "sigma-hat" else "eta"
+    scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, sigma_type=sigma_type, **overrides)
+    sampler = DDIMPlusPipeline(unet=pipe.unet, scheduler=scheduler)
+    sampler.set_progress_bar_config(disable=True)
+    return sampler(
+        batch_size=size,
+        generator=torch.Generator(device=device).manual_seed(seed),
+        eta=0.0 if eta == "sigma-hat" else eta,
+        num_inference_steps=steps,
+        use_clipped_model_output=use_clipped,
+        output_type="np",
+    ).images
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a DDIMPlusPipeline folder trained on the digits")
+    parser.add_argument("--out", required=True, help="JSON lines file, one record per cell")
+    parser.add_argument("--blocks", type=int, default=5, help="independent blocks of x_T per cell")
+    parser.add_argument("--block-size", type=int, default=1000, help="images per block")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first block")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    args = parser.parse_args()
+    if args.blocks < 2 or args.block_size < 2:
+        parser.error("`--blocks` and `--block-size` must be >= 2 (a spread needs two blocks).")
+
+    pipe = DDIMPlusPipeline.from_pretrained(args.model).to(args.device)
+    reference = digits_reference_images(pipe.unet.config.sample_size, pipe.unet.config.in_channels)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    real_floor = [
+        frechet_distance(reference, reference[rng.choice(len(reference), args.block_size, replace=False)]).value
+        for _ in range(args.blocks)
+    ]
+    floor = {"cell": "real digits", "fd_mean": float(np.mean(real_floor)), "fd_std": float(np.std(real_floor, ddof=1))}
+    out = open(args.out, "w", encoding="utf-8")  # one line per cell as it finishes, so a stopped run keeps its cells
+    out.write(json.dumps(floor) + "\n")
+    for name, overrides, steps, eta, use_clipped in cells(bool(pipe.scheduler.config.clip_sample)):
+        started = time.perf_counter()
+        values = [
+            frechet_distance(
+                reference,
+                sample_block(pipe, overrides, steps, eta, use_clipped, args.seed + b, args.block_size, args.device),
+            ).value
+            for b in range(args.blocks)
+        ]
+        record = {
+            "cell": name,
+            "overrides": overrides,
+            "S": steps,
+            "eta": eta,
+            "use_clipped_model_output": use_clipped,
+            "fd_mean": float(np.mean(values)),
+            "fd_std": float(np.std(values, ddof=1)),
+            "fd_blocks": values,
+            "seconds": time.perf_counter() - started,
+        }
+        out.write(json.dumps(record) + "\n")
+        out.flush()
+        print(json.dumps(record), flush=True)
+    out.close()
+    print(f"real digits, {args.block_size} of 1,797 against all: FD {floor['fd_mean']:.2f} +- {floor['fd_std']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
