@@ -74,7 +74,7 @@ def make_model_card(
         "An unconditional image model trained"
         + (f" on {data}" if data else "")
         + " with ddim_plus's `training/train.py`, for sampling with DDIM (Song, Meng & Ermon, ICLR 2021).",
-        "## Samples",
+        *(["## Samples"] if sample_images else []),
         *[f"![{os.path.splitext(os.path.basename(path))[0]}]({path})" for path in sample_images],
         "## How to use",
         "```python\n"

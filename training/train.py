@@ -125,7 +125,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--ddim_num_inference_steps", type=int, default=50, help="DDIM steps of the grids drawn during training")
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta of the samples (0: deterministic DDIM)")
     add("--timestep_spacing", default="trailing", choices=ddim_math.TIMESTEP_SPACINGS, help="DDIM step spacing")
-    add("--eval_inference_steps", type=int, nargs="*", default=[10, 50], help="DDIM steps of the final grids")
+    add(
+        "--eval_inference_steps",
+        type=int,
+        nargs="*",
+        default=[10, 50],
+        help="DDIM steps of the final grids (none: no final sampling)",
+    )
     add(
         "--num_eval_samples",
         type=int,
@@ -500,10 +506,10 @@ def main(argv=None) -> str:
     updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    record = run_record(args, accelerator.num_processes, max_train_steps)
+    settings = run_record(args, accelerator.num_processes, max_train_steps)
     if run["checkpoint"] is not None:
         with input_errors():
-            warning = check_resume(run["checkpoint"], record)
+            warning = check_resume(run["checkpoint"], settings)
         if warning:
             logger.warning(warning)
     if args.lr_scheduler != "constant" and args.lr_warmup_steps > max_train_steps / 2:
@@ -615,7 +621,7 @@ def main(argv=None) -> str:
 
             if global_step % args.checkpointing_steps == 0:
                 path = save_checkpoint(
-                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_record=record
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_record=settings
                 )
                 logger.info(f"Saved {path}")
             if args.save_images_steps and global_step % args.save_images_steps == 0 and accelerator.is_main_process:
