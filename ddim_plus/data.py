@@ -12,12 +12,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .training_utils import augmentation_rng
 
 DIGITS_DATASET_NAME = "digits"
-# PIL's high-bit-depth greyscale modes, with the value that stands for white: 16-bit PNG and TIFF files load as
+# PIL's high-bit-depth grayscale modes, with the value that stands for white: 16-bit PNG and TIFF files load as
 # `I;16*` (or `I` in older Pillow), and float images are taken to hold values in [0, 1].
 HIGH_PRECISION_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 # Grayscale modes: everything else is converted to RGB.
@@ -148,14 +148,14 @@ def image_num_channels(mode: str) -> int:
 def convert_image(image: Image.Image, num_channels: int, preserve_input_precision: bool = False) -> Image.Image:
     """The image in the mode the model takes: `"L"` (1 channel) or `"RGB"` (3), or `"F"` for high bit depths.
 
-    16-bit (`I;16`, `I`) and float (`F`) greyscale images are scaled by their mode's range (65535, or 1 for float)
+    16-bit (`I;16`, `I`) and float (`F`) grayscale images are scaled by their mode's range (65535, or 1 for float)
     to 0..255; PIL's own `convert("L")` clips them at 255 instead, which turns nearly every pixel of a 16-bit image
     white.
 
     Args:
         image (`PIL.Image.Image`): the image, any mode.
         num_channels (`int`): 1 (grayscale) or 3 (RGB).
-        preserve_input_precision (`bool`, defaults to `False`): keep a high-bit-depth greyscale image as a float
+        preserve_input_precision (`bool`, defaults to `False`): keep a high-bit-depth grayscale image as a float
             `"F"` image on the same 0..255 scale instead of rounding it to 8 bits (only for 1 channel: PIL has no
             float RGB mode).
 
@@ -195,7 +195,8 @@ def _scan_one(index_and_row):
     try:
         image = _decode_row(row)
         convert_image(image, image_num_channels(image.mode))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    # OSError: unreadable or truncated; SyntaxError: PIL's word for a corrupt PNG chunk; ValueError: out of range.
+    except (OSError, SyntaxError, ValueError) as error:
         return index, None, None, f"{type(error).__name__}: {error}"
     return index, image.mode, image.size, None
 

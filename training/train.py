@@ -188,13 +188,10 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("max_train_steps", "checkpoints_total_limit", "save_images_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1 (or left out), got {getattr(args, name)}.")
-    try:
-        for name in ("learning_rate", "checkpointing_steps", "num_eval_samples", "ema_inv_gamma", "ema_power"):
-            check_positive(name, getattr(args, name))
-        check_positive("adam_epsilon", args.adam_epsilon)
-        check_positive("snr_gamma", args.snr_gamma, allow_none=True)
-    except ValueError as error:
-        raise ValueError(str(error)) from error
+    for name in ("learning_rate", "checkpointing_steps", "num_eval_samples", "ema_inv_gamma", "ema_power"):
+        check_positive(name, getattr(args, name))
+    check_positive("adam_epsilon", args.adam_epsilon)
+    check_positive("snr_gamma", args.snr_gamma, allow_none=True)
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be in [0, 1), got {getattr(args, name)}.")
