@@ -29,9 +29,10 @@ test: lint
 
 # Train on the bundled digits (offline; about 5 minutes on 2 CPU cores), then write the pipeline, sample grids at
 # 10 and 50 DDIM steps, their scores and the model card to demo_output/. One torch thread: the UNet is small, and on
-# a busy CPU extra threads spin-wait for each other and can make training many times slower.
+# a busy CPU extra threads spin-wait for each other and can make training many times slower. A second `make demo`
+# replaces the first run's demo_output/ (the trainer refuses another run's folder without --overwrite_output_dir).
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) training/train.py --output_dir demo_output
+	OMP_NUM_THREADS=1 $(PY) training/train.py --output_dir demo_output --overwrite_output_dir
 
 clean:
 	rm -rf $(VENV) demo_output

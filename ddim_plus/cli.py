@@ -152,15 +152,17 @@ def _load_images(paths: Sequence[str], channels: int, size: int):
     import numpy as np
     import PIL.Image
 
-    mode = "L" if channels == 1 else "RGB"
+    from .data import convert_image
+
     arrays = []
     for path in paths:
         try:
             picture = PIL.Image.open(path)
             picture.load()
+            # As the trainer converts its images (16-bit and float grayscale scaled, not clipped), in float.
+            picture = convert_image(picture, channels, preserve_input_precision=True)
         except (OSError, ValueError) as error:
             raise CommandError(f"could not read image {path!r}: {error}") from error
-        picture = picture.convert(mode)
         if picture.size != (size, size):
             print(f"note: resizing {path} from {picture.size[0]}x{picture.size[1]} to {size}x{size}", file=sys.stderr)
             picture = picture.resize((size, size), PIL.Image.BICUBIC)

@@ -5,18 +5,23 @@ by (seed, epoch, sample index), never from a global RNG, so the data a run sees 
 loader happens to fetch it; this is half of what makes resuming from a checkpoint bit-exact.
 """
 
+import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .training_utils import augmentation_rng
 
 DIGITS_DATASET_NAME = "digits"
+# PIL's high-bit-depth grayscale modes, with the value that stands for white: 16-bit PNG and TIFF files load as
+# `I;16*` (or `I` in older Pillow), and float images are taken to hold values in [0, 1].
+HIGH_PRECISION_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 # Grayscale modes: everything else is converted to RGB.
-GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAYSCALE_MODES = ("1", "L", "LA", *HIGH_PRECISION_MODES)
 
 
 def load_digits_dataset(resolution: int = 8):
@@ -48,7 +53,7 @@ def _image_folder_extensions() -> set:
 
 
 def check_image_folder(train_data_dir: str) -> List[str]:
-    """Check that `train_data_dir` holds readable images, before anything else happens.
+    """Check that `train_data_dir` holds image files, before anything else happens (`check_images` decodes them).
 
     Args:
         train_data_dir (`str`): folder of images (subfolders allowed, as for `datasets`' imagefolder).
@@ -57,8 +62,7 @@ def check_image_folder(train_data_dir: str) -> List[str]:
         `List[str]`: the image files found.
 
     Raises:
-        `ValueError`: the folder is missing or empty, holds no image files, or holds files with an image extension
-        that are not images.
+        `ValueError`: the folder is missing or empty, or holds no image files.
     """
     if not os.path.isdir(train_data_dir):
         raise ValueError(f"`--train_data_dir`={train_data_dir!r} is not a folder; pass a folder of images.")
@@ -80,19 +84,6 @@ def check_image_folder(train_data_dir: str) -> List[str]:
         raise ValueError(
             f"`--train_data_dir`={train_data_dir!r} holds no image files (found {len(all_files)} other files, e.g. "
             f"{examples}); supported extensions include .png, .jpg, .bmp and .webp."
-        )
-    unreadable = []
-    for path in image_files:
-        try:
-            # Opening reads only the header: cheap even for large folders, and catches non-images by extension.
-            with Image.open(path):
-                pass
-        except (UnidentifiedImageError, OSError):
-            unreadable.append(os.path.relpath(path, train_data_dir))
-    if unreadable:
-        raise ValueError(
-            f"`--train_data_dir`={train_data_dir!r} holds {len(unreadable)} files that are not readable images: "
-            f"{', '.join(unreadable[:5])}; remove them or fix them."
         )
     return image_files
 
@@ -150,11 +141,136 @@ def find_image_column(dataset, image_column: Optional[str] = None) -> str:
     )
 
 
-def dataset_num_channels(dataset, image_column: str) -> int:
-    """1 when the dataset's first image is grayscale, else 3 (RGB, as which every other mode is loaded)."""
+def image_num_channels(mode: str) -> int:
+    """1 for a grayscale PIL mode, else 3 (RGB, as which every other mode is loaded)."""
+    return 1 if mode in GRAYSCALE_MODES else 3
+
+
+def convert_image(image: Image.Image, num_channels: int, preserve_input_precision: bool = False) -> Image.Image:
+    """The image in the mode the model takes: `"L"` (1 channel) or `"RGB"` (3), or `"F"` for high bit depths.
+
+    16-bit (`I;16`, `I`) and float (`F`) grayscale images are scaled by their mode's range (65535, or 1 for float)
+    to 0..255; PIL's own `convert("L")` clips them at 255 instead, which turns nearly every pixel of a 16-bit image
+    white.
+
+    Args:
+        image (`PIL.Image.Image`): the image, any mode.
+        num_channels (`int`): 1 (grayscale) or 3 (RGB).
+        preserve_input_precision (`bool`, defaults to `False`): keep a high-bit-depth grayscale image as a float
+            `"F"` image on the same 0..255 scale instead of rounding it to 8 bits (only for 1 channel: PIL has no
+            float RGB mode).
+
+    Returns:
+        `PIL.Image.Image`: mode `"L"`, `"RGB"` or `"F"` (values in [0, 255] in every case).
+
+    Raises:
+        `ValueError`: a high-bit-depth image holds values outside its range (or non-finite values).
+    """
+    if image.mode in HIGH_PRECISION_MODES:
+        full_scale = HIGH_PRECISION_MODES[image.mode]
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > full_scale:
+            raise ValueError(
+                f"a mode-{image.mode} image holds values in [{values.min():g}, {values.max():g}], outside [0, "
+                f"{full_scale:g}], the range read as black to white; rescale it to that range."
+            )
+        scaled = values * (255.0 / full_scale)
+        if preserve_input_precision and num_channels == 1:
+            return Image.fromarray(scaled.astype(np.float32))
+        image = Image.fromarray(np.round(scaled).astype(np.uint8))
+    return image.convert("L" if num_channels == 1 else "RGB")
+
+
+def _decode_row(row) -> Image.Image:
+    """A `datasets.Image(decode=False)` value (or an already decoded image), fully decoded."""
+    if isinstance(row, Image.Image):
+        image = row
+    else:
+        image = Image.open(io.BytesIO(row["bytes"]) if row.get("bytes") else row["path"])
+    image.load()
+    return image
+
+
+def _scan_one(index_and_row):
+    index, row = index_and_row
+    try:
+        image = _decode_row(row)
+        convert_image(image, image_num_channels(image.mode))
+    # OSError: unreadable or truncated; SyntaxError: PIL's word for a corrupt PNG chunk; ValueError: out of range.
+    except (OSError, SyntaxError, ValueError) as error:
+        return index, None, None, f"{type(error).__name__}: {error}"
+    return index, image.mode, image.size, None
+
+
+def check_images(dataset, image_column: str, root: Optional[str] = None, num_workers: int = 4) -> Dict[str, object]:
+    """Decode every image once before training, so that a broken file stops the run before its first step.
+
+    Images are decoded in `num_workers` threads with a progress bar. The channel count is decided from all images:
+    a dataset mixing grayscale and colour images is an error naming the images of the smaller kind.
+
+    Args:
+        dataset (`datasets.Dataset`): the training data.
+        image_column (`str`): the column holding the images.
+        root (`str`, *optional*): the image folder, to name files relative to it (rows are named by index and file
+            name otherwise).
+        num_workers (`int`, defaults to 4): decoding threads.
+
+    Returns:
+        `Dict[str, object]`: `num_channels` (1 or 3), `min_side` (the shortest image side, in pixels) and `sizes`
+        (the (width, height) of each image, in dataset order).
+
+    Raises:
+        `ValueError`: the dataset has no rows, some images cannot be decoded (naming them and why), or grayscale
+        and colour images are mixed.
+    """
+    import datasets
+    from tqdm.auto import tqdm
+
     if len(dataset) == 0:
         raise ValueError("The dataset has no rows; pass a dataset with images.")
-    return 1 if dataset[0][image_column].mode in GRAYSCALE_MODES else 3
+    feature = dataset.features[image_column]
+    if isinstance(feature, datasets.Image):
+        # Undecoded rows give the file path (or the bytes), so a broken image can be named.
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    column = dataset.select_columns([image_column])
+
+    def name(index: int) -> str:
+        row = column[index][image_column]
+        path = row.get("path") if isinstance(row, dict) else None
+        if path and root is not None:
+            return os.path.relpath(path, root)
+        return f"row {index}" + (f" ({os.path.basename(path)})" if path else "")
+
+    modes, sizes, broken = [None] * len(column), [None] * len(column), []
+    with (
+        ThreadPoolExecutor(max_workers=num_workers) as executor,
+        tqdm(total=len(column), desc="Decoding images", unit="image", leave=False) as progress,
+    ):
+        for start in range(0, len(column), 256):
+            rows = column[start : start + 256][image_column]
+            for index, mode, size, error in executor.map(_scan_one, enumerate(rows, start=start)):
+                modes[index], sizes[index] = mode, size
+                if error is not None:
+                    broken.append(f"{name(index)} ({error})")
+            progress.update(len(rows))
+    if broken:
+        raise ValueError(
+            f"{len(broken)} of {len(column)} images cannot be decoded: {'; '.join(broken[:5])}"
+            f"{'; ...' if len(broken) > 5 else ''}. Remove or fix them before training."
+        )
+    channels = [image_num_channels(mode) for mode in modes]
+    grayscale = [index for index, count in enumerate(channels) if count == 1]
+    if 0 < len(grayscale) < len(channels):
+        colour = [index for index, count in enumerate(channels) if count == 3]
+        odd, kind, other = (
+            (grayscale, "grayscale", "colour") if len(grayscale) <= len(colour) else (colour, "colour", "grayscale")
+        )
+        examples = ", ".join(f"{name(index)} (mode {modes[index]})" for index in odd[:5])
+        raise ValueError(
+            f"The images mix grayscale and colour: {len(odd)} {kind} among {len(channels) - len(odd)} {other} ones: "
+            f"{examples}{', ...' if len(odd) > 5 else ''}. Convert them to one kind (a model has one channel count)."
+        )
+    return {"num_channels": channels[0], "min_side": min(min(size) for size in sizes), "sizes": sizes}
 
 
 def preprocess_image(
@@ -164,6 +280,7 @@ def preprocess_image(
     center_crop: bool = False,
     random_flip: bool = False,
     rng: Optional[np.random.Generator] = None,
+    preserve_input_precision: bool = False,
 ) -> torch.Tensor:
     """Resize (shorter side to `resolution`), crop to a square, maybe flip, and scale to [-1, 1].
 
@@ -175,12 +292,13 @@ def preprocess_image(
         random_flip (`bool`, defaults to `False`): flip left-right with probability 1/2.
         rng (`np.random.Generator`, *optional*): source of the crop offset and the flip; both are always drawn, in
             that order, so a sample's augmentation depends only on the generator's seed.
+        preserve_input_precision (`bool`, defaults to `False`): see `convert_image`.
 
     Returns:
         `torch.Tensor`: (num_channels, resolution, resolution) float32 in [-1, 1].
     """
     rng = rng if rng is not None else np.random.default_rng()
-    image = image.convert("L" if num_channels == 1 else "RGB")
+    image = convert_image(image, num_channels, preserve_input_precision)
     width, height = image.size
     scale = resolution / min(width, height)
     if scale != 1:
@@ -215,6 +333,7 @@ class TrainingImages(torch.utils.data.Dataset):
         center_crop (`bool`, defaults to `False`), random_flip (`bool`, defaults to `False`): as in
             `preprocess_image`.
         seed (`int`, defaults to 0): the run's seed.
+        preserve_input_precision (`bool`, defaults to `False`): see `convert_image`.
     """
 
     def __init__(
@@ -226,6 +345,7 @@ class TrainingImages(torch.utils.data.Dataset):
         center_crop: bool = False,
         random_flip: bool = False,
         seed: int = 0,
+        preserve_input_precision: bool = False,
     ):
         self.dataset = dataset.select_columns([image_column])
         self.image_column = image_column
@@ -234,6 +354,7 @@ class TrainingImages(torch.utils.data.Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.preserve_input_precision = preserve_input_precision
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -252,5 +373,6 @@ class TrainingImages(torch.utils.data.Dataset):
             center_crop=self.center_crop,
             random_flip=self.random_flip,
             rng=augmentation_rng(self.seed, self.epoch, int(index)),
+            preserve_input_precision=self.preserve_input_precision,
         )
         return {"pixel_values": pixel_values, "index": int(index)}

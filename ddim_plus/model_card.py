@@ -38,19 +38,30 @@ def make_model_card(
     Args:
         repo_id (`str`): the Hub repo id, or the output folder's name for a local model; shown in the title and in
             the loading snippet.
-        dataset_name (`str`, *optional*): the training data (a Hub dataset id goes into the `datasets` metadata).
+        dataset_name (`str`, *optional*): the Hub dataset id of the training data, for the `datasets` metadata
+            (leave it out for other data and describe that with `dataset_description`).
         training_config (`Dict[str, object]`): the command-line settings of the run, shown as a table.
         sample_images (`Sequence[str]`, defaults to `("samples.png",)`): sample grids, as paths relative to the card.
         metrics (`Sequence[Dict[str, object]]`, *optional*): rows of a results table, e.g. one per number of DDIM
             steps with the quality figures measured at it.
         metrics_description (`str`, *optional*): a sentence saying how the metrics were measured.
-        dataset_description (`str`, *optional*): words for the data in the text (defaults to `dataset_name`).
+        dataset_description (`str`, *optional*): words for the data in the text (defaults to `dataset_name`); no
+            local paths, since the card is published.
         license (`str`, defaults to `"apache-2.0"`): the model's license.
         extra_tags (`Sequence[str]`): tags added to ddim, ddim-plus, diffusers and unconditional-image-generation.
 
     Returns:
         `huggingface_hub.ModelCard`: call `.save(path)` to write it.
+
+    Raises:
+        `ValueError`: `dataset_name` is a local path (the Hub would link it as a dataset that does not exist).
     """
+    if dataset_name is not None and os.path.exists(dataset_name):
+        raise ValueError(
+            f"`dataset_name`={dataset_name!r} is a local path, not a Hub dataset id; describe the data with "
+            "`dataset_description` instead."
+        )
+    data = dataset_description or (f"`{dataset_name}`" if dataset_name else None)
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
@@ -61,9 +72,9 @@ def make_model_card(
     sections: List[str] = [
         f"# {repo_id}",
         "An unconditional image model trained"
-        + (f" on {dataset_description or f'`{dataset_name}`'}" if dataset_name else "")
+        + (f" on {data}" if data else "")
         + " with ddim_plus's `training/train.py`, for sampling with DDIM (Song, Meng & Ermon, ICLR 2021).",
-        "## Samples",
+        *(["## Samples"] if sample_images else []),
         *[f"![{os.path.splitext(os.path.basename(path))[0]}]({path})" for path in sample_images],
         "## How to use",
         "```python\n"

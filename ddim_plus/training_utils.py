@@ -5,6 +5,7 @@ They live here rather than in the script so that tests and `benchmarks/bench_tra
 trainer runs.
 """
 
+import fnmatch
 import json
 import os
 import re
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from .ddim_math import PREDICTION_TYPES
+
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Folders being written are named like this; `latest` and the Hub upload never see them.
@@ -30,6 +32,21 @@ HUB_IGNORE_PATTERNS = (
     f"{STAGING_PREFIX}*/**",
     "*.debug.jsonl",
 )
+# What the trainer writes into `output_dir` (besides the tracker folder): a folder holding any of these holds a run.
+RUN_OUTPUT_PATTERNS = (
+    "model_index.json",
+    "unet",
+    "scheduler",
+    "README.md",
+    "metrics.json",
+    "samples",
+    "samples*.png",
+    f"{CHECKPOINT_PREFIX}*",
+    f"{STAGING_PREFIX}*",
+    "*.debug.jsonl",
+)
+# Written into every checkpoint: the settings of the run it belongs to (see `check_resume`).
+RUN_RECORD_NAME = "training_run.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,7 +245,7 @@ def register_checkpoint_hooks(accelerator, ema_model=None) -> None:
         ema_model (`diffusers.training_utils.EMAModel`, *optional*): the EMA to save and restore alongside.
     """
     from diffusers import UNet2DModel
-    from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file
 
     def save_model_hook(models, weights, output_dir):
         for model in models:
@@ -243,8 +260,14 @@ def register_checkpoint_hooks(accelerator, ema_model=None) -> None:
 
     def load_model_hook(models, input_dir):
         if ema_model is not None:
-            loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
-            ema_model.load_state_dict(loaded_ema.state_dict())
+            # Read directly rather than with `EMAModel.from_pretrained`, which passes the folder to `from_config` (a
+            # diffusers FutureWarning) and warns twice that the EMA's settings in config.json are no UNet settings.
+            ema_dir = os.path.join(input_dir, "unet_ema")
+            state = UNet2DModel.load_config(ema_dir)
+            weights = load_file(os.path.join(ema_dir, "diffusion_pytorch_model.safetensors"))
+            names = [name for name, _ in UNet2DModel.from_config(ema_model.model_config).named_parameters()]
+            state["shadow_params"] = [weights[name] for name in names]
+            ema_model.load_state_dict(state)
             ema_model.to(accelerator.device)
         while models:
             model = accelerator.unwrap_model(models.pop())
@@ -336,11 +359,21 @@ def _as_json(value):
     return json.loads(json.dumps(value))
 
 
-def save_checkpoint(accelerator, output_dir: str, global_step: int, checkpoints_total_limit: Optional[int]) -> str:
+def save_checkpoint(
+    accelerator,
+    output_dir: str,
+    global_step: int,
+    checkpoints_total_limit: Optional[int],
+    run_record: Optional[Dict[str, object]] = None,
+) -> str:
     """`accelerator.save_state` into `checkpoint-<global_step>`, atomically, then drop the oldest checkpoints.
 
     Every process writes its part (e.g. its RNG state) into a staging folder; the main process renames it only when
     all are done, so a run killed while saving never leaves a `checkpoint-N` that `latest` would pick up.
+
+    Args:
+        run_record (`Dict[str, object]`, *optional*): the run's settings, saved as `training_run.json` so that a
+            resume can check that it continues the same run (`check_resume`).
 
     Returns:
         `str`: the checkpoint folder.
@@ -353,6 +386,9 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, checkpoints_
     accelerator.save_state(staging_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if run_record is not None:
+            with open(os.path.join(staging_dir, RUN_RECORD_NAME), "w", encoding="utf-8") as file:
+                json.dump(run_record, file, indent=2, sort_keys=True)
         if os.path.exists(final_dir):
             shutil.rmtree(final_dir)
         os.replace(staging_dir, final_dir)
@@ -369,6 +405,77 @@ def rotate_checkpoints(output_dir: str, checkpoints_total_limit: Optional[int]) 
     removed = [path for _, path in checkpoints[: max(0, len(checkpoints) - checkpoints_total_limit)]]
     for path in removed:
         shutil.rmtree(path)
+    return removed
+
+
+def check_resume(checkpoint_dir: str, run_record: Dict[str, object]) -> Optional[str]:
+    """Raise unless `checkpoint_dir` belongs to the run described by `run_record` and is not past its end.
+
+    Args:
+        checkpoint_dir (`str`): the checkpoint to resume from.
+        run_record (`Dict[str, object]`): the current run's settings, including `max_train_steps`.
+
+    Returns:
+        `str` or `None`: a warning to print (a changed `max_train_steps`, or a checkpoint without a record, written
+        by an earlier version of the trainer), else `None`.
+
+    Raises:
+        `ValueError`: the checkpoint's step is at or past `max_train_steps`, or it was saved by a run with other
+        settings (naming them).
+    """
+    record_path = os.path.join(checkpoint_dir, RUN_RECORD_NAME)
+    saved = None
+    if os.path.isfile(record_path):
+        with open(record_path, encoding="utf-8") as file:
+            saved = json.load(file)
+    if saved is not None:
+        differing = {
+            key: (saved.get(key), value)
+            for key, value in run_record.items()
+            if key != "max_train_steps" and _as_json(saved.get(key)) != _as_json(value)
+        }
+        if differing:
+            details = "; ".join(f"--{key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in differing.items())
+            raise ValueError(
+                f"`--resume_from_checkpoint`: {checkpoint_dir!r} belongs to a run with other settings ({details}). "
+                "Resume with the same flags, or start a new run in another `--output_dir`."
+            )
+    step = checkpoint_step(checkpoint_dir)
+    if step >= run_record["max_train_steps"]:
+        raise ValueError(
+            f"`--resume_from_checkpoint`: {checkpoint_dir!r} is at step {step}, at or past `--max_train_steps`="
+            f"{run_record['max_train_steps']}; nothing is left to train. Raise `--max_train_steps`, or start a new "
+            "run in another `--output_dir`."
+        )
+    if saved is None:
+        return (
+            f"{checkpoint_dir!r} has no {RUN_RECORD_NAME} (an older trainer's): it cannot be checked to be this run's."
+        )
+    if saved.get("max_train_steps") != run_record["max_train_steps"]:
+        return (
+            f"`--max_train_steps` changed from {saved.get('max_train_steps')} to {run_record['max_train_steps']}: "
+            "the learning-rate schedule is rebuilt for the new length, so the learning rate jumps at the resume."
+        )
+    return None
+
+
+def find_run_outputs(output_dir: str, logging_dir: str = LOGS_DIRNAME) -> List[str]:
+    """The entries of `output_dir` that a training run writes (pipeline, grids, checkpoints, logs), sorted."""
+    if not os.path.isdir(output_dir):
+        return []
+    patterns = (*RUN_OUTPUT_PATTERNS, os.path.normpath(logging_dir).split(os.sep)[0])
+    return sorted(name for name in os.listdir(output_dir) if any(fnmatch.fnmatch(name, p) for p in patterns))
+
+
+def remove_run_outputs(output_dir: str, logging_dir: str = LOGS_DIRNAME) -> List[str]:
+    """Delete what `find_run_outputs` finds (for `--overwrite_output_dir`); returns the names removed."""
+    removed = find_run_outputs(output_dir, logging_dir)
+    for name in removed:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
     return removed
 
 

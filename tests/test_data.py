@@ -8,7 +8,8 @@ from PIL import Image
 from ddim_plus.data import (
     TrainingImages,
     check_image_folder,
-    dataset_num_channels,
+    check_images,
+    convert_image,
     find_image_column,
     load_digits_dataset,
     load_image_dataset,
@@ -42,7 +43,7 @@ def test_image_column_and_channels_are_detected(digits16, tmp_path):
         find_image_column(digits16, "img")
     with pytest.raises(ValueError, match="No image column found among \\['label'\\]"):
         find_image_column(digits16.select_columns(["label"]))
-    assert dataset_num_channels(digits16, "image") == 1
+    assert check_images(digits16, "image")["num_channels"] == 1
 
     folder = tmp_path / "rgb"
     (folder / "cats").mkdir(parents=True)
@@ -50,7 +51,7 @@ def test_image_column_and_channels_are_detected(digits16, tmp_path):
         Image.new("RGB", (10, 6), (index * 40, 10, 200)).save(folder / "cats" / f"{index}.png")
     dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
     column = find_image_column(dataset)
-    assert len(dataset) == 3 and dataset_num_channels(dataset, column) == 3
+    assert len(dataset) == 3 and check_images(dataset, column)["num_channels"] == 3
 
 
 def test_image_folder_checks(tmp_path):
@@ -68,9 +69,6 @@ def test_image_folder_checks(tmp_path):
     Image.new("L", (4, 4)).save(mixed / "good.png")
     (mixed / "notes.txt").write_text("ignored, as by imagefolder")
     assert check_image_folder(str(mixed)) == [str(mixed / "good.png")]
-    (mixed / "bad.jpg").write_bytes(b"\x00" * 32)
-    with pytest.raises(ValueError, match="1 files that are not readable images: bad.jpg"):
-        check_image_folder(str(mixed))
 
 
 def test_preprocess_resizes_crops_and_scales():
@@ -111,3 +109,98 @@ def test_training_images_yield_tensors_and_indices(digits16):
     dataset.set_epoch(4)
     # No random flip and a crop equal to the image: the epoch changes nothing for digits.
     assert torch.equal(dataset[7]["pixel_values"], item["pixel_values"])
+
+
+def load_folder(folder, tmp_path):
+    dataset = load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    return dataset, find_image_column(dataset)
+
+
+def test_every_image_is_decoded_before_training_and_bad_ones_are_named(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        # Noise does not compress: the file is long enough to cut in the middle of its pixel data.
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    dataset, column = load_folder(folder, tmp_path)
+    assert check_images(dataset, column, root=str(folder))["num_channels"] == 3
+
+    # A PNG cut short: its header is intact, so opening it works; only decoding its pixels fails.
+    data = (folder / "2.png").read_bytes()
+    (folder / "2.png").write_bytes(data[: len(data) // 2])
+    with Image.open(folder / "2.png") as header_only:
+        assert header_only.size == (64, 64)
+    (folder / "3.png").write_text("not an image")
+    dataset, column = load_folder(folder, tmp_path)
+    with pytest.raises(ValueError, match=r"2 of 4 images cannot be decoded: 2.png \(OSError: .*truncated.*; 3.png"):
+        check_images(dataset, column, root=str(folder))
+
+
+def test_mixed_grayscale_and_colour_is_an_error_naming_the_odd_files(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for index in range(5):
+        Image.new("RGB", (8, 8), (index * 40, 10, 200)).save(folder / f"rgb_{index}.png")
+    Image.new("L", (8, 8), 90).save(folder / "scan.png")
+    dataset, column = load_folder(folder, tmp_path)
+    with pytest.raises(ValueError, match=r"1 grayscale among 5 colour ones: scan.png \(mode L\)"):
+        check_images(dataset, column, root=str(folder))
+
+
+def write_16bit_folder(folder, num_images=3, size=(12, 10)):
+    """16-bit grayscale PNGs holding ramps over the whole 0..65535 range; returns the arrays written."""
+    folder.mkdir()
+    arrays = []
+    for index in range(num_images):
+        ramp = np.linspace(0, 65535, size[0] * size[1]).reshape(size[1], size[0])
+        array = np.roll(ramp, index, axis=1).round().astype(np.uint16)
+        Image.fromarray(array).save(folder / f"scan_{index}.png")
+        arrays.append(array)
+    return arrays
+
+
+@pytest.mark.parametrize("preserve", [False, True])
+def test_16bit_grayscale_is_scaled_by_its_range_in_the_training_data(tmp_path, preserve):
+    arrays = write_16bit_folder(tmp_path / "scans")
+    dataset, column = load_folder(tmp_path / "scans", tmp_path)
+    assert dataset[0][column].mode == "I;16"
+    assert check_images(dataset, column)["num_channels"] == 1
+    # Same size as the images and a centre crop: the pixels reach the model unresampled.
+    images = TrainingImages(dataset, column, 10, 1, center_crop=True, preserve_input_precision=preserve)
+    for index, array in enumerate(arrays):
+        crop = array[:, 1:11].astype(np.float64) / 65535  # centre crop of a 12-wide image to 10
+        expected = crop if preserve else np.round(crop * 255) / 255
+        actual = images[index]["pixel_values"][0].double().numpy()
+        np.testing.assert_allclose((actual + 1) / 2, expected, atol=1e-6)
+    # PIL's own conversion, which the trainer used, clips nearly everything to white.
+    assert (np.asarray(dataset[0][column].convert("L")) == 255).mean() > 0.9
+
+
+def test_high_bit_depth_modes_are_scaled_by_their_range():
+    words = np.array([[0, 16384], [32768, 65535]])
+    cases = {
+        "I;16": (Image.fromarray(words.astype(np.uint16)), words / 65535),
+        "I": (Image.fromarray(words.astype(np.int32)), words / 65535),
+        "F": (Image.fromarray(np.float32([[0.0, 0.25], [0.5, 1.0]])), np.array([[0.0, 0.25], [0.5, 1.0]])),
+    }
+    for mode, (image, values) in cases.items():
+        assert image.mode == mode
+        converted = convert_image(image, 1)
+        assert converted.mode == "L"
+        np.testing.assert_array_equal(np.asarray(converted), np.round(values * 255))
+        precise = convert_image(image, 1, preserve_input_precision=True)
+        assert precise.mode == "F"
+        np.testing.assert_allclose(np.asarray(precise), values * 255, rtol=1e-6)
+        assert convert_image(image, 3).mode == "RGB"
+    with pytest.raises(ValueError, match=r"mode-F image holds values in \[0, 2\], outside \[0, 1\]"):
+        convert_image(Image.fromarray(np.float32([[0.0, 2.0]])), 1)
+
+
+def test_cli_loads_16bit_images_as_the_trainer_does(tmp_path):
+    from ddim_plus.cli import _load_images
+
+    arrays = write_16bit_folder(tmp_path / "scans", size=(8, 8))
+    loaded = _load_images(sorted(str(p) for p in (tmp_path / "scans").iterdir()), channels=1, size=8)
+    assert loaded.shape == (3, 8, 8, 1)
+    np.testing.assert_allclose(loaded[..., 0], np.stack(arrays) / 65535, atol=1e-6)

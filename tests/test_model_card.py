@@ -12,7 +12,7 @@ from ddim_plus.training_utils import HUB_IGNORE_PATTERNS, push_to_hub
 def test_card_metadata_and_sections(tmp_path):
     card = make_model_card(
         "me/digits-ddim",
-        "digits",
+        "ylecun/mnist",
         {"learning_rate": 0.001, "resolution": 16},
         sample_images=["samples_10steps.png", "samples_50steps.png"],
         metrics=[
@@ -26,21 +26,32 @@ def test_card_metadata_and_sections(tmp_path):
     assert loaded.data.library_name == "diffusers"
     assert loaded.data.pipeline_tag == "unconditional-image-generation"
     assert loaded.data.license == "apache-2.0"
-    assert loaded.data.datasets == ["digits"]
+    assert loaded.data.datasets == ["ylecun/mnist"]
     assert loaded.data.tags == ["ddim", "ddim-plus", "diffusers", "unconditional-image-generation"]
     text = loaded.text
     assert "import ddim_plus" in text and 'DiffusionPipeline.from_pretrained("me/digits-ddim")' in text
     assert text.index("import ddim_plus") < text.index("DiffusionPipeline.from_pretrained")
     assert "![samples_10steps](samples_10steps.png)" in text and "![samples_50steps](samples_50steps.png)" in text
-    assert "trained on `digits` with ddim_plus" in text
+    assert "trained on `ylecun/mnist` with ddim_plus" in text
     assert "| DDIM steps | recognisable fraction |" in text and "| 50 | 0.9 |" in text
     assert "Measured on 256 samples." in text
     assert "| learning_rate | 0.001 |" in text
 
 
+def test_card_names_local_data_only_in_words(tmp_path):
+    """`datasets:` holds Hub ids only: the Hub links each one, and a local path would be a broken link (and leak)."""
+    with pytest.raises(ValueError, match="is a local path, not a Hub dataset id"):
+        make_model_card("local-model", str(tmp_path), {"seed": 0})
+    card = make_model_card("local-model", None, {"seed": 0}, dataset_description="a folder of 6 images")
+    assert card.data.datasets is None
+    assert "trained on a folder of 6 images with ddim_plus" in card.text
+
+
 def test_card_without_metrics_or_dataset():
     card = make_model_card("local-model", None, {"seed": 0}, extra_tags=["digits", "ddim"])
     assert "## Results" not in card.text
+    assert "## Samples" in card.text  # the default grid
+    assert "## Samples" not in make_model_card("local-model", None, {"seed": 0}, sample_images=[]).text
     assert card.data.datasets is None
     assert card.data.tags == ["ddim", "ddim-plus", "diffusers", "unconditional-image-generation", "digits"]
 

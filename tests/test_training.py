@@ -114,8 +114,12 @@ def test_checkpoints_rotate_and_outputs_are_complete(reference_run):
         assert (output_dir / checkpoint / "unet" / "diffusion_pytorch_model.safetensors").is_file()
         assert (output_dir / checkpoint / "unet_ema" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(output_dir.glob(".staging-*"))
-    for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "samples.png"):
+    for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "samples_2steps.png"):
         assert (output_dir / name).is_file(), name
+    # One grid per --eval_inference_steps entry, and no copy of one under another name.
+    assert sorted(p.name for p in output_dir.glob("samples*.png")) == ["samples_2steps.png"]
+    record = json.loads((output_dir / "checkpoint-6" / "training_run.json").read_text())
+    assert record["max_train_steps"] == 7 and record["learning_rate"] == 1e-3 and record["num_processes"] == 1
     scheduler_config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler_config["_class_name"] == "DDIMSchedulerPlus"
     assert scheduler_config["timestep_spacing"] == "trailing"
@@ -132,16 +136,6 @@ def test_checkpoints_rotate_and_outputs_are_complete(reference_run):
     assert final["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_pipeline_holds_the_ema_weights(reference_run):
-    output_dir = reference_run["output_dir"]
-    pipeline_weights = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
-    # The final EMA is not in a checkpoint (step 7), but the raw weights at step 6 must differ from the EMA.
-    ema_at_6 = load_file(output_dir / "checkpoint-6" / "unet_ema" / "diffusion_pytorch_model.safetensors")
-    raw_at_6 = load_file(output_dir / "checkpoint-6" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert any(not torch.equal(ema_at_6[key], raw_at_6[key]) for key in ema_at_6)
-    assert pipeline_weights.keys() == ema_at_6.keys()
-
-
 def test_resume_after_a_kill_is_bit_exact(reference_run, workdir):
     """A run killed after checkpoint 4 (while writing checkpoint 6) and resumed with `latest` ends bit-identical,
     even when it samples along the way."""
@@ -151,10 +145,16 @@ def test_resume_after_a_kill_is_bit_exact(reference_run, workdir):
     shutil.copytree(reference / "checkpoint-4", resumed / "checkpoint-4")
     # What a kill during the next save leaves behind: a half-written staging folder that `latest` must ignore.
     (resumed / ".staging-checkpoint-6" / "unet").mkdir(parents=True)
+    # Grids of an earlier run with other step counts: they must not stay beside the new ones (and be pushed).
+    for stale in ("samples.png", "samples_99steps.png"):
+        Image.new("L", (4, 4)).save(resumed / stale)
     argv = tiny_args(workdir, resumed, "--train_data_dir", str(reference_run["data_dir"]), *REFERENCE_FLAGS)
     # Sampling with the EMA weights swapped in after every step must leave training untouched.
     sampling = ["--save_images_steps", "1", "--eval_batch_size", "2"]
-    run_train([*argv, *sampling, "--resume_from_checkpoint", "latest"], workdir / "hf_home")
+    result = run_train([*argv, *sampling, "--resume_from_checkpoint", "latest"], workdir / "hf_home")
+    # Loading the EMA goes without diffusers' deprecation and "unexpected config attributes" warnings.
+    assert "FutureWarning" not in result.stderr and "are not expected" not in result.stderr
+    assert sorted(p.name for p in resumed.glob("samples*.png")) == ["samples_2steps.png"]
 
     reference_steps, reference_final = read_debug_log(reference)
     resumed_steps, resumed_final = read_debug_log(resumed)
@@ -249,14 +249,54 @@ def expect_error_without_output(argv, output_dir, match):
         (["--eval_batch_size", "-1"], "`--eval_batch_size` must be >= 1"),
         (["--snr_gamma", "0"], "`--snr_gamma` must be > 0, got 0.0"),
         (["--snr_gamma", "-5"], "`--snr_gamma` must be > 0"),
-        (["--prediction_type", "noise"], "`--prediction_type`='noise' is unknown"),
         (["--resolution", "10"], "`--resolution`=10 must be a positive multiple of 4"),
-        (["--timestep_spacing", "uniform"], "`--timestep_spacing`='uniform' is unknown"),
         (["--ddim_num_inference_steps", "2000"], "DDIM steps must be between 1 and"),
+        (["--ddim_eta", "-0.5"], "`--ddim_eta` must be >= 0"),
+        (["--ddpm_num_steps", "0"], "`--ddpm_num_steps` must be >= 1"),
+        (["--ema_max_decay", "1.5"], "`--ema_max_decay` must be in \\(0, 1\\]"),
+        (["--adam_beta2", "1"], "`--adam_beta2` must be in \\[0, 1\\)"),
+        (["--dataloader_num_workers", "-1"], "`--dataloader_num_workers` must be >= 0"),
+        (
+            ["--hub_token", "hf_x", "--logger", "wandb"],
+            "`--hub_token` cannot be used with `--logger wandb`.*hf auth login",
+        ),
+        (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "pass only one of them"),
     ],
 )
 def test_bad_flags_fail_before_training(tmp_path, flags, match):
     expect_error_without_output(["--output_dir", str(tmp_path / "out"), *flags], tmp_path / "out", match)
+
+
+@pytest.mark.parametrize(
+    "flag, value, choices",
+    [
+        ("--prediction_type", "noise", ("epsilon", "sample", "v_prediction")),
+        ("--ddpm_beta_schedule", "cosine", ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")),
+        ("--timestep_spacing", "uniform", ("leading", "trailing", "linspace", "quadratic", "logsnr")),
+        ("--lr_scheduler", "step", ("linear", "cosine", "constant")),
+    ],
+)
+def test_fixed_sets_are_argparse_choices_listed_in_help(tmp_path, capsys, flag, value, choices):
+    output_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--output_dir", str(output_dir), flag, value])
+    assert exit_info.value.code == 2 and not output_dir.exists()
+    assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    usage = capsys.readouterr().out
+    assert all(choice in usage for choice in choices)
+
+
+def test_every_beta_schedule_builds_before_training():
+    from ddim_plus.ddim_math import BETA_SCHEDULES
+
+    for schedule in BETA_SCHEDULES:
+        scheduler = train.build_noise_scheduler(train.parse_args(["--ddpm_beta_schedule", schedule]))
+        assert scheduler.config.beta_schedule == schedule
+        # Every abar_t in (0, 1] and decreasing: the schedule is usable for training.
+        abar = scheduler.alphas_cumprod
+        assert (abar > 0).all() and (abar <= 1).all() and (abar[1:] < abar[:-1]).all()
 
 
 def test_bad_data_folders_fail_before_training(tmp_path):
@@ -276,7 +316,7 @@ def test_bad_data_folders_fail_before_training(tmp_path):
     fake = write_digit_folder(tmp_path / "fake", 3)
     (fake / "broken.png").write_text("not an image either")
     expect_error_without_output(
-        ["--output_dir", str(output_dir), "--train_data_dir", str(fake)], output_dir, "not readable images: broken.png"
+        ["--output_dir", str(output_dir), "--train_data_dir", str(fake)], output_dir, "cannot be decoded: broken.png"
     )
 
 
@@ -406,3 +446,144 @@ def test_checkpoint_resolution_rotation_and_publishing(tmp_path):
     assert (tmp_path / "model_index.json").read_text() == "new"
     assert not staging.exists() and not list(tmp_path.glob(".staging-old-*"))
     assert (tmp_path / "checkpoint-10").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safety of a run: secrets, published weights, other runs' folders, 16-bit data, the model card
+# ---------------------------------------------------------------------------------------------------------------
+SECRET = "hf_secret_marker"
+
+
+@pytest.fixture(scope="module")
+def folder_run(workdir):
+    """A run on 16-bit grayscale PNGs smaller than --resolution, with a Hub token and tensorboard logging, and a
+    checkpoint at its last step (so the published weights can be compared with the EMA and raw weights then)."""
+    data_dir = workdir / "scans16"
+    data_dir.mkdir()
+    for index in range(6):
+        ramp = np.linspace(0, 65535, 42).reshape(6, 7) * (index + 1) / 6
+        Image.fromarray(ramp.round().astype(np.uint16)).save(data_dir / f"scan_{index}.png")
+    output_dir = workdir / "folder_run"
+    argv = tiny_args(
+        workdir, output_dir, "--train_data_dir", str(data_dir), "--max_train_steps", "3", "--checkpointing_steps",
+        "3", "--lr_warmup_steps", "2", "--logger", "tensorboard", "--hub_token", SECRET, "--num_eval_samples", "100",
+        "--preserve_input_precision",
+    )  # fmt: skip
+    result = run_train(argv, workdir / "hf_home")
+    return {"output_dir": output_dir, "result": result, "data_dir": data_dir}
+
+
+def test_hub_token_is_never_written(folder_run):
+    output_dir = folder_run["output_dir"]
+    files = [path for path in output_dir.rglob("*") if path.is_file()]
+    # The tracker config was written (so the token had a chance to leak), and no file holds the token.
+    assert any(path.name == "hparams.yml" for path in files)
+    assert [path for path in files if SECRET.encode() in path.read_bytes()] == []
+
+
+def test_published_unet_holds_the_ema_weights(folder_run):
+    output_dir = folder_run["output_dir"]
+    published = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    ema = load_file(output_dir / "checkpoint-3" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(output_dir / "checkpoint-3" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert published.keys() == ema.keys() == raw.keys()
+    assert all(torch.equal(published[key], ema[key]) for key in ema)
+    assert any(not torch.equal(published[key], raw[key]) for key in raw)
+
+
+def test_published_unet_holds_the_raw_weights_without_ema_and_overwrite_clears_the_old_run(workdir, reference_run):
+    output_dir = workdir / "raw_run"
+    # Another run's outputs: --overwrite_output_dir replaces them all, so none is mixed into the new run.
+    shutil.copytree(reference_run["output_dir"], output_dir)
+    argv = tiny_args(
+        workdir, output_dir, "--train_data_dir", str(reference_run["data_dir"]), "--max_train_steps", "2",
+        "--checkpointing_steps", "2", "--lr_warmup_steps", "0", "--no-use_ema", "--overwrite_output_dir",
+        "--eval_inference_steps", "3",
+    )  # fmt: skip
+    run_train(argv, workdir / "hf_home")
+    published = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(output_dir / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(published[key], raw[key]) for key in raw)
+    assert not (output_dir / "checkpoint-2" / "unet_ema").exists()
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert sorted(p.name for p in output_dir.glob("samples*.png")) == ["samples_3steps.png"]
+    steps, _ = read_debug_log(output_dir)
+    assert [record["step"] for record in steps] == [1, 2]  # the old run's debug log is gone, not appended to
+
+
+def test_folder_run_warns_and_writes_a_card_without_local_paths(folder_run, workdir):
+    from huggingface_hub import ModelCard
+
+    output_dir, result = folder_run["output_dir"], folder_run["result"]
+    log = result.stdout + result.stderr
+    assert "6 of 6 images have a side shorter than `--resolution`=8" in log
+    assert "`--lr_warmup_steps`=2 is more than half of the 3 optimiser steps" in log
+    assert "No quality metric for this data" in log
+    # Unscored samples only fill the 64-sample grid, whatever --num_eval_samples asks for.
+    assert json.loads((output_dir / "metrics.json").read_text())[0]["samples"] == 64
+    # A 1-channel model: the 16-bit images were read as grayscale.
+    assert json.loads((output_dir / "unet" / "config.json").read_text())["in_channels"] == 1
+    card_text = (output_dir / "README.md").read_text()
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.datasets is None
+    assert str(workdir) not in card_text and "| train_data_dir | scans16 |" in card_text
+    assert "dataset_name" not in card_text and "a folder of 6 images" in card_text
+
+
+def test_an_output_dir_holding_another_run_is_refused(tmp_path):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "model_index.json").write_text("{}")
+    expect_error_without_output(
+        ["--output_dir", str(output_dir)],
+        output_dir,
+        "holds another run \\(model_index.json\\).*--overwrite_output_dir",
+    )
+
+
+def test_resuming_another_run_or_a_finished_one_is_refused(reference_run, workdir, tmp_path, capsys):
+    data = ["--train_data_dir", str(reference_run["data_dir"])]
+    output_dir = tmp_path / "other"
+    shutil.copytree(reference_run["output_dir"] / "checkpoint-6", output_dir / "checkpoint-6")
+    argv = tiny_args(workdir, output_dir, *data, *REFERENCE_FLAGS)
+    resume = ["--resume_from_checkpoint", "latest"]
+    # Another learning rate and seed: the checkpoint belongs to another run.
+    expect_error_without_output(
+        [*argv, *resume, "--learning_rate", "3e-4", "--seed", "1"],
+        output_dir,
+        r"other settings \(--seed: checkpoint 0, now 1; --learning_rate: checkpoint 0.001, now 0.0003\)",
+    )
+    # The same run, but checkpoint-6 is at the end of a 6-step run.
+    expect_error_without_output([*argv, *resume, "--max_train_steps", "6"], output_dir, "at step 6, at or past")
+    # `latest` finding nothing says so (here the run then stops at its bad data).
+    empty = tmp_path / "empty"
+    expect_error_without_output(
+        ["--output_dir", str(empty), *resume, "--train_data_dir", str(tmp_path / "missing")], empty, "not a folder"
+    )
+    assert f"No checkpoint in {empty}, starting from scratch." in capsys.readouterr().out
+
+
+def test_check_resume_warns_about_a_new_length_and_an_unrecorded_checkpoint(tmp_path):
+    from ddim_plus.training_utils import check_resume
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    record = {"learning_rate": 1e-3, "max_train_steps": 10}
+    assert "cannot be checked" in check_resume(str(checkpoint), record)
+    (checkpoint / "training_run.json").write_text(json.dumps(record))
+    assert check_resume(str(checkpoint), record) is None
+    warning = check_resume(str(checkpoint), dict(record, max_train_steps=20))
+    assert "`--max_train_steps` changed from 10 to 20" in warning and "learning-rate schedule is rebuilt" in warning
+
+
+def test_a_user_mistake_prints_the_message_not_a_traceback(tmp_path, monkeypatch):
+    """The script's entry point exits with the message (Python prints it, with exit code 1), not a traceback."""
+    import runpy
+
+    argv = ["train.py", "--output_dir", str(tmp_path / "out"), "--train_data_dir", str(tmp_path / "missing")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
+    assert isinstance(exit_info.value.code, str)
+    assert exit_info.value.code.startswith("train.py: error: `--train_data_dir`=")
+    assert not (tmp_path / "out").exists()

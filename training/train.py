@@ -12,12 +12,15 @@ Flags follow diffusers' `examples/unconditional_image_generation/train_unconditi
 """
 
 import argparse
+import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -35,23 +38,25 @@ from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus, ddim_math
 from ddim_plus.data import (
     DIGITS_DATASET_NAME,
     TrainingImages,
-    dataset_num_channels,
+    check_images,
     find_image_column,
     load_image_dataset,
 )
 from ddim_plus.model_card import make_model_card
 from ddim_plus.training_utils import (
-    PREDICTION_TYPES,
     STAGING_PREFIX,
     check_checkpoint_compatible,
     check_positive,
     check_resolution,
+    check_resume,
     checkpoint_step,
     create_ema_model,
+    find_run_outputs,
     min_snr_loss_weights,
     publish_directory,
     push_to_hub,
     register_checkpoint_hooks,
+    remove_run_outputs,
     resolve_checkpoint,
     save_checkpoint,
     step_generator,
@@ -63,6 +68,30 @@ logger = get_logger(__name__, log_level="INFO")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # Each sample is drawn at least this many pixels wide in the saved grids, so 8x8 digits stay readable.
 GRID_TILE_PIXELS = 64
+# Samples shown in each final grid; only data with a quality metric (the bundled digits) needs more.
+GRID_SAMPLES = 64
+# The flags that shape a run's trajectory: a checkpoint records them, and resuming with any of them changed would
+# silently continue another run (`max_train_steps` is recorded too, but only warned about).
+RUN_FLAGS = (
+    "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "resolution", "center_crop",
+    "random_flip", "preserve_input_precision", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule",
+    "rescale_betas_zero_snr", "snr_gamma", "noise_offset", "seed", "train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
+    "adam_epsilon", "max_grad_norm", "use_ema", "ema_inv_gamma", "ema_power", "ema_max_decay",
+)  # fmt: skip
+
+
+class InputError(ValueError):
+    """Bad flags or data, found before training starts: the command line prints the message, not a traceback."""
+
+
+@contextlib.contextmanager
+def input_errors():
+    """Report the `ValueError`s of the checks inside as `InputError`s (a `ValueError` during training is a bug)."""
+    try:
+        yield
+    except ValueError as error:
+        raise InputError(str(error)) from error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,18 +106,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--image_column", default=None, help="column holding the images (default: the first image column)")
     add("--resolution", type=int, default=8, help="side of the square training images (digits: 8, their own)")
     add("--center_crop", action="store_true", help="crop the centre (default: a random crop)")
+    add(
+        "--preserve_input_precision",
+        action="store_true",
+        help="keep 16-bit and float grayscale images in float instead of rounding them to 8 bits",
+    )
     add("--random_flip", action="store_true", help="flip images left-right at random (not for digits!)")
     add("--dataloader_num_workers", type=int, default=0, help="data-loading subprocesses (0: in the main one)")
     # Model and diffusion
     add("--model_config_name_or_path", default=None, help="UNet2DModel config (default: a small UNet for the data)")
-    add("--prediction_type", default="epsilon", help=f"what the UNet predicts: one of {PREDICTION_TYPES}")
+    add("--prediction_type", default="epsilon", choices=ddim_math.PREDICTION_TYPES, help="what the UNet predicts")
     add("--ddpm_num_steps", type=int, default=1000, help="diffusion steps T of the training noise schedule")
-    add("--ddpm_beta_schedule", default="linear", help="betas: linear, scaled_linear, squaredcos_cap_v2, sigmoid")
+    add("--ddpm_beta_schedule", default="linear", choices=ddim_math.BETA_SCHEDULES, help="betas of the noise schedule")
     add("--rescale_betas_zero_snr", action="store_true", help="rescale betas to zero terminal SNR (Lin et al.)")
     add("--snr_gamma", type=float, default=None, help="min-SNR loss weighting with this gamma (5.0 is usual)")
     add("--noise_offset", type=float, default=0.0, help="scale of the per-channel offset added to the noise")
     # Sampling with DDIM
-    add("--ddim_num_inference_steps", type=int, default=50, help="DDIM steps of samples.png and of training samples")
+    add("--ddim_num_inference_steps", type=int, default=50, help="DDIM steps of the grids drawn during training")
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta of the samples (0: deterministic DDIM)")
     add(
         "--clip_sample",
@@ -96,13 +130,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=True,
         help="saved sampling config: clip x_0 to [-1, 1] (eps is re-derived from it, so DDIM still converges in S)",
     )
-    add("--timestep_spacing", default="trailing", help=f"DDIM step spacing, one of {ddim_math.TIMESTEP_SPACINGS}")
-    add("--eval_inference_steps", type=int, nargs="*", default=[10, 50], help="DDIM steps of the final grids")
-    add("--num_eval_samples", type=int, default=256, help="samples drawn per final grid (and scored on digits)")
+    add("--timestep_spacing", default="trailing", choices=ddim_math.TIMESTEP_SPACINGS, help="DDIM step spacing")
+    add(
+        "--eval_inference_steps",
+        type=int,
+        nargs="*",
+        default=[10, 50],
+        help="DDIM steps of the final grids (none: no final sampling)",
+    )
+    add(
+        "--num_eval_samples",
+        type=int,
+        default=256,
+        help=f"samples drawn and scored per final grid on digits; other data, unscored, draws at most {GRID_SAMPLES}",
+    )
     add("--save_images_steps", type=int, default=None, help="also sample a grid every this many optimiser steps")
     add("--eval_batch_size", type=int, default=64, help="samples per grid drawn during training")
     # Optimisation
     add("--output_dir", default="ddim-plus-digits", help="where the pipeline, checkpoints and logs go")
+    add("--overwrite_output_dir", action="store_true", help="delete another run's outputs in output_dir first")
     add("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation and noise")
     add("--train_batch_size", type=int, default=64, help="images per process per micro-batch")
     add("--num_epochs", type=int, default=150, help="passes over the data (unless --max_train_steps is given)")
@@ -110,7 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimiser step")
     add("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
     add("--learning_rate", type=float, default=1e-3, help="peak learning rate")
-    add("--lr_scheduler", default="cosine", help=f"learning-rate schedule, one of {LR_SCHEDULERS}")
+    add("--lr_scheduler", default="cosine", choices=LR_SCHEDULERS, help="learning-rate schedule")
     add("--lr_warmup_steps", type=int, default=100, help="optimiser steps of linear warm-up")
     add("--adam_beta1", type=float, default=0.95, help="AdamW beta1")
     add("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
@@ -131,7 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--push_to_hub", action="store_true", help="upload the pipeline and model card (no checkpoints or logs)")
     add("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name)")
     add("--hub_private_repo", action="store_true", help="create the Hub repo private")
-    add("--hub_token", default=None, help="Hub token (default: the logged-in one)")
+    add("--hub_token", default=None, help="Hub token (default: the logged-in one); never written to disk")
     add("--license", default="apache-2.0", help="license in the model card")
     add("--debug_log", action="store_true", help="write per-process sample indices, loss and LR to *.debug.jsonl")
     return parser.parse_args(argv)
@@ -139,32 +185,46 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Check the flags that need no data (each error names the flag, the value and the fix)."""
-    for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs", "resolution"):
+    for name in (
+        "train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs", "resolution",
+        "ddpm_num_steps",
+    ):  # fmt: skip
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
     for name in ("max_train_steps", "checkpoints_total_limit", "save_images_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1 (or left out), got {getattr(args, name)}.")
-    check_positive("learning_rate", args.learning_rate)
-    check_positive("checkpointing_steps", args.checkpointing_steps)
-    check_positive("num_eval_samples", args.num_eval_samples)
+    for name in ("learning_rate", "checkpointing_steps", "num_eval_samples", "ema_inv_gamma", "ema_power"):
+        check_positive(name, getattr(args, name))
+    check_positive("adam_epsilon", args.adam_epsilon)
     check_positive("snr_gamma", args.snr_gamma, allow_none=True)
-    if args.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"`--prediction_type`={args.prediction_type!r} is unknown; choose one of {PREDICTION_TYPES}.")
-    if args.timestep_spacing not in ddim_math.TIMESTEP_SPACINGS:
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be in [0, 1), got {getattr(args, name)}.")
+    if not 0 < args.ema_max_decay <= 1:
+        raise ValueError(f"`--ema_max_decay` must be in (0, 1], got {args.ema_max_decay}; 0.9999 is usual.")
+    if args.ddim_eta < 0:
+        raise ValueError(f"`--ddim_eta` must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {args.ddim_eta}.")
+    if args.hub_token is not None and args.logger == "wandb":
+        # As diffusers' examples: wandb uploads the run's config, and with it the token.
         raise ValueError(
-            f"`--timestep_spacing`={args.timestep_spacing!r} is unknown; choose one of {ddim_math.TIMESTEP_SPACINGS}."
+            "`--hub_token` cannot be used with `--logger wandb`: the token would be uploaded with the run's config. "
+            "Log in with `hf auth login` instead and leave out `--hub_token`."
         )
-    if args.lr_scheduler not in LR_SCHEDULERS:
-        raise ValueError(f"`--lr_scheduler`={args.lr_scheduler!r} is unknown; choose one of {LR_SCHEDULERS}.")
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise ValueError(
+            "`--overwrite_output_dir` deletes the checkpoints that `--resume_from_checkpoint` would resume from; "
+            "pass only one of them."
+        )
     for steps in [args.ddim_num_inference_steps, *args.eval_inference_steps]:
         if not 1 <= steps <= args.ddpm_num_steps:
             raise ValueError(
                 f"DDIM steps must be between 1 and `--ddpm_num_steps`={args.ddpm_num_steps}, got {steps} "
                 "(`--ddim_num_inference_steps` / `--eval_inference_steps`)."
             )
-    if args.noise_offset < 0 or args.lr_warmup_steps < 0 or args.max_grad_norm < 0:
-        raise ValueError("`--noise_offset`, `--lr_warmup_steps` and `--max_grad_norm` must be >= 0.")
+    for name in ("noise_offset", "lr_warmup_steps", "max_grad_norm", "adam_weight_decay", "dataloader_num_workers"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
     if args.train_data_dir is not None and args.dataset_name not in (None, DIGITS_DATASET_NAME):
         raise ValueError(
             f"Both `--dataset_name`={args.dataset_name!r} and `--train_data_dir`={args.train_data_dir!r} were "
@@ -201,29 +261,78 @@ def build_unet_config(args: argparse.Namespace, num_channels: int) -> dict:
     return dict(UNet2DModel.from_config(config).config)
 
 
-def prepare_run(args: argparse.Namespace) -> dict:
-    """Everything that can fail on bad input, done before any file is written.
+def build_noise_scheduler(args: argparse.Namespace) -> DDIMSchedulerPlus:
+    """The training noise schedule (also the sampler, with `--timestep_spacing`); raises on settings it rejects."""
+    scheduler = DDIMSchedulerPlus(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+        timestep_spacing=args.timestep_spacing,
+        rescale_betas_zero_snr=args.rescale_betas_zero_snr,
+        clip_sample=args.clip_sample,
+    )
+    sampler = DDIMSchedulerPlus.from_config(scheduler.config)
+    for steps in dict.fromkeys([args.ddim_num_inference_steps, *args.eval_inference_steps]):
+        try:
+            sampler.set_timesteps(steps)
+        except ValueError as error:
+            raise ValueError(f"`--ddim_num_inference_steps` / `--eval_inference_steps` {steps}: {error}") from error
+    return scheduler
+
+
+def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    """Everything that can fail on bad flags or data, done before any file is written.
 
     Returns:
-        `dict`: `dataset`, `image_column`, `num_channels`, `unet_config` and `checkpoint` (a folder or `None`).
+        `dict`: `dataset`, `image_column`, `num_channels`, `unet_config`, `noise_scheduler` and `checkpoint` (a
+        folder or `None`).
     """
-    validate_args(args)
+    noise_scheduler = build_noise_scheduler(args)
+    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint == "latest" and checkpoint is None:
+        accelerator.print(f"No checkpoint in {args.output_dir}, starting from scratch.")
+    own_checkpoint = checkpoint is not None and os.path.realpath(os.path.dirname(os.path.abspath(checkpoint))) == (
+        os.path.realpath(args.output_dir)
+    )
+    outputs = find_run_outputs(args.output_dir, args.logging_dir)
+    if outputs and not own_checkpoint and not args.overwrite_output_dir:
+        raise ValueError(
+            f"`--output_dir`={args.output_dir!r} holds another run ({', '.join(outputs[:6])}"
+            f"{', ...' if len(outputs) > 6 else ''}). Continue it with `--resume_from_checkpoint latest`, replace it "
+            "with `--overwrite_output_dir`, or choose another folder."
+        )
     dataset = load_image_dataset(
         args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, args.resolution
     )
     image_column = find_image_column(dataset, args.image_column)
-    num_channels = dataset_num_channels(dataset, image_column)
-    unet_config = build_unet_config(args, num_channels)
-    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    images = check_images(dataset, image_column, root=args.train_data_dir)
+    smaller = sum(min(size) < args.resolution for size in images["sizes"])
+    if smaller:
+        logger.warning(
+            f"{smaller} of {len(dataset)} images have a side shorter than `--resolution`={args.resolution} (the "
+            f"shortest is {images['min_side']} pixels): they are upsampled, which adds no detail. A `--resolution` "
+            f"of at most {images['min_side']} trains on the images as they are."
+        )
+    unet_config = build_unet_config(args, images["num_channels"])
     if checkpoint is not None:
         check_checkpoint_compatible(checkpoint, unet_config)
     return {
         "dataset": dataset,
         "image_column": image_column,
-        "num_channels": num_channels,
+        "num_channels": images["num_channels"],
         "unet_config": unet_config,
+        "noise_scheduler": noise_scheduler,
         "checkpoint": checkpoint,
     }
+
+
+def run_record(args: argparse.Namespace, num_processes: int, max_train_steps: int) -> dict:
+    """What a checkpoint records of its run (`RUN_FLAGS`, the number of processes and the run's length)."""
+    record = {key: getattr(args, key) for key in RUN_FLAGS}
+    if args.train_data_dir is not None:
+        record["train_data_dir"] = os.path.abspath(args.train_data_dir)
+    record.update(num_processes=num_processes, max_train_steps=max_train_steps)
+    return record
 
 
 def save_grid(images: np.ndarray, path: str, resolution: int) -> Image.Image:
@@ -280,15 +389,52 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def training_config_for_card(args: argparse.Namespace, total_batch_size: int, global_step: int) -> dict:
+def card_data(args: argparse.Namespace, num_images: int) -> dict:
+    """How the model card names the training data, without local paths (the card is published).
+
+    Returns:
+        `dict`: `hub_dataset_id` (for the card's `datasets:` metadata; `None` unless the data is a Hub dataset),
+        `description` (words for the card's text) and `settings` (rows for its training-configuration table).
+    """
+    if args.train_data_dir is not None:
+        folder = os.path.basename(os.path.normpath(args.train_data_dir))
+        return {
+            "hub_dataset_id": None,
+            "description": f"a folder of {num_images:,} images",
+            "settings": {"train_data_dir": folder},
+        }
+    if args.dataset_name == DIGITS_DATASET_NAME:
+        return {
+            "hub_dataset_id": None,
+            "description": "scikit-learn's 1,797 8x8 handwritten digits"
+            + ("" if args.resolution == 8 else f", resized to {args.resolution}x{args.resolution}"),
+            "settings": {"dataset_name": DIGITS_DATASET_NAME},
+        }
+    if os.path.exists(args.dataset_name):
+        name = os.path.basename(os.path.normpath(args.dataset_name))
+        return {
+            "hub_dataset_id": None,
+            "description": f"a local dataset of {num_images:,} images (`{name}`)",
+            "settings": {"dataset_name": name},
+        }
+    settings = {"dataset_name": args.dataset_name}
+    if args.dataset_config_name is not None:
+        settings["dataset_config_name"] = args.dataset_config_name
+    return {"hub_dataset_id": args.dataset_name, "description": None, "settings": settings}
+
+
+def training_config_for_card(
+    args: argparse.Namespace, total_batch_size: int, global_step: int, data_settings: dict
+) -> dict:
     """The settings that shaped the model, for the model card's training-configuration table."""
     keys = (
-        "dataset_name", "train_data_dir", "resolution", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule",
-        "rescale_betas_zero_snr", "snr_gamma", "noise_offset", "learning_rate", "lr_scheduler", "lr_warmup_steps",
-        "adam_beta1", "adam_beta2", "adam_weight_decay", "max_grad_norm", "use_ema", "ema_max_decay", "ema_power",
-        "mixed_precision", "clip_sample", "timestep_spacing", "ddim_eta", "seed",
+        "resolution", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule", "rescale_betas_zero_snr",
+        "snr_gamma", "noise_offset", "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",
+        "adam_weight_decay", "max_grad_norm", "use_ema", "ema_max_decay", "ema_power", "mixed_precision",
+        "clip_sample", "timestep_spacing", "ddim_eta", "seed",
     )  # fmt: skip
-    config = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    config = dict(data_settings)
+    config.update({key: getattr(args, key) for key in keys if getattr(args, key) is not None})
     config.update(total_batch_size=total_batch_size, optimizer_steps=global_step)
     return config
 
@@ -305,7 +451,8 @@ def launched_without_accelerator_devices() -> bool:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    run = prepare_run(args)
+    with input_errors():
+        validate_args(args)
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         cpu=launched_without_accelerator_devices(),
@@ -319,9 +466,9 @@ def main(argv=None) -> str:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     # accelerate reports every file of every checkpoint at INFO; our own line per checkpoint is enough.
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
+    with input_errors():
+        run = prepare_run(args, accelerator)
     set_seed(args.seed)
-    # On every process: each writes its share of the checkpoints (and its debug log) into this folder.
-    os.makedirs(args.output_dir, exist_ok=True)
 
     # Model, EMA, noise schedule, optimiser
     unet = UNet2DModel.from_config(run["unet_config"])
@@ -331,14 +478,7 @@ def main(argv=None) -> str:
     if args.use_ema:
         ema_model = create_ema_model(unet, args.ema_max_decay, args.ema_inv_gamma, args.ema_power)
         ema_model.to(accelerator.device)
-    noise_scheduler = DDIMSchedulerPlus(
-        num_train_timesteps=args.ddpm_num_steps,
-        beta_schedule=args.ddpm_beta_schedule,
-        prediction_type=args.prediction_type,
-        timestep_spacing=args.timestep_spacing,
-        rescale_betas_zero_snr=args.rescale_betas_zero_snr,
-        clip_sample=args.clip_sample,
-    )
+    noise_scheduler = run["noise_scheduler"]
     loss_weights = None
     if args.snr_gamma is not None:
         loss_weights = min_snr_loss_weights(noise_scheduler.alphas_cumprod, args.snr_gamma, args.prediction_type)
@@ -360,6 +500,7 @@ def main(argv=None) -> str:
         center_crop=args.center_crop,
         random_flip=args.random_flip,
         seed=args.seed,
+        preserve_input_precision=args.preserve_input_precision,
     )
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers
@@ -369,6 +510,26 @@ def main(argv=None) -> str:
     updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    settings = run_record(args, accelerator.num_processes, max_train_steps)
+    if run["checkpoint"] is not None:
+        with input_errors():
+            warning = check_resume(run["checkpoint"], settings)
+        if warning:
+            logger.warning(warning)
+    if args.lr_scheduler != "constant" and args.lr_warmup_steps > max_train_steps / 2:
+        logger.warning(
+            f"`--lr_warmup_steps`={args.lr_warmup_steps} is more than half of the {max_train_steps} optimiser steps: "
+            "most of the run trains below the peak learning rate. Shorten the warm-up or train longer."
+        )
+
+    # Nothing has been written so far; from here on the run owns output_dir.
+    if args.overwrite_output_dir and accelerator.is_main_process:
+        removed = remove_run_outputs(args.output_dir, args.logging_dir)
+        if removed:
+            logger.info(f"`--overwrite_output_dir`: removed {', '.join(removed)} from {args.output_dir}")
+    accelerator.wait_for_everyone()
+    # On every process: each writes its share of the checkpoints (and its debug log) into this folder.
+    os.makedirs(args.output_dir, exist_ok=True)
 
     # A prepared LR scheduler steps once per process at every optimiser step (diffusers issue 8384): scale its
     # step counts by the number of processes so warm-up and decay take the intended number of optimiser steps.
@@ -391,7 +552,12 @@ def main(argv=None) -> str:
     batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
     if accelerator.is_main_process:
-        tracked = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+        # Never the Hub token: trackers write their config to disk (tensorboard's hparams.yml) or upload it (wandb).
+        tracked = {
+            key: value
+            for key, value in vars(args).items()
+            if key != "hub_token" and isinstance(value, (int, float, str, bool))
+        }
         accelerator.init_trackers("ddim_plus", config=tracked)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
@@ -458,7 +624,9 @@ def main(argv=None) -> str:
             step_losses, step_indices = [], []
 
             if global_step % args.checkpointing_steps == 0:
-                path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                path = save_checkpoint(
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_record=settings
+                )
                 logger.info(f"Saved {path}")
             if args.save_images_steps and global_step % args.save_images_steps == 0 and accelerator.is_main_process:
                 images = generate_with_ema(
@@ -490,14 +658,23 @@ def main(argv=None) -> str:
         debug_file.write(json.dumps(final) + "\n")
         debug_file.close()
     if accelerator.is_main_process:
-        write_outputs(args, accelerator, final_unet, ema_model, sampling_scheduler, total_batch_size, global_step)
+        write_outputs(
+            args,
+            accelerator,
+            final_unet,
+            ema_model,
+            sampling_scheduler,
+            total_batch_size,
+            global_step,
+            len(train_dataset),
+        )
         logger.info(f"Trained {global_step} steps in {training_seconds:.1f} s; outputs in {args.output_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return args.output_dir
 
 
-def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_size, global_step) -> None:
+def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_size, global_step, num_images) -> None:
     """Write the EMA pipeline, sample grids, scores and model card atomically into `output_dir`; maybe push."""
     staging_dir = os.path.join(args.output_dir, f"{STAGING_PREFIX}pipeline")
     if os.path.exists(staging_dir):
@@ -516,42 +693,48 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
         from ddim_plus.evaluation.fid import digits_reference_images, frechet_distance
 
         digits_reference = digits_reference_images(args.resolution, unet.config.in_channels)
-    step_counts = list(dict.fromkeys([*args.eval_inference_steps, args.ddim_num_inference_steps]))
+        num_samples = args.num_eval_samples
+    else:
+        # Unscored samples only fill the grid: drawing more would only cost time.
+        num_samples = min(args.num_eval_samples, GRID_SAMPLES)
+        accelerator.print(
+            "No quality metric for this data: the only feature network the trainer has (ddim_plus's digits CNN) "
+            "fits only the bundled digits; score the model with `ddim-plus evaluate` and DINOv2 or Inception "
+            "weights (docs/evaluation.md)."
+        )
     sample_images, metrics = [], []
-    for num_steps in step_counts:
+    for num_steps in dict.fromkeys(args.eval_inference_steps):
         images = generate_with_ema(
-            accelerator, unet, ema_model, scheduler, args.num_eval_samples, num_steps, args.ddim_eta, args.seed, 256
+            accelerator, unet, ema_model, scheduler, num_samples, num_steps, args.ddim_eta, args.seed, 256
         )
         grid_name = f"samples_{num_steps}steps.png"
-        # The grids show the first 64 samples; the scores use all of them.
-        save_grid(images[:64], os.path.join(staging_dir, grid_name), args.resolution)
-        if num_steps == args.ddim_num_inference_steps:
-            shutil.copyfile(os.path.join(staging_dir, grid_name), os.path.join(staging_dir, "samples.png"))
-        if num_steps in args.eval_inference_steps:
-            sample_images.append(grid_name)
-            row = {"DDIM steps": num_steps, "eta": args.ddim_eta, "samples": len(images)}
-            if is_digits:
-                report = digits_report(images)
-                distance = frechet_distance(digits_reference, images)
-                row.update(
-                    {
-                        "recognisable fraction": report["recognisable_fraction"],
-                        "class histogram (0-9)": " ".join(map(str, report["class_histogram"])),
-                        "class balance": report["class_balance"],
-                        f"FD [{distance.features}]": round(distance.value, 4),
-                    }
-                )
-            metrics.append(row)
-            accelerator.print("  " + ", ".join(f"{key}: {value}" for key, value in row.items()))
+        # The grids show the first GRID_SAMPLES samples; the scores use all of them.
+        save_grid(images[:GRID_SAMPLES], os.path.join(staging_dir, grid_name), args.resolution)
+        sample_images.append(grid_name)
+        row = {"DDIM steps": num_steps, "eta": args.ddim_eta, "samples": len(images)}
+        if is_digits:
+            report = digits_report(images)
+            distance = frechet_distance(digits_reference, images)
+            row.update(
+                {
+                    "recognisable fraction": report["recognisable_fraction"],
+                    "class histogram (0-9)": " ".join(map(str, report["class_histogram"])),
+                    "class balance": report["class_balance"],
+                    f"FD [{distance.features}]": round(distance.value, 4),
+                }
+            )
+        metrics.append(row)
+        accelerator.print("  " + ", ".join(f"{key}: {value}" for key, value in row.items()))
     with open(os.path.join(staging_dir, "metrics.json"), "w", encoding="utf-8") as file:
         json.dump(metrics, file, indent=2)
 
     repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    data = card_data(args, num_images)
     card = make_model_card(
         repo_id,
-        None if args.train_data_dir else args.dataset_name,
-        training_config_for_card(args, total_batch_size, global_step),
-        sample_images=sample_images or ["samples.png"],
+        data["hub_dataset_id"],
+        training_config_for_card(args, total_batch_size, global_step, data["settings"]),
+        sample_images=sample_images,
         metrics=metrics,
         metrics_description=(
             f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing. Recognisable fraction: share "
@@ -562,22 +745,19 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
             if is_digits
             else f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing."
         ),
-        dataset_description=(
-            (
-                "scikit-learn's 1,797 8x8 handwritten digits"
-                + ("" if args.resolution == 8 else f", resized to {args.resolution}x{args.resolution}")
-            )
-            if is_digits
-            else None
-        ),
+        dataset_description=data["description"],
         license=args.license,
     )
     card.save(os.path.join(staging_dir, "README.md"))
+    # Grids of an earlier run (other step counts, or the old `samples.png`) would otherwise stay and be pushed.
+    for name in os.listdir(args.output_dir):
+        if fnmatch.fnmatch(name, "samples*.png") and name not in sample_images:
+            os.remove(os.path.join(args.output_dir, name))
     publish_directory(staging_dir, args.output_dir)
     accelerator.print(
         f"Pipeline: {os.path.abspath(args.output_dir)} (load with `import ddim_plus; "
         f"DiffusionPipeline.from_pretrained({args.output_dir!r})`)\n"
-        f"Samples: {', '.join(os.path.join(args.output_dir, name) for name in ['samples.png', *sample_images])}\n"
+        f"Samples: {', '.join(os.path.join(args.output_dir, name) for name in sample_images)}\n"
         f"Model card: {os.path.join(args.output_dir, 'README.md')}"
     )
     if args.push_to_hub:
@@ -586,4 +766,7 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as error:
+        sys.exit(f"train.py: error: {error}")
