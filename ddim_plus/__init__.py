@@ -11,6 +11,7 @@ from .ddim_math import slerp
 from .pipeline_ddim_inversion import DDIMInversionPipeline, DDIMInversionPipelineOutput
 from .pipeline_ddim_plus import DDIMPlusPipeline, DDIMPlusPipelineOutput
 from .scheduling_ddim_plus import DDIMSchedulerPlus, DDIMSchedulerPlusOutput
+from .timestep_tuning import optimize_timesteps
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "DDIMPlusPipelineOutput",
     "DDIMInversionPipelineOutput",
     "slerp",
+    "optimize_timesteps",
     "ddim_math",
     "__version__",
 ]

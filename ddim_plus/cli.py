@@ -1,4 +1,4 @@
-"""`ddim-plus`: sample, invert, interpolate and evaluate DDIM models from the command line.
+"""`ddim-plus`: sample, invert, interpolate, evaluate DDIM models and tune their timesteps from the command line.
 
 MODEL is a folder written by ``save_pretrained`` (or the trainer) or a Hugging Face Hub id; any unconditional
 UNet2DModel pipeline loads (DDPM, DDIM or ddim_plus), and sampling always runs `DDIMSchedulerPlus`.
@@ -64,12 +64,15 @@ def _eta_list(text: str) -> list:
 def _spacing_list(text: str) -> List[str]:
     spacings = [part.strip() for part in text.split(",") if part.strip()]
     for spacing in spacings:
+        if spacing == "tuned":
+            continue
         name = spacing[len("stock:") :] if spacing.startswith("stock:") else spacing
         allowed = ("leading", "trailing", "linspace") if spacing.startswith("stock:") else SPACINGS
         if name not in allowed:
             raise argparse.ArgumentTypeError(
-                f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)} or stock:leading, stock:trailing, "
-                "stock:linspace (diffusers' own DDIMScheduler)"
+                f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}, tuned (the schedules of "
+                "`ddim-plus tune-steps`) or stock:leading, stock:trailing, stock:linspace (diffusers' own "
+                "DDIMScheduler)"
             )
     if not spacings:
         raise argparse.ArgumentTypeError("expected a comma-separated list of spacings")
@@ -96,7 +99,8 @@ def load_pipeline(
         raise CommandError(f"could not load model {model!r}{hint}: {error}") from error
     overrides = {}
     if spacing is not None:
-        overrides["timestep_spacing"] = spacing
+        # an explicit spacing is what the user asked for, even where a tuned schedule is stored for the same S
+        overrides.update(timestep_spacing=spacing, tuned_timesteps=None)
     if sigma_hat:
         overrides["sigma_type"] = "sigma_hat"
     if overrides:
@@ -325,6 +329,53 @@ def run_evaluate(args) -> None:
         print(f"wrote {args.plot}")
 
 
+def run_tune_steps(args) -> None:
+    import torch
+
+    from .model_card import TUNED_SCHEDULES_HEADING, set_card_section, tuned_schedules_markdown
+    from .timestep_tuning import (
+        check_tuning_arguments,
+        optimize_timesteps,
+        save_tuned_timesteps,
+        scheduler_config_path,
+        tuned_timesteps_entry,
+        tuning_cost,
+    )
+
+    scheduler_config_path(args.model)  # a local folder to write into, checked before any work
+    pipe = load_pipeline(args.model, device=args.device, quiet=args.quiet)
+    check_tuning_arguments(pipe.scheduler.config.num_train_timesteps, args.steps, args.order, args.teacher_steps)
+    budget = tuning_cost(args.steps, args.teacher_steps, args.max_trials)
+    print(
+        f"tuning {args.steps} steps (solver_order={args.order}) against a {args.teacher_steps}-step teacher on "
+        f"{args.num_samples} latents: at most {budget} UNet calls of batch {args.num_samples}"
+    )
+    result = optimize_timesteps(
+        pipe,
+        args.steps,
+        solver_order=args.order,
+        num_samples=args.num_samples,
+        generator=torch.Generator().manual_seed(args.seed),
+        num_teacher_steps=args.teacher_steps,
+        max_trials=args.max_trials,
+        progress=not args.quiet,
+        return_details=True,
+    )
+    entries = save_tuned_timesteps(args.model, tuned_timesteps_entry(pipe.scheduler, result.timesteps, args.order))
+    card_path = os.path.join(args.model, "README.md")
+    card = open(card_path, encoding="utf-8").read() if os.path.isfile(card_path) else str(pipe.model_card(args.model))
+    with open(card_path, "w", encoding="utf-8") as handle:
+        handle.write(set_card_section(card, TUNED_SCHEDULES_HEADING, tuned_schedules_markdown(entries)))
+    fixed = ", ".join(f"{name} {value:.4f}" for name, value in result.spacing_distance.items())
+    print(f"timesteps: {result.timesteps}")
+    print(f"distance to the teacher: tuned {result.teacher_distance:.4f}; fixed spacings: {fixed}")
+    print(
+        f"{result.num_unet_calls} UNet calls; wrote {scheduler_config_path(args.model)} and the model card "
+        f"{card_path}. "
+        f"Sampling with {args.steps} steps at solver_order={args.order} now uses these timesteps."
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--spacings",
         type=_spacing_list,
         default=None,
-        help="comma-separated spacings (leading, trailing, linspace, quadratic, logsnr) and stock:leading etc. for "
-        "diffusers' DDIMScheduler (default: the model's own spacing)",
+        help="comma-separated spacings (leading, trailing, linspace, quadratic, logsnr), tuned (the schedules stored "
+        "by tune-steps) and stock:leading etc. for diffusers' DDIMScheduler (default: the model's own scheduler)",
     )
     evaluate.add_argument(
         "--features",
@@ -447,6 +498,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="markdown file for the table, e.g. results.md")
     evaluate.add_argument("--plot", default=None, help="also plot distance against S to this image (needs matplotlib)")
     evaluate.set_defaults(run=run_evaluate)
+
+    tune = commands.add_parser(
+        "tune-steps",
+        help="tune the timesteps of S steps to the model and store them in its folder",
+        description="Choose the S timesteps that bring the model's samples closest to a many-step run of the same "
+        "model (no data needed; see ddim_plus.optimize_timesteps) and store them in MODEL/scheduler/"
+        "scheduler_config.json and its model card. Sampling with S steps at that solver order then uses them.",
+    )
+    _add_common(tune, spacing=False)
+    tune.add_argument("--steps", type=_positive_int, required=True, help="number of sampling steps S to tune")
+    tune.add_argument("--order", type=int, default=2, help="solver order to tune for: 1 (DDIM) or 2 (default: 2)")
+    tune.add_argument(
+        "--num-samples", type=_positive_int, default=64, help="latents the schedules are scored on (default: 64)"
+    )
+    tune.add_argument(
+        "--teacher-steps", type=_positive_int, default=200, help="steps of the order-2 teacher (default: 200)"
+    )
+    tune.add_argument(
+        "--max-trials", type=_positive_int, default=None, help="candidate schedules to score (default: 10 S)"
+    )
+    tune.add_argument("--seed", type=int, default=0, help="seed of the latents (default: 0)")
+    tune.set_defaults(run=run_tune_steps)
     return parser
 
 

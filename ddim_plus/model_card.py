@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence
 from huggingface_hub import ModelCard, ModelCardData
 
 MODEL_CARD_TAGS = ("ddim", "ddim-plus", "diffusers", "unconditional-image-generation")
+TUNED_SCHEDULES_HEADING = "## Tuned timestep schedules"
 
 
 def _markdown_table(rows: Sequence[Dict[str, object]]) -> str:
@@ -94,3 +95,46 @@ def make_model_card(
     ]
     content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
     return ModelCard(content)
+
+
+def tuned_schedules_markdown(entries: Sequence[Dict[str, object]]) -> str:
+    """The model-card text listing the schedules stored in the scheduler config's `tuned_timesteps`.
+
+    Args:
+        entries (`Sequence[Dict[str, object]]`): the `tuned_timesteps` entries (see `DDIMSchedulerPlus`).
+
+    Returns:
+        `str`: a sentence and a table (steps, solver order, timesteps).
+    """
+    rows = [
+        {
+            "steps": entry["num_inference_steps"],
+            "solver_order": entry["solver_order"],
+            "timesteps": ", ".join(str(t) for t in entry["timesteps"]),
+        }
+        for entry in entries
+    ]
+    return (
+        "Timesteps tuned to this model by `ddim-plus tune-steps` (matching a many-step run of the model itself). "
+        "`pipeline(num_inference_steps=S)` uses them when the scheduler's `solver_order` is the one listed; other "
+        "step counts use the `timestep_spacing`.\n\n" + _markdown_table(rows)
+    )
+
+
+def set_card_section(card_text: str, heading: str, body: str) -> str:
+    """Put `body` under the markdown `heading` (e.g. ``"## Results"``) of a card: the section is replaced if the
+    card has it (up to the next heading of the same level), appended otherwise.
+
+    Returns:
+        `str`: the new card text.
+    """
+    lines = card_text.rstrip("\n").split("\n")
+    level = heading.split(" ")[0] + " "
+    section = [heading, "", body.rstrip("\n"), ""]
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(level)), len(lines))
+        lines = lines[:start] + section + lines[end:]
+    else:
+        lines = lines + [""] + section
+    return "\n".join(lines).rstrip("\n") + "\n"

@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import ddim_math as dm
 
 SIGMA_TYPES = ("eta", "sigma_hat")
+
+logger = logging.get_logger(__name__)
 
 
 def _check_same_shape(model_output: torch.Tensor, sample: torch.Tensor) -> None:
@@ -93,6 +95,11 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         solver_order (`int`, defaults to 1): 1 is the paper's DDIM. 2 adds the DPM-Solver++(2M) multistep
             correction of x_0 (deterministic sampling only, `eta` must be 0). The first step, the step to abar = 1
             and, with fewer than 15 steps, the last two steps stay first order.
+        tuned_timesteps (`List[dict]`, *optional*): schedules found for this model by
+            `ddim_plus.optimize_timesteps` (written by `ddim-plus tune-steps`). Each entry holds
+            `num_inference_steps`, `solver_order`, `timesteps` and the `alphas_cumprod` at those timesteps;
+            `set_timesteps(S)` uses the entry for S and this `solver_order` instead of `timestep_spacing`. Entries
+            whose abar differ from this noise schedule (another T or other betas) are ignored with a warning.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -118,6 +125,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         rescale_betas_zero_snr: bool = False,
         sigma_type: str = "eta",
         solver_order: int = 1,
+        tuned_timesteps: Optional[List[dict]] = None,
     ):
         if num_train_timesteps < 1:
             raise ValueError(f"`num_train_timesteps` must be >= 1, got {num_train_timesteps}.")
@@ -151,11 +159,45 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
         self._abar_list = self.alphas_cumprod.tolist()
         self._noise_tables = {}
+        self._tuned = self._usable_tuned_timesteps(tuned_timesteps or [])
         self._reset_schedule_state([])
 
     # ------------------------------------------------------------------------------------------------------------
     # Schedule
     # ------------------------------------------------------------------------------------------------------------
+    def _usable_tuned_timesteps(self, entries: Sequence[dict]) -> dict:
+        """(solver_order, S) -> timesteps for the entries tuned on this noise schedule; warn about the others.
+
+        A tuned schedule is a list of noise levels: it was tuned for the abar it recorded, so it is kept only where
+        this scheduler's abar at the same timesteps agree (float32 rounding apart)."""
+        T = self.config.num_train_timesteps
+        usable = {}
+        for entry in entries:
+            steps, order, timesteps = entry["num_inference_steps"], entry["solver_order"], list(entry["timesteps"])
+            recorded = np.asarray(entry["alphas_cumprod"], dtype=np.float64)
+            in_range = all(0 <= t < T for t in timesteps) and len(recorded) == len(timesteps)
+            if not in_range or not np.allclose(self.alphas_cumprod.numpy()[timesteps], recorded, rtol=1e-5, atol=0):
+                logger.warning(
+                    f"`tuned_timesteps` for {steps} steps (solver_order={order}) were tuned for another noise "
+                    f"schedule (other betas or `num_train_timesteps`={T} differs) and are ignored; "
+                    f"{steps} steps use `timestep_spacing`={self.config.timestep_spacing!r}. Re-run "
+                    f"`ddim-plus tune-steps MODEL --steps {steps} --order {order}` (or "
+                    "`ddim_plus.optimize_timesteps`) for this schedule, or delete `tuned_timesteps` from "
+                    "scheduler_config.json."
+                )
+                continue
+            usable[(order, steps)] = timesteps
+        return usable
+
+    def tuned_schedule(self, num_inference_steps: int) -> Optional[List[int]]:
+        """The tuned timesteps `set_timesteps(num_inference_steps)` uses at this `solver_order`, or `None` when
+        there are none for that number of steps (the `timestep_spacing` is used).
+
+        Returns:
+            `List[int]` or `None`.
+        """
+        return self._tuned.get((self.config.solver_order, num_inference_steps))
+
     def _reset_schedule_state(self, timesteps: List[int]) -> None:
         self._timestep_list = timesteps
         self._ascending = sorted(timesteps)
@@ -191,8 +233,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         """Choose the timesteps to visit (run before sampling). Also resets the multistep history.
 
         Args:
-            num_inference_steps (`int`, *optional*): S, the number of sampling steps, 1 <= S <= T, spaced by
-                `config.timestep_spacing`.
+            num_inference_steps (`int`, *optional*): S, the number of sampling steps, 1 <= S <= T: the tuned
+                schedule for S (see `tuned_timesteps`) if there is one, otherwise spaced by `config.timestep_spacing`.
             device (`str` or `torch.device`, *optional*): device of `self.timesteps`.
             timesteps (`List[int]`, *optional*): a custom strictly descending schedule within [0, T); replaces
                 `num_inference_steps`.
@@ -212,12 +254,17 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
                     f"`num_inference_steps` must be between 1 and `num_train_timesteps`={T}, "
                     f"got {num_inference_steps}."
                 )
-            schedule = dm.timesteps_for_spacing(
-                self.config.timestep_spacing,
-                int(num_inference_steps),
-                T,
-                self.config.steps_offset,
-                self.alphas_cumprod,
+            tuned = self.tuned_schedule(int(num_inference_steps))
+            schedule = (
+                self._validate_custom_timesteps(tuned)
+                if tuned is not None
+                else dm.timesteps_for_spacing(
+                    self.config.timestep_spacing,
+                    int(num_inference_steps),
+                    T,
+                    self.config.steps_offset,
+                    self.alphas_cumprod,
+                )
             )
             if schedule.max() >= T or schedule.min() < 0:
                 raise ValueError(

@@ -18,6 +18,7 @@ from .fid import FrechetDistance, ImageBatch, digits_reference_images
 
 SIGMA_HAT = "sigma-hat"
 STOCK_PREFIX = "stock:"
+TUNED = "tuned"  # the schedules `ddim-plus tune-steps` stored in the model's scheduler config
 
 
 @dataclass
@@ -60,7 +61,8 @@ def _sampler(pipe, spacing: Optional[str], eta: Union[float, str]):
         scheduler = DDIMScheduler.from_config(stock_config, timestep_spacing=spacing[len(STOCK_PREFIX) :])
         sampler = DDIMPipeline(unet=pipe.unet, scheduler=scheduler)
     else:
-        overrides = {} if spacing is None else {"timestep_spacing": spacing}
+        # A fixed spacing is measured as itself, not replaced by a tuned schedule stored for the same S.
+        overrides = {} if spacing in (None, TUNED) else {"timestep_spacing": spacing, "tuned_timesteps": None}
         overrides["sigma_type"] = "sigma_hat" if eta == SIGMA_HAT else "eta"
         sampler = DDIMPlusPipeline(unet=pipe.unet, scheduler=DDIMSchedulerPlus.from_config(config, **overrides))
     sampler.set_progress_bar_config(disable=True)
@@ -114,8 +116,10 @@ def quality_sweep(
         steps (`Sequence[int]`, defaults to (10, 20, 50, 100)): the values of S.
         etas (`Sequence`, defaults to (0.0,)): eta values; ``"sigma-hat"`` selects the paper's sigma-hat variance
             (skipped for stock spacings, which do not have it).
-        spacings (`Sequence[str]`, defaults to (None,)): ``None`` keeps the pipeline's spacing; a name sets
-            `timestep_spacing` of `DDIMSchedulerPlus`; ``"stock:leading"`` etc. runs diffusers' `DDIMPipeline`.
+        spacings (`Sequence[str]`, defaults to (None,)): ``None`` keeps the pipeline's scheduler as it is (tuned
+            schedules included; such cells are labelled ``"tuned"``); a name sets `timestep_spacing` of
+            `DDIMSchedulerPlus` (and ignores tuned schedules); ``"tuned"`` runs the tuned schedules stored for every
+            S in `steps` (see `ddim_plus.optimize_timesteps`); ``"stock:leading"`` etc. runs diffusers' `DDIMPipeline`.
         features (`str` or `torch.nn.Module`, defaults to ``"digits"``): see `FrechetDistance`.
         reference_images (`np.ndarray` or `torch.Tensor`, *optional*): the real set; defaults to the 1,797 bundled
             digits at the model's resolution and channels.
@@ -133,6 +137,14 @@ def quality_sweep(
     for eta in etas:
         if eta != SIGMA_HAT and not (isinstance(eta, (int, float)) and 0.0 <= float(eta)):
             raise ValueError(f"`etas` must hold non-negative numbers or {SIGMA_HAT!r}, got {eta!r}.")
+    if TUNED in spacings:
+        untuned = [s for s in steps if pipe.scheduler.tuned_schedule(s) is None]
+        if untuned:
+            order = pipe.scheduler.config.solver_order
+            raise ValueError(
+                f"`spacings` asks for {TUNED!r} but the model has no tuned schedule for {untuned} steps at "
+                f"solver_order={order}; run `ddim-plus tune-steps MODEL --steps S --order {order}` for each first."
+            )
     metric = FrechetDistance(features)
     if reference_images is None:
         channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
@@ -152,7 +164,9 @@ def quality_sweep(
                 metric.update(images, real=False)
                 distance = metric.compute()
                 metric.reset()
-                label = spacing or pipe.scheduler.config.timestep_spacing
+                label = spacing or (
+                    TUNED if sampler.scheduler.tuned_schedule(num_steps) else pipe.scheduler.config.timestep_spacing
+                )
                 result = QualityResult(label, num_steps, eta, distance.value, distance.features, num_images, seconds)
                 results.append(result)
                 if on_result is not None:
