@@ -6,8 +6,10 @@ For every seed s the tuner sees only the oracle, through its own latents (`num_s
 every sampler is then judged on other latents (2,000 x_T from seed 1000 + s) against a held-out reference (2,000
 exact samples from seed 2000 + s). The measure is the sliced 1-Wasserstein distance
 (`ddim_plus.evaluation.gmm.sliced_wasserstein_distance`, 512 directions); the table gives mean +- standard deviation
-over the seeds. The first rows are the samplers of issue 15's table, measured in this run; the tuned schedules are
-stored in and read back from the scheduler config (`tuned_timesteps`), as a saved pipeline would use them.
+over the seeds, and for the tuned rows the difference to the quadratic spacing at the same order, paired by seed
+(the seeds move all rows together). The first rows are the samplers of issue 15's table, measured in this run; the
+tuned schedules are stored in and read back from the scheduler config (`tuned_timesteps`), as a saved pipeline
+would use them.
 
     python benchmarks/bench_tuned_timesteps.py [--seeds 5] [--num-samples 256] [--threads 2]
 """
@@ -103,6 +105,11 @@ def main() -> None:
     print("|" + "---|" * (len(STEPS) + 1))
     for label, by_steps in rows.items():
         print(f"| {label} | " + " | ".join(cell(by_steps[s]) for s in STEPS) + " |")
+    # The seeds move every row together (shared latents and reference): the paired difference is far less noisy.
+    for order in (2, 1):
+        tuned, fixed = rows[f"tuned, order {order}"], rows[f"ddim_plus order {order}, quadratic"]
+        differences = [cell([a - b for a, b in zip(tuned[s], fixed[s])]) for s in STEPS]
+        print(f"| tuned minus quadratic, order {order} (paired by seed) | " + " | ".join(differences) + " |")
     print()
     for (order, steps), found in sorted(schedules.items()):
         calls = tuning_calls[(order, steps)]
