@@ -137,7 +137,8 @@ def _launch_state(args):
             f"{state.num_processes} images or launch fewer processes (--num_processes).",
             exit_code=2,
         )
-    device = args.device or (str(state.device) if state.num_processes > 1 else "cpu")
+    # Plain "cpu", never accelerate's "cpu:0": the pipeline's batch-of-one calls round differently on the two.
+    device = args.device or ("cpu" if state.num_processes == 1 or state.device.type == "cpu" else str(state.device))
     return state, device
 
 
