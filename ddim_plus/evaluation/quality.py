@@ -118,7 +118,8 @@ def quality_sweep(
     for eta in etas:
         if eta != SIGMA_HAT and not (isinstance(eta, (int, float)) and 0.0 <= float(eta)):
             raise ValueError(f"`etas` must hold non-negative numbers or {SIGMA_HAT!r}, got {eta!r}.")
-    metric = FrechetDistance(features)
+    # Features are extracted where the sampler runs (each process's GPU under `accelerate launch`).
+    metric = FrechetDistance(features, device=pipe.device)
     if reference_images is None:
         channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
         reference_images = digits_reference_images(resolution=size, channels=channels)
