@@ -168,7 +168,8 @@ def run_sample(args) -> None:
         return
     settings = f"{args.steps} steps, eta={args.eta:g}, seeds {args.seed}..{args.seed + args.num - 1}"
     if args.save_images:
-        print(f"wrote {args.num} samples ({settings}) as PNGs to {args.save_images}")
+        resumed = f"; {generated.num_resumed} were there already" if generated.num_resumed else ""
+        print(f"wrote {args.num} samples ({settings}) as PNGs to {args.save_images}{resumed}")
     if args.out:
         _write_image(make_grid(generated.images, num_columns=args.columns, scale=args.scale), args.out)
         print(f"wrote {args.num} samples ({settings}) to {args.out}")

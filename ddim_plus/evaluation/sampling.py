@@ -207,7 +207,7 @@ def generate_images(
         else:
             with state.split_between_processes(round_shards) as split:
                 mine = list(split)
-        images, statistics, count = None, None, 0
+        images = statistics = None
         if mine:
             ((start, count),) = mine
             paths = [image_path(image_dir, i) for i in range(start, start + count)] if image_dir else []
@@ -233,7 +233,7 @@ def generate_images(
             for shard_statistics in per_process[: len(round_shards)]:
                 total = shard_statistics if total is None else total + shard_statistics
         if return_images:
-            gathered = [images] if state is None or num_processes == 1 else _gather_objects(images, state)
+            gathered = [images] if num_processes == 1 else _gather_objects(images)
             if is_main:
                 kept.extend(gathered[: len(round_shards)])
     if state is not None and num_processes > 1:
@@ -254,7 +254,7 @@ def _gather_in_process_order(tensor: torch.Tensor, state) -> List[torch.Tensor]:
     return list(gather(tensor[None].to(state.device)).cpu())
 
 
-def _gather_objects(item, state) -> list:
+def _gather_objects(item) -> list:
     from accelerate.utils import gather_object
 
     return gather_object([item])  # an all-gather: meant for the few images of a grid, not for N = 50,000
