@@ -12,14 +12,13 @@ or `accelerate launch --cpu training/train.py --resolution 8` make one.
 """
 
 import argparse
-import time
 
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.evaluation.fid import FrechetDistance, digits_reference_images
-from ddim_plus.evaluation.quality import generate_images
+from ddim_plus.evaluation.sampling import generate_images
 
 
 def samplers(pipe: DDIMPlusPipeline) -> dict:
@@ -67,12 +66,16 @@ def main() -> None:
     for name, sampler in samplers(pipe).items():
         generate_images(sampler, 2, 2, 0.0)  # warm-up: first calls pay allocation costs
         for num_steps in steps:
-            start = time.perf_counter()
-            images = generate_images(sampler, args.num_images, num_steps, 0.0, batch_size=args.batch_size)
-            seconds = time.perf_counter() - start
-            metric.update(images, real=False)
-            table[name, num_steps] = (metric.compute().value, seconds)
-            metric.reset()
+            generated = generate_images(
+                sampler,
+                args.num_images,
+                num_steps,
+                0.0,
+                batch_size=args.batch_size,
+                metric=metric,
+                return_images=False,
+            )
+            table[name, num_steps] = (generated.frechet_distance.value, generated.seconds)
 
     names = list(dict.fromkeys(name for name, _ in table))
     print(f"Frechet distance in {metric.features_name} features ({args.num_images} images, eta = 0) and seconds:\n")

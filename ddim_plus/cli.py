@@ -130,26 +130,53 @@ def _set_progress(pipe, quiet: bool) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Subcommands
 # ----------------------------------------------------------------------------------------------------------------
-def run_sample(args) -> None:
-    import numpy as np
+def _launch_state(args):
+    """accelerate's state for this process and the device to sample on; refuses fewer images than processes."""
+    from .evaluation.sampling import process_state
 
-    from .evaluation.grids import make_grid
-
-    pipe = load_pipeline(args.model, args.spacing, args.sigma_hat, args.device, quiet=args.quiet)
-    _set_progress(pipe, args.quiet)
-    batches = []
-    for start in range(0, args.num, args.batch_size):
-        count = min(args.batch_size, args.num - start)
-        output = pipe(
-            batch_size=count,
-            generator=_generators(range(args.seed + start, args.seed + start + count)),
-            eta=args.eta,
-            num_inference_steps=args.steps,
-            output_type="np",
+    state = process_state()
+    if args.num < state.num_processes:
+        raise CommandError(
+            f"--num {args.num} is smaller than the {state.num_processes} launched processes; ask for at least "
+            f"{state.num_processes} images or launch fewer processes (--num_processes).",
+            exit_code=2,
         )
-        batches.append(output.images)
-    _write_image(make_grid(np.concatenate(batches), num_columns=args.columns, scale=args.scale), args.out)
-    print(f"wrote {args.num} samples ({args.steps} steps, eta={args.eta:g}, seeds {args.seed}..) to {args.out}")
+    # Plain "cpu", never accelerate's "cpu:0": the pipeline's batch-of-one calls round differently on the two.
+    device = args.device or ("cpu" if state.num_processes == 1 or state.device.type == "cpu" else str(state.device))
+    return state, device
+
+
+def run_sample(args) -> None:
+    from .evaluation.grids import make_grid
+    from .evaluation.sampling import SampleFolderError, generate_images
+
+    state, device = _launch_state(args)
+    pipe = load_pipeline(args.model, args.spacing, args.sigma_hat, device, quiet=args.quiet)
+    _set_progress(pipe, args.quiet or not state.is_main_process)
+    try:
+        generated = generate_images(
+            pipe,
+            args.num,
+            args.steps,
+            args.eta,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            image_dir=args.save_images,
+            return_images=args.out is not None,
+            split_across_processes=True,
+            shard_size=args.shard_size,
+        )
+    except SampleFolderError as error:
+        raise CommandError(f"--save-images: {error}", exit_code=2) from error
+    if not state.is_main_process:
+        return
+    settings = f"{args.steps} steps, eta={args.eta:g}, seeds {args.seed}..{args.seed + args.num - 1}"
+    if args.save_images:
+        resumed = f"; {generated.num_resumed} were there already" if generated.num_resumed else ""
+        print(f"wrote {args.num} samples ({settings}) as PNGs to {args.save_images}{resumed}")
+    if args.out:
+        _write_image(make_grid(generated.images, num_columns=args.columns, scale=args.scale), args.out)
+        print(f"wrote {args.num} samples ({settings}) to {args.out}")
 
 
 def _load_images(paths: Sequence[str], channels: int, size: int):
@@ -182,7 +209,7 @@ def run_invert(args) -> None:
     from .evaluation.grids import make_grid
     from .evaluation.reconstruction import mean_squared_error
 
-    pipe = load_pipeline(args.model, args.spacing, device=args.device, quiet=args.quiet)
+    pipe = load_pipeline(args.model, args.spacing, device=args.device or "cpu", quiet=args.quiet)
     inversion = DDIMInversionPipeline(**pipe.components)
     _set_progress(inversion, args.quiet)
     images = _load_images(args.images, pipe.unet.config.in_channels, pipe.unet.config.sample_size)
@@ -230,7 +257,7 @@ def run_interpolate(args) -> None:
     from . import DDIMInversionPipeline, slerp
     from .evaluation.grids import make_grid
 
-    pipe = load_pipeline(args.model, args.spacing, device=args.device, quiet=args.quiet)
+    pipe = load_pipeline(args.model, args.spacing, device=args.device or "cpu", quiet=args.quiet)
     _set_progress(pipe, args.quiet)
     if args.latents is not None:
         # Inverted latents: decode with the inversion pipeline's ODE (no clipping), so the end frames reproduce the
@@ -282,23 +309,34 @@ def _load_reference(reference: str, channels: int, size: int):
 
 
 def run_evaluate(args) -> None:
+    import dataclasses
+    import json
+
     from tqdm.auto import tqdm
 
     from .evaluation.fid import FeatureWeightsUnavailableError, parse_features
-    from .evaluation.quality import SIGMA_HAT, plot_results, quality_sweep, results_to_markdown
+    from .evaluation.quality import (
+        SIGMA_HAT,
+        ReferenceSetTooSmallError,
+        plot_results,
+        quality_sweep,
+        results_to_markdown,
+    )
+    from .evaluation.sampling import SampleFolderError
 
     try:
         parse_features(args.features)
     except ValueError as error:
         raise CommandError(str(error), exit_code=2) from error
-    pipe = load_pipeline(args.model, device=args.device, quiet=args.quiet)
+    state, device = _launch_state(args)
+    pipe = load_pipeline(args.model, device=device, quiet=args.quiet)
     reference = _load_reference(args.reference, pipe.unet.config.in_channels, pipe.unet.config.sample_size)
     etas = list(args.eta) + ([SIGMA_HAT] if args.sigma_hat and SIGMA_HAT not in args.eta else [])
     spacings = args.spacings or [None]
     # diffusers' stock scheduler has no sigma-hat: those cells are skipped.
     runnable = [(s, e) for s in spacings for e in etas if not (s and s.startswith("stock:") and e == SIGMA_HAT)]
     total = len(runnable) * len(args.steps)
-    with tqdm(total=total, desc="configurations", disable=args.quiet) as bar:
+    with tqdm(total=total, desc="configurations", disable=args.quiet or not state.is_main_process) as bar:
         try:
             results = quality_sweep(
                 pipe,
@@ -311,15 +349,27 @@ def run_evaluate(args) -> None:
                 seed=args.seed,
                 batch_size=args.batch_size,
                 on_result=lambda result: bar.update(1),
+                image_dir=args.save_images,
+                split_across_processes=True,
+                shard_size=args.shard_size,
             )
         except FeatureWeightsUnavailableError as error:
             raise CommandError(str(error)) from error
+        except SampleFolderError as error:
+            raise CommandError(f"--save-images: {error}", exit_code=2) from error
+        except ReferenceSetTooSmallError as error:
+            raise CommandError(f"--reference: {error}", exit_code=2) from error
+    if not state.is_main_process:
+        return
     title = f"# Steps vs quality: `{args.model}`"
     markdown = results_to_markdown(results, title=title)
     print(markdown)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:
-        handle.write(markdown)
+        if args.out.endswith(".json"):
+            json.dump([dataclasses.asdict(result) for result in results], handle, indent=2)
+        else:
+            handle.write(markdown)
     print(f"wrote {args.out}")
     if args.plot:
         try:
@@ -388,8 +438,29 @@ def _add_common(parser: argparse.ArgumentParser, spacing: bool = True) -> None:
             default=None,
             help="timestep spacing of the S steps (default: the model's scheduler config)",
         )
-    parser.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device to run on, e.g. cpu or cuda (default: cpu; under `accelerate launch` with several "
+        "processes, each process's own device)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_scale_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--save-images",
+        default=None,
+        metavar="DIR",
+        help="also save image i as DIR/{i:06d}.png (evaluate: one subfolder per configuration); rerunning the same "
+        "command after a kill skips the shards already there",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=_positive_int,
+        default=1000,
+        help="images per shard: the unit split between processes, resumed and summed (default: 1000)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -413,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=_positive_int, default=64, help="samples per model call (default: 64)")
     sample.add_argument("--columns", type=_positive_int, default=None, help="grid columns (default: square grid)")
     sample.add_argument("--scale", type=_positive_int, default=4, help="pixel upscaling of the grid (default: 4)")
-    sample.add_argument("--out", required=True, help="image file for the grid, e.g. grid.png")
+    sample.add_argument("--out", default=None, help="image file for a grid of all samples, e.g. grid.png")
+    _add_scale_options(sample)
     sample.set_defaults(run=run_sample)
 
     invert = commands.add_parser(
@@ -495,7 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num", type=_positive_int, default=256, help="generated images per cell (default: 256)")
     evaluate.add_argument("--seed", type=int, default=0, help="image i starts from seed SEED + i (default: 0)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default: 64)")
-    evaluate.add_argument("--out", required=True, help="markdown file for the table, e.g. results.md")
+    evaluate.add_argument(
+        "--out", required=True, help="file for the table: markdown (results.md), or the raw numbers as .json"
+    )
+    _add_scale_options(evaluate)
     evaluate.add_argument("--plot", default=None, help="also plot distance against S to this image (needs matplotlib)")
     evaluate.set_defaults(run=run_evaluate)
 
@@ -529,6 +604,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "sigma_hat", False) and args.command == "sample" and args.eta:
         print("note: --sigma-hat sets the variance itself; --eta is ignored", file=sys.stderr)
+    if args.command == "sample" and args.out is None and args.save_images is None:
+        parser.error("sample needs --out GRID.png, --save-images DIR, or both")
     if args.command == "interpolate" and args.frames < 2:
         parser.error(f"--frames must be at least 2 (both ends are included), got {args.frames}")
     try:

@@ -42,6 +42,7 @@ from ddim_plus.data import (
     find_image_column,
     load_image_dataset,
 )
+from ddim_plus.evaluation.sampling import generate_images
 from ddim_plus.model_card import make_model_card
 from ddim_plus.training_utils import (
     STAGING_PREFIX,
@@ -353,8 +354,11 @@ def save_grid(images: np.ndarray, path: str, resolution: int) -> Image.Image:
     return grid
 
 
-def generate_with_ema(accelerator, unet, ema_model, scheduler, num_samples, num_inference_steps, eta, seed, batch):
-    """Samples drawn with the EMA weights swapped in, then the raw weights put back so training goes on with them."""
+def generate_with_ema(
+    accelerator, unet, ema_model, scheduler, num_samples, num_inference_steps, eta, seed, batch, metric=None
+):
+    """`generate_images` (image i from seed + i, as `ddim-plus sample`/`evaluate` draw it) with the EMA weights
+    swapped in, then the raw weights put back so training goes on with them."""
     model = accelerator.unwrap_model(unet)
     if ema_model is not None:
         ema_model.store(model.parameters())
@@ -363,21 +367,13 @@ def generate_with_ema(accelerator, unet, ema_model, scheduler, num_samples, num_
     model.eval()
     pipeline = DDIMPlusPipeline(unet=model, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-    images = []
-    for start in range(0, num_samples, batch):
-        output = pipeline(
-            batch_size=min(batch, num_samples - start),
-            generator=generator,
-            eta=eta,
-            num_inference_steps=num_inference_steps,
-            output_type="np",
-        )
-        images.append(output.images)
+    generated = generate_images(
+        pipeline, num_samples, num_inference_steps, eta, seed=seed, batch_size=batch, metric=metric
+    )
     model.train(was_training)
     if ema_model is not None:
         ema_model.restore(model.parameters())
-    return np.concatenate(images)
+    return generated
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -639,7 +635,7 @@ def main(argv=None) -> str:
                     args.ddim_eta,
                     args.seed,
                     args.eval_batch_size,
-                )
+                ).images
                 os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
                 save_grid(images, os.path.join(args.output_dir, "samples", f"step-{global_step}.png"), args.resolution)
                 for tracker in accelerator.trackers:
@@ -690,9 +686,10 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
     is_digits = args.train_data_dir is None and args.dataset_name == DIGITS_DATASET_NAME
     if is_digits:
         from ddim_plus.evaluation.digits import digits_report
-        from ddim_plus.evaluation.fid import digits_reference_images, frechet_distance
+        from ddim_plus.evaluation.fid import FrechetDistance, digits_reference_images
 
-        digits_reference = digits_reference_images(args.resolution, unet.config.in_channels)
+        digits_metric = FrechetDistance("digits")
+        digits_metric.update(digits_reference_images(args.resolution, unet.config.in_channels), real=True)
         num_samples = args.num_eval_samples
     else:
         # Unscored samples only fill the grid: drawing more would only cost time.
@@ -704,9 +701,19 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
         )
     sample_images, metrics = [], []
     for num_steps in dict.fromkeys(args.eval_inference_steps):
-        images = generate_with_ema(
-            accelerator, unet, ema_model, scheduler, num_samples, num_steps, args.ddim_eta, args.seed, 256
+        generated = generate_with_ema(
+            accelerator,
+            unet,
+            ema_model,
+            scheduler,
+            num_samples,
+            num_steps,
+            args.ddim_eta,
+            args.seed,
+            256,
+            metric=digits_metric if is_digits else None,
         )
+        images = generated.images
         grid_name = f"samples_{num_steps}steps.png"
         # The grids show the first GRID_SAMPLES samples; the scores use all of them.
         save_grid(images[:GRID_SAMPLES], os.path.join(staging_dir, grid_name), args.resolution)
@@ -714,7 +721,7 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
         row = {"DDIM steps": num_steps, "eta": args.ddim_eta, "samples": len(images)}
         if is_digits:
             report = digits_report(images)
-            distance = frechet_distance(digits_reference, images)
+            distance = generated.frechet_distance
             row.update(
                 {
                     "recognisable fraction": report["recognisable_fraction"],

@@ -322,6 +322,39 @@ class FrechetDistance:
     def num_generated(self) -> int:
         return int(self._metric.fake_features_num_samples)
 
+    @property
+    def num_features(self) -> int:
+        """Dimension D of the feature space (a full-rank covariance needs more than D images per set)."""
+        return int(self._metric.real_features_sum.numel())
+
+    def generated_statistics(self) -> torch.Tensor:
+        """The generated set's float64 sums as one vector: count, feature sum (D), cross-product sum (D * D).
+
+        Sums of disjoint sets add up to the sums of their union, so sets scored apart (in shards, on several
+        processes) combine by adding these vectors; `set_generated_statistics` loads the total back.
+        """
+        metric = self._metric
+        return torch.cat(
+            [
+                metric.fake_features_num_samples.double().view(1).cpu(),
+                metric.fake_features_sum.cpu(),
+                metric.fake_features_cov_sum.flatten().cpu(),
+            ]
+        )
+
+    def set_generated_statistics(self, statistics: torch.Tensor) -> None:
+        """Replace the generated set's sums by a vector from `generated_statistics` (or a sum of such vectors)."""
+        size = self.num_features
+        if statistics.shape != (1 + size + size * size,):
+            raise ValueError(
+                f"`statistics` must have shape ({1 + size + size * size},), got {tuple(statistics.shape)}."
+            )
+        metric = self._metric
+        statistics = statistics.to(device=metric.fake_features_sum.device, dtype=torch.float64)
+        metric.fake_features_num_samples = statistics[0].round().long()
+        metric.fake_features_sum = statistics[1 : 1 + size].clone()
+        metric.fake_features_cov_sum = statistics[1 + size :].view(size, size).clone()
+
     def compute(self) -> FrechetDistanceResult:
         """The distance between the reference and the generated images seen since the last `reset`."""
         if self.num_real < 2 or self.num_generated < 2:

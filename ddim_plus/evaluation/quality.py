@@ -7,18 +7,22 @@ cells come from the sampler, not from drawing different noise. Each cell records
 from __future__ import annotations
 
 import inspect
-import time
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from .fid import FrechetDistance, ImageBatch, digits_reference_images
+from .sampling import SHARD_SIZE, generate_images
 
 SIGMA_HAT = "sigma-hat"
 STOCK_PREFIX = "stock:"
 TUNED = "tuned"  # the schedules `ddim-plus tune-steps` stored in the model's scheduler config
+
+
+class ReferenceSetTooSmallError(ValueError):
+    """Raised when the reference set has too few images for a full-rank covariance of its features."""
 
 
 @dataclass
@@ -70,33 +74,6 @@ def _sampler(pipe, spacing: Optional[str], eta: Union[float, str]):
     return sampler, 0.0 if eta == SIGMA_HAT else float(eta)
 
 
-def generate_images(
-    sampler, num_images: int, num_inference_steps: int, eta: float, seed: int = 0, batch_size: int = 64
-) -> np.ndarray:
-    """`num_images` images as (N, H, W, C) floats in [0, 1]; image i starts from the generator seeded `seed + i`.
-
-    Args:
-        sampler (`DDIMPlusPipeline` or `diffusers.DDIMPipeline`): the pipeline to call.
-        num_images (`int`): how many.
-        num_inference_steps (`int`): S.
-        eta (`float`): eta.
-        seed (`int`, defaults to 0): seed of the first image.
-        batch_size (`int`, defaults to 64): images per pipeline call.
-
-    Returns:
-        `np.ndarray`
-    """
-    batches = []
-    for start in range(0, num_images, batch_size):
-        count = min(batch_size, num_images - start)
-        generators = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(count)]
-        output = sampler(
-            batch_size=count, generator=generators, eta=eta, num_inference_steps=num_inference_steps, output_type="np"
-        )
-        batches.append(output.images)
-    return np.concatenate(batches)
-
-
 def quality_sweep(
     pipe,
     steps: Sequence[int] = (10, 20, 50, 100),
@@ -108,6 +85,9 @@ def quality_sweep(
     seed: int = 0,
     batch_size: int = 64,
     on_result: Optional[Callable[[QualityResult], None]] = None,
+    image_dir: Optional[str] = None,
+    split_across_processes: bool = False,
+    shard_size: int = SHARD_SIZE,
 ) -> List[QualityResult]:
     """Frechet distance for every (spacing, S, eta), all from the same x_T.
 
@@ -128,6 +108,11 @@ def quality_sweep(
         seed (`int`, defaults to 0): seed of the first x_T.
         batch_size (`int`, defaults to 64): images per pipeline call.
         on_result (`Callable`, *optional*): called with each `QualityResult` as soon as it is ready (progress).
+        image_dir (`str`, *optional*): save each cell's images as PNGs in ``image_dir/<cell>/`` (see
+            `cell_name`); cells already complete there are read back, not generated (see `generate_images`).
+        split_across_processes (`bool`, defaults to False): split each cell's images between the processes of an
+            ``accelerate launch`` (every process calls this function; all get the same results).
+        shard_size (`int`, defaults to 1000): see `generate_images`.
 
     Returns:
         `List[QualityResult]`, in loop order spacing -> eta -> S.
@@ -145,11 +130,18 @@ def quality_sweep(
                 f"`spacings` asks for {TUNED!r} but the model has no tuned schedule for {untuned} steps at "
                 f"solver_order={order}; run `ddim-plus tune-steps MODEL --steps S --order {order}` for each first."
             )
-    metric = FrechetDistance(features)
+    # Features are extracted where the sampler runs (each process's GPU under `accelerate launch`).
+    metric = FrechetDistance(features, device=pipe.device)
     if reference_images is None:
         channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
         reference_images = digits_reference_images(resolution=size, channels=channels)
     metric.update(reference_images, real=True)
+    if metric.num_real <= metric.num_features:
+        raise ReferenceSetTooSmallError(
+            f"`reference_images` holds {metric.num_real} images, but the {metric.features_name} features have "
+            f"{metric.num_features} dimensions: their covariance needs more than {metric.num_features} images to have "
+            "full rank. Pass a larger reference set, or features of lower dimension (e.g. 'digits' for digits)."
+        )
 
     results = []
     for spacing in spacings:
@@ -158,20 +150,36 @@ def quality_sweep(
             if sampler is None:
                 continue
             for num_steps in steps:
-                start = time.perf_counter()
-                images = generate_images(sampler, num_images, num_steps, call_eta, seed=seed, batch_size=batch_size)
-                seconds = time.perf_counter() - start
-                metric.update(images, real=False)
-                distance = metric.compute()
-                metric.reset()
                 label = spacing or (
                     TUNED if sampler.scheduler.tuned_schedule(num_steps) else pipe.scheduler.config.timestep_spacing
                 )
-                result = QualityResult(label, num_steps, eta, distance.value, distance.features, num_images, seconds)
+                generated = generate_images(
+                    sampler,
+                    num_images,
+                    num_steps,
+                    call_eta,
+                    seed=seed,
+                    batch_size=batch_size,
+                    metric=metric,
+                    image_dir=None if image_dir is None else os.path.join(image_dir, cell_name(label, num_steps, eta)),
+                    return_images=False,
+                    split_across_processes=split_across_processes,
+                    shard_size=shard_size,
+                )
+                distance = generated.frechet_distance
+                result = QualityResult(
+                    label, num_steps, eta, distance.value, distance.features, num_images, generated.seconds
+                )
                 results.append(result)
                 if on_result is not None:
                     on_result(result)
     return results
+
+
+def cell_name(spacing: str, num_steps: int, eta: Union[float, str]) -> str:
+    """Folder name of a cell's images, e.g. ``trailing_S50_eta0`` or ``stock-leading_S10_sigma-hat``."""
+    eta_part = eta if isinstance(eta, str) else f"eta{float(eta):g}"
+    return f"{spacing.replace(':', '-')}_S{num_steps}_{eta_part}"
 
 
 def _eta_label(eta: Union[float, str]) -> str:
@@ -247,31 +255,3 @@ def plot_results(results: Sequence[QualityResult], path: str, title: Optional[st
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def steps_vs_quality_table(
-    pipe,
-    steps: Sequence[int] = (10, 20, 50),
-    etas: Sequence[Union[float, str]] = (0.0,),
-    spacings: Sequence[Optional[str]] = (None,),
-    features: str = "digits",
-    num_images: int = 256,
-    seed: int = 0,
-    reference_images: Optional[ImageBatch] = None,
-) -> str:
-    """A markdown steps-vs-quality table for a model card (see `quality_sweep` for the arguments).
-
-    Returns:
-        `str`: markdown, naming the feature network and the number of images.
-    """
-    results = quality_sweep(
-        pipe,
-        steps=steps,
-        etas=etas,
-        spacings=spacings,
-        features=features,
-        reference_images=reference_images,
-        num_images=num_images,
-        seed=seed,
-    )
-    return results_to_markdown(results)
