@@ -9,16 +9,25 @@ inversion (the whole set is one batch, so a step costs as many calls as its slow
     python benchmarks/bench_inversion.py gmm --candidates --steps 10 20 50 100          # iteration methods compared
     # a trained pipeline folder (e.g. `make demo`'s demo_output), on the bundled digits at its resolution
     python benchmarks/bench_inversion.py model demo_output --steps 10 20 50 100 200 500 1000
+    # the 8x8 digits UNet of docs/results.md: trains it (~8 min on a busy 2-core CPU) on all but the last 128
+    # digits, or loads it, and measures on those 128 held-out digits
+    python benchmarks/bench_inversion.py --save-model runs/digits-unet-8x8
+    python benchmarks/bench_inversion.py --load-model runs/digits-unet-8x8 \
+        --interpolation-png docs/images/interpolation.png
 """
 
 import argparse
+import os
+import time
 
 import numpy as np
 import torch
+from diffusers import UNet2DModel
 
 import ddim_plus
-from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.evaluation.gmm import GaussianMixture, GaussianMixtureOracle
+from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
+from ddim_plus.evaluation.gmm import GaussianMixtureOracle
+from ddim_plus.evaluation.reconstruction import digits_mixture
 
 PAPER_TABLE_2 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009, 200: 0.0004, 500: 0.0001, 1000: 0.0001}
 
@@ -35,14 +44,69 @@ CANDIDATES = [
 ]
 
 
-def digit_mixture() -> GaussianMixture:
-    """Ten isotropic Gaussians (std 0.1 in the model's [-1, 1] scale) at the class means of scikit-learn's digits."""
-    from sklearn.datasets import load_digits
+def load_digits(num_test: int) -> tuple:
+    """scikit-learn's 1797 digits as float32 (N, 1, 8, 8) in [0, 1]; the last `num_test` are held out."""
+    from sklearn.datasets import load_digits as sk_load_digits
 
-    digits = load_digits()
-    pixels = torch.from_numpy(digits.images / 16.0 * 2 - 1)
-    means = torch.stack([pixels[torch.from_numpy(digits.target == k)].mean(0) for k in range(10)])[:, None]
-    return GaussianMixture(means, torch.full((10,), 0.1))
+    images = sk_load_digits().images.astype(np.float32) / 16.0
+    images = torch.from_numpy(images)[:, None]
+    return images[:-num_test], images[-num_test:]
+
+
+def make_unet() -> UNet2DModel:
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+
+
+def train(train_images: torch.Tensor, steps: int, batch_size: int, seed: int) -> DDIMPlusPipeline:
+    """Plain DDPM training (eps-prediction, MSE, linear betas, T = 1000) with an EMA of the weights."""
+    torch.manual_seed(seed)
+    unet = make_unet()
+    ema = make_unet()
+    ema.load_state_dict(unet.state_dict())
+    scheduler = DDIMSchedulerPlus()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    data = train_images * 2 - 1
+    start = time.perf_counter()
+    for step in range(steps):
+        x0 = data[torch.randint(0, len(data), (batch_size,))]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
+        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        if step % 500 == 0 or step == steps - 1:
+            print(f"train step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
+    return DDIMPlusPipeline(unet=ema.eval(), scheduler=scheduler)
+
+
+def save_interpolation_png(inverter: DDIMInversionPipeline, images: torch.Tensor, path: str, steps: int) -> None:
+    """Invert two held-out digits, slerp their x_T and save the decoded path as one strip, upscaled 4x."""
+    latents = inverter(images[:2], num_inference_steps=steps).latents
+    frames = inverter.interpolate(latents[0], latents[1], num_frames=8, num_inference_steps=steps, output_type="np")
+    strip = np.concatenate(list(frames.images[..., 0]), axis=1)  # (8, 8 * num_frames)
+    strip = np.kron(strip, np.ones((4, 4)))
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray((strip * 255).round().astype(np.uint8), mode="L").save(path, optimize=True)
+    print(f"wrote {path}")
 
 
 def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple:
@@ -101,13 +165,23 @@ def table(denoiser, scheduler, images, steps_list, candidates, show_paper: bool)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("denoiser", choices=["gmm", "model"], help="the exact Gaussian mixture, or a trained pipeline")
+    parser.add_argument(
+        "denoiser",
+        nargs="?",
+        choices=["gmm", "model"],
+        help="the exact Gaussian mixture, or a pipeline folder; omitted: the trained 8x8 digits UNet",
+    )
     parser.add_argument("model", nargs="?", help="pipeline folder (with `model`)")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 200, 500, 1000])
-    parser.add_argument("--num-images", type=int, default=500, help="images inverted (one batch)")
+    parser.add_argument("--num-images", type=int, default=500, help="images inverted, one batch (digits UNet: 128)")
     parser.add_argument("--candidates", action="store_true", help="compare the iteration methods, not just defaults")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-steps", type=int, default=2000, help="training steps of the digits UNet")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size of the digits UNet")
+    parser.add_argument("--load-model", help="a saved digits UNet pipeline to use instead of training")
+    parser.add_argument("--save-model", help="save the trained digits UNet pipeline here")
+    parser.add_argument("--interpolation-png", help="digits UNet: also save a picture of one interpolation here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     candidates = CANDIDATES if args.candidates else [CANDIDATES[0], CANDIDATES[5]]
@@ -116,31 +190,42 @@ def main() -> None:
         if args.model is not None:
             parser.error("`gmm` takes no pipeline folder")
         scheduler = DDIMSchedulerPlus(clip_sample=False)  # linear betas, T = 1000, leading spacing
-        mixture = digit_mixture()
-        oracle = GaussianMixtureOracle(mixture, scheduler.alphas_cumprod)
+        mixture = digits_mixture()
+        denoiser = GaussianMixtureOracle(mixture, scheduler.alphas_cumprod)
         samples, _ = mixture.sample(args.num_images, generator=torch.Generator().manual_seed(args.seed))
         images = (samples / 2 + 0.5).clamp(0, 1)
-        denoiser = oracle
         print(
             f"exact denoiser: Gaussian mixture at the 10 digit class means (8x8), std 0.1; {len(images)} exact "
             f"samples (clamped to [0, 1]); {scheduler.config.timestep_spacing} spacing, linear betas, T = 1000"
         )
     else:
-        if args.model is None:
-            parser.error("`model` needs a pipeline folder")
-        from ddim_plus.evaluation.fid import digits_reference_images
+        if args.denoiser == "model":
+            if args.model is None:
+                parser.error("`model` needs a pipeline folder")
+            from ddim_plus.evaluation.fid import digits_reference_images
 
-        pipe = DDIMPlusPipeline.from_pretrained(args.model)
+            pipe = DDIMPlusPipeline.from_pretrained(args.model)
+            channels, size, _ = pipe.sample_shape
+            images = digits_reference_images(size, channels)[-args.num_images :]
+            source = f"{args.model}: the last {len(images)} bundled digits at {size}x{size}"
+        else:
+            train_images, images = load_digits(min(args.num_images, 128))
+            if args.load_model:
+                pipe = DDIMPlusPipeline.from_pretrained(args.load_model)
+            else:
+                pipe = train(train_images, args.train_steps, args.batch_size, args.seed)
+                if args.save_model:
+                    pipe.save_pretrained(args.save_model)
+            source = f"the 8x8 digits UNet: {len(images)} held-out digits"
         scheduler = pipe.scheduler
-        channels, size, _ = pipe.sample_shape
-        images = digits_reference_images(size, channels)[-args.num_images :]
         denoiser = ddim_plus.make_denoiser(pipe.unet.eval())
-        print(
-            f"{args.model}: the last {len(images)} bundled digits at {size}x{size}, "
-            f"{scheduler.config.timestep_spacing} spacing (the pipeline's)"
-        )
+        print(f"{source}, {scheduler.config.timestep_spacing} spacing (the pipeline's)")
     print("per-pixel MSE on [0, 1], mean over images [95% bootstrap interval]; ratio = plain / refined\n")
     table(denoiser, scheduler, images, args.steps, candidates, show_paper=not args.candidates)
+    if args.interpolation_png:
+        inverter = DDIMInversionPipeline.from_pipe(pipe)
+        inverter.set_progress_bar_config(disable=True)
+        save_interpolation_png(inverter, images, args.interpolation_png, steps=50)
 
 
 if __name__ == "__main__":
