@@ -69,8 +69,8 @@ def inversion_reconstruction_error(
             `timestep_spacing` decides which S timesteps are visited.
         images (`torch.Tensor` or `np.ndarray`): images in [0, 1] of the UNet's size.
         num_inference_steps (`int`, defaults to 50): S.
-        refine (`bool`, defaults to `False`): `False` is the paper's plain DDIM inversion; `True` adds the
-            fixed-point refinement of each step of `DDIMInversionPipeline`.
+        refine (`bool`, defaults to `False`): `False` is the paper's plain DDIM inversion; `True` refines each step
+            (`ddim_plus.invert`).
         inversion_kwargs: passed to `DDIMInversionPipeline.__call__` (e.g. `refine_iterations`).
 
     Returns:
