@@ -1,14 +1,19 @@
-"""Reconstruction error of DDIM inversion vs steps: plain DDIM inversion vs `DDIMInversionPipeline`'s refinement.
+"""Reconstruction error of DDIM inversion (the paper's Table 2): plain inversion vs `ddim_plus.invert`'s refinement.
 
-A random-weight UNet has no meaningful ODE, so this script first trains a tiny UNet on the scikit-learn digits
-(8x8, 1 channel, bundled with scikit-learn: nothing is downloaded) for a fixed number of steps, then inverts held-out
-digits at 10 / 20 / 50 / 100 steps, decodes them with the same schedule and reports the per-pixel MSE on the [0, 1]
-scale beside the paper's Table 2 (CIFAR-10): 0.014 / 0.0065 / 0.0023 / 0.0009.
+Each image is inverted with S steps, decoded with the same S steps (eta = 0, no clipping) and scored by its per-pixel
+MSE on [0, 1]; tables give the mean over images with a 95% bootstrap interval, and the denoiser calls per step of the
+inversion (the whole set is one batch, so a step costs as many calls as its slowest image needs).
 
-    python benchmarks/bench_inversion.py                      # trains (~8 min on a busy 2-core CPU), then measures
-    python benchmarks/bench_inversion.py --save-model /tmp/digits-unet  # keep the trained pipeline
-    python benchmarks/bench_inversion.py --load-model /tmp/digits-unet  # skip training
-    python benchmarks/bench_inversion.py --interpolation-png docs/images/interpolation.png
+    # the exact denoiser: a Gaussian mixture at the ten 8x8 digit class means, std 0.1 (no training error)
+    python benchmarks/bench_inversion.py gmm --steps 10 20 50 100 200 500 1000          # Table 2
+    python benchmarks/bench_inversion.py gmm --candidates --steps 10 20 50 100          # iteration methods compared
+    # a trained pipeline folder (e.g. `make demo`'s demo_output), on the bundled digits at its resolution
+    python benchmarks/bench_inversion.py model demo_output --steps 10 20 50 100 200 500 1000
+    # the 8x8 digits UNet of docs/results.md: trains it (~8 min on a busy 2-core CPU) on all but the last 128
+    # digits, or loads it, and measures on those 128 held-out digits
+    python benchmarks/bench_inversion.py --save-model runs/digits-unet-8x8
+    python benchmarks/bench_inversion.py --load-model runs/digits-unet-8x8 \
+        --interpolation-png docs/images/interpolation.png
 """
 
 import argparse
@@ -19,9 +24,24 @@ import numpy as np
 import torch
 from diffusers import UNet2DModel
 
+import ddim_plus
 from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
+from ddim_plus.evaluation.gmm import GaussianMixtureOracle
+from ddim_plus.evaluation.reconstruction import digits_mixture
 
-PAPER_TABLE_2 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
+PAPER_TABLE_2 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009, 200: 0.0004, 500: 0.0001, 1000: 0.0001}
+
+# (name, keyword arguments of ddim_plus.invert). The first is plain inversion, the peer of every ratio.
+CANDIDATES = [
+    ("plain DDIM inversion", dict(refine=False)),
+    ("fixed point, 10 iterations", dict(refine_iterations=10, anderson_memory=0)),
+    ("fixed point, 20 iterations", dict(refine_iterations=20, anderson_memory=0)),
+    ("Anderson m=1, 10 iterations", dict(refine_iterations=10, anderson_memory=1)),
+    ("Anderson m=2, 5 iterations", dict(refine_iterations=5, anderson_memory=2)),
+    ("Anderson m=2, 10 iterations (default)", dict(refine_iterations=10, anderson_memory=2)),
+    ("Anderson m=2, 20 iterations", dict(refine_iterations=20, anderson_memory=2)),
+    ("Anderson m=3, 10 iterations", dict(refine_iterations=10, anderson_memory=3)),
+]
 
 
 def load_digits(num_test: int) -> tuple:
@@ -76,18 +96,6 @@ def train(train_images: torch.Tensor, steps: int, batch_size: int, seed: int) ->
     return DDIMPlusPipeline(unet=ema.eval(), scheduler=scheduler)
 
 
-def reconstruction_mse(inverter: DDIMInversionPipeline, images: torch.Tensor, steps: int, refine: bool) -> tuple:
-    """(per-pixel MSE of the reconstruction, UNet calls spent inverting, seconds for inversion + reconstruction)."""
-    calls = []
-    hook = inverter.unet.register_forward_hook(lambda module, args, output: calls.append(1))
-    start = time.perf_counter()
-    out = inverter(images, num_inference_steps=steps, refine=refine, return_reconstruction=True, output_type="pt")
-    seconds = time.perf_counter() - start
-    hook.remove()
-    inversion_calls = len(calls) - steps  # the reconstruction spends one call per step
-    return float(((out.images - images) ** 2).mean()), inversion_calls, seconds
-
-
 def save_interpolation_png(inverter: DDIMInversionPipeline, images: torch.Tensor, path: str, steps: int) -> None:
     """Invert two held-out digits, slerp their x_T and save the decoded path as one strip, upscaled 4x."""
     latents = inverter(images[:2], num_inference_steps=steps).latents
@@ -101,47 +109,123 @@ def save_interpolation_png(inverter: DDIMInversionPipeline, images: torch.Tensor
     print(f"wrote {path}")
 
 
+def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple:
+    """95% percentile bootstrap interval of the mean."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
+    return tuple(np.percentile(means, [2.5, 97.5]))
+
+
+def fmt(values: np.ndarray) -> str:
+    low, high = bootstrap_interval(values)
+    return f"{values.mean():.2e} [{low:.1e}, {high:.1e}]"
+
+
+@torch.no_grad()
+def reconstruction_errors(denoiser, scheduler, images: torch.Tensor, steps: int, **invert_kwargs) -> tuple:
+    """(per-image MSE on [0, 1], denoiser calls per step of the inversion)."""
+    calls = [0]
+
+    def counted(x, t):
+        calls[0] += 1
+        return denoiser(x, t)
+
+    latents = ddim_plus.invert(counted, images * 2 - 1, scheduler, steps, **invert_kwargs)
+    decoder = ddim_plus.inversion_scheduler(scheduler)
+    decoder.set_timesteps(steps)
+    x = latents
+    for t in decoder.timesteps:
+        x = decoder.step(denoiser(x, t), int(t), x).prev_sample
+    reconstruction = (x / 2 + 0.5).clamp(0, 1)
+    per_image = (reconstruction - images).double().pow(2).flatten(1).mean(1).cpu().numpy()
+    return per_image, calls[0] / steps
+
+
+def table(denoiser, scheduler, images, steps_list, candidates, show_paper: bool) -> None:
+    names = [name for name, _ in candidates]
+    header = "| S | " + " | ".join(names) + (" | paper, CIFAR-10 (plain) |" if show_paper else " |")
+    print(header)
+    print("|---:" * (len(names) + 1 + show_paper) + "|")
+    for steps in steps_list:
+        cells, plain = [], None
+        for _, kwargs in candidates:
+            per_image, calls = reconstruction_errors(denoiser, scheduler, images, steps, **kwargs)
+            if plain is None:
+                plain = per_image
+                cells.append(f"{fmt(per_image)} (1 call/step)")
+                continue
+            worse = int((per_image > plain).sum())
+            cells.append(
+                f"{fmt(per_image)}, {plain.mean() / per_image.mean():.3g}x, {calls:.2f} calls/step, "
+                f"{worse} worse than plain"
+            )
+        paper = f" | {PAPER_TABLE_2.get(steps, '-')}" if show_paper else ""
+        print(f"| {steps} | " + " | ".join(cells) + paper + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-steps", type=int, default=2000, help="training steps of the digits UNet")
-    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
-    parser.add_argument("--num-test", type=int, default=128, help="held-out digits to invert")
     parser.add_argument(
-        "--steps", type=int, nargs="*", default=[10, 20, 50, 100], help="inversion step counts (none: no table)"
+        "denoiser",
+        nargs="?",
+        choices=["gmm", "model"],
+        help="the exact Gaussian mixture, or a pipeline folder; omitted: the trained 8x8 digits UNet",
     )
+    parser.add_argument("model", nargs="?", help="pipeline folder (with `model`)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 200, 500, 1000])
+    parser.add_argument("--num-images", type=int, default=500, help="images inverted, one batch (digits UNet: 128)")
+    parser.add_argument("--candidates", action="store_true", help="compare the iteration methods, not just defaults")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--load-model", help="a saved pipeline folder to use instead of training")
-    parser.add_argument("--save-model", help="save the trained pipeline here")
-    parser.add_argument("--interpolation-png", help="also save a picture of one interpolation here")
+    parser.add_argument("--train-steps", type=int, default=2000, help="training steps of the digits UNet")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size of the digits UNet")
+    parser.add_argument("--load-model", help="a saved digits UNet pipeline to use instead of training")
+    parser.add_argument("--save-model", help="save the trained digits UNet pipeline here")
+    parser.add_argument("--interpolation-png", help="digits UNet: also save a picture of one interpolation here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    candidates = CANDIDATES if args.candidates else [CANDIDATES[0], CANDIDATES[5]]
 
-    train_images, test_images = load_digits(args.num_test)
-    if args.load_model:
-        pipe = DDIMPlusPipeline.from_pretrained(args.load_model)
-    else:
-        pipe = train(train_images, args.train_steps, args.batch_size, args.seed)
-        if args.save_model:
-            pipe.save_pretrained(args.save_model)
-    inverter = DDIMInversionPipeline.from_pipe(pipe)
-    inverter.set_progress_bar_config(disable=True)
-
-    print(f"\n{args.num_test} held-out sklearn digits (8x8, 1 channel), leading spacing, per-pixel MSE on [0, 1]")
-    print("| steps | plain DDIM inversion | refined (ddim_plus) | plain / refined | paper Table 2 (CIFAR-10, plain) |")
-    print("|---:|---:|---:|---:|---:|")
-    for steps in args.steps:
-        plain, plain_calls, plain_s = reconstruction_mse(inverter, test_images, steps, refine=False)
-        refined, refined_calls, refined_s = reconstruction_mse(inverter, test_images, steps, refine=True)
-        paper = PAPER_TABLE_2.get(steps)
+    if args.denoiser == "gmm":
+        if args.model is not None:
+            parser.error("`gmm` takes no pipeline folder")
+        scheduler = DDIMSchedulerPlus(clip_sample=False)  # linear betas, T = 1000, leading spacing
+        mixture = digits_mixture()
+        denoiser = GaussianMixtureOracle(mixture, scheduler.alphas_cumprod)
+        samples, _ = mixture.sample(args.num_images, generator=torch.Generator().manual_seed(args.seed))
+        images = (samples / 2 + 0.5).clamp(0, 1)
         print(
-            f"| {steps} | {plain:.2e} ({plain_calls} UNet calls, {plain_s:.0f} s) "
-            f"| {refined:.2e} ({refined_calls} UNet calls, {refined_s:.0f} s) | {plain / refined:.0f}x "
-            f"| {paper if paper is not None else '-'} |",
-            flush=True,
+            f"exact denoiser: Gaussian mixture at the 10 digit class means (8x8), std 0.1; {len(images)} exact "
+            f"samples (clamped to [0, 1]); {scheduler.config.timestep_spacing} spacing, linear betas, T = 1000"
         )
+    else:
+        if args.denoiser == "model":
+            if args.model is None:
+                parser.error("`model` needs a pipeline folder")
+            from ddim_plus.evaluation.fid import digits_reference_images
+
+            pipe = DDIMPlusPipeline.from_pretrained(args.model)
+            channels, size, _ = pipe.sample_shape
+            images = digits_reference_images(size, channels)[-args.num_images :]
+            source = f"{args.model}: the last {len(images)} bundled digits at {size}x{size}"
+        else:
+            train_images, images = load_digits(min(args.num_images, 128))
+            if args.load_model:
+                pipe = DDIMPlusPipeline.from_pretrained(args.load_model)
+            else:
+                pipe = train(train_images, args.train_steps, args.batch_size, args.seed)
+                if args.save_model:
+                    pipe.save_pretrained(args.save_model)
+            source = f"the 8x8 digits UNet: {len(images)} held-out digits"
+        scheduler = pipe.scheduler
+        denoiser = ddim_plus.make_denoiser(pipe.unet.eval())
+        print(f"{source}, {scheduler.config.timestep_spacing} spacing (the pipeline's)")
+    print("per-pixel MSE on [0, 1], mean over images [95% bootstrap interval]; ratio = plain / refined\n")
+    table(denoiser, scheduler, images, args.steps, candidates, show_paper=not args.candidates)
     if args.interpolation_png:
-        save_interpolation_png(inverter, test_images, args.interpolation_png, steps=50)
+        inverter = DDIMInversionPipeline.from_pipe(pipe)
+        inverter.set_progress_bar_config(disable=True)
+        save_interpolation_png(inverter, images, args.interpolation_png, steps=50)
 
 
 if __name__ == "__main__":

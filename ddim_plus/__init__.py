@@ -8,6 +8,7 @@ import diffusers
 
 from . import ddim_math
 from .ddim_math import slerp
+from .inversion import inversion_scheduler, invert, make_denoiser
 from .pipeline_ddim_inversion import DDIMInversionPipeline, DDIMInversionPipelineOutput
 from .pipeline_ddim_plus import DDIMPlusPipeline, DDIMPlusPipelineOutput
 from .scheduling_ddim_plus import DDIMSchedulerPlus, DDIMSchedulerPlusOutput
@@ -24,6 +25,9 @@ __all__ = [
     "DDIMInversionPipelineOutput",
     "slerp",
     "optimize_timesteps",
+    "invert",
+    "inversion_scheduler",
+    "make_denoiser",
     "ddim_math",
     "__version__",
 ]

@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-refine", action="store_true", help="plain DDIM inversion (the paper's), without fixed-point refinement"
     )
     invert.add_argument(
-        "--refine-iterations", type=int, default=6, help="most extra model calls per refined step (default: 6)"
+        "--refine-iterations", type=int, default=10, help="most extra model calls per refined step (default: 10)"
     )
     invert.add_argument("--out", required=True, help="safetensors file for the latents (key 'latents')")
     invert.add_argument(

@@ -1,14 +1,11 @@
 """`DDIMInversionPipeline`: images -> x_T (DDIM inversion, paper section 5.4), reconstruction and interpolation.
 
-Plain DDIM inversion runs eq. 13 forward in t but evaluates eps at the start of each step (x at the lower noise
-level) instead of the end, so decoding the x_T it finds misses the image by O(step size). The refinement here solves
-each step's implicit equation "the DDIM step down from x_t lands on the current sample" by fixed-point iteration on
-x_t, with a per-sample residual check that keeps the best iterate and damps an iteration that stops improving, so it
-is never worse than plain inversion at any step count (measured in docs/inversion.md).
+Inversion is `ddim_plus.invert` (ddim_plus/inversion.py) over this pipeline's UNet: plain DDIM inversion, or each
+step refined by an Anderson-accelerated fixed-point iteration (measured in docs/inversion.md).
 
 Clipping or thresholding x_0 cannot be inverted (many x_t map to the same clipped x_0), so inversion, reconstruction
 and interpolation all run the deterministic first-order DDIM ODE with clipping and thresholding off, through a private
-copy of the scheduler; the pipeline's own scheduler is left untouched.
+copy of the scheduler (`ddim_plus.inversion_scheduler`); the pipeline's own scheduler is left untouched.
 """
 
 from dataclasses import dataclass
@@ -21,6 +18,7 @@ from diffusers import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 
 from .ddim_math import slerp
+from .inversion import inversion_scheduler, invert, make_denoiser
 from .pipeline_ddim_plus import DDIMPlusPipelineBase
 from .scheduling_ddim_plus import DDIMSchedulerPlus
 
@@ -30,8 +28,6 @@ ImageInput = Union[
 
 # Channels -> the PIL mode that holds exactly those channels.
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-# A damped iterate below this weight moves too little to matter: that sample stops refining.
-_MIN_DAMPING = 1.0 / 16
 
 
 @dataclass
@@ -47,14 +43,6 @@ class DDIMInversionPipelineOutput(BaseOutput):
 
     latents: torch.Tensor
     images: Optional[Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]] = None
-
-
-def _rms_per_sample(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).pow(2).mean(1).sqrt()
-
-
-def _per_sample(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return mask.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 class DDIMInversionPipeline(DDIMPlusPipelineBase):
@@ -76,9 +64,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         Returns:
             `DDIMSchedulerPlus`: a fresh copy; the pipeline's scheduler is not modified.
         """
-        return DDIMSchedulerPlus.from_config(
-            self.scheduler.config, clip_sample=False, thresholding=False, sigma_type="eta", solver_order=1
-        )
+        return inversion_scheduler(self.scheduler)
 
     # ------------------------------------------------------------------------------------------------------------
     # Inputs
@@ -153,84 +139,14 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
                 f"`image` has {got_c} channel(s) of {got_h}x{got_w} but the UNet takes {channels} channel(s) of "
                 f"{height}x{width} (`unet.config.in_channels`, `unet.config.sample_size`); resize or convert first."
             )
+        if not bool(torch.isfinite(image).all()):
+            raise ValueError("`image` holds NaN or infinite values; pass finite pixel values in [0, 1].")
         low, high = float(image.min()), float(image.max())
-        if not (0.0 <= low and high <= 1.0):  # also rejects NaN
+        if not (0.0 <= low and high <= 1.0):
             raise ValueError(
                 f"`image` values must lie in [0, 1] (diffusers' image convention), got min {low} and max {high}."
             )
         return (image.to(device=self._execution_device, dtype=self.unet.dtype) * 2.0) - 1.0
-
-    @staticmethod
-    def _check_refinement(refine_iterations: int, refine_tolerance: float) -> None:
-        if isinstance(refine_iterations, bool) or not isinstance(refine_iterations, (int, np.integer)):
-            raise ValueError(f"`refine_iterations` must be an int >= 0, got {refine_iterations!r}.")
-        if refine_iterations < 0:
-            raise ValueError(f"`refine_iterations` must be >= 0 (0 = plain DDIM inversion), got {refine_iterations}.")
-        if not isinstance(refine_tolerance, (int, float)) or refine_tolerance < 0:
-            raise ValueError(f"`refine_tolerance` must be a number >= 0, got {refine_tolerance!r}.")
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Inversion
-    # ------------------------------------------------------------------------------------------------------------
-    def _refine_step(
-        self,
-        scheduler: DDIMSchedulerPlus,
-        timestep: int,
-        timestep_on_device: torch.Tensor,
-        sample: torch.Tensor,
-        guess: torch.Tensor,
-        iterations: int,
-        tolerance: float,
-    ) -> torch.Tensor:
-        """Solve step(x_t) = `sample` for x_t by damped fixed-point iteration, starting from `guess`.
-
-        Each iteration evaluates the UNet once at the current iterate, which gives both its residual
-        ||step(iterate) - sample|| (RMS, per sample) and the next proposal (`inverse_step` with that eps). A sample
-        whose residual did not improve restarts from its best iterate with half the step (large steps can make the
-        plain iteration diverge); the best evaluated iterate is returned, so the result is never worse than `guess`.
-        """
-        batch = sample.shape[0]
-        best = guess
-        best_proposal = guess
-        best_residual = torch.full((batch,), float("inf"), device=sample.device, dtype=torch.float32)
-        damping = torch.ones(batch, device=sample.device, dtype=sample.dtype)
-        for _ in range(iterations):
-            model_output = self.unet(guess, timestep_on_device).sample
-            stepped_down = scheduler.step(model_output, timestep, guess).prev_sample
-            residual = _rms_per_sample((stepped_down - sample).float())
-            proposal = scheduler.inverse_step(model_output, timestep, sample, model_input=guess).prev_sample
-
-            improved = residual < best_residual
-            keep = _per_sample(improved, guess)
-            best = torch.where(keep, guess, best)
-            best_proposal = torch.where(keep, proposal, best_proposal)
-            best_residual = torch.where(improved, residual, best_residual)
-            damping = torch.where(improved, damping, damping * 0.5)
-
-            done = (best_residual <= tolerance) | (damping < _MIN_DAMPING)
-            if bool(done.all()):
-                break
-            # finished samples stay at their best iterate, so a sample's result does not depend on its batch
-            step_weight = torch.where(done, torch.zeros_like(damping), damping)
-            guess = best + _per_sample(step_weight, best) * (best_proposal - best)
-        return best
-
-    def _invert(
-        self, sample: torch.Tensor, scheduler: DDIMSchedulerPlus, refine_iterations: int, refine_tolerance: float
-    ) -> torch.Tensor:
-        """Eq. 13 run forward in t through `scheduler.timesteps` (already set), from x_0 = `sample` to x_T."""
-        timestep_list = scheduler.timesteps.tolist()
-        timesteps_on_device = scheduler.timesteps.to(sample.device)
-        for i in self.progress_bar(range(len(timestep_list) - 1, -1, -1)):
-            t = timestep_list[i]
-            model_output = self.unet(sample, timesteps_on_device[i]).sample
-            guess = scheduler.inverse_step(model_output, t, sample).prev_sample  # plain DDIM inversion
-            if refine_iterations > 0:
-                guess = self._refine_step(
-                    scheduler, t, timesteps_on_device[i], sample, guess, refine_iterations, refine_tolerance
-                )
-            sample = guess
-        return sample
 
     @torch.inference_mode()
     def __call__(
@@ -239,8 +155,9 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         num_inference_steps: int = 50,
         timesteps: Optional[List[int]] = None,
         refine: bool = True,
-        refine_iterations: int = 6,
+        refine_iterations: int = 10,
         refine_tolerance: float = 1e-5,
+        anderson_memory: int = 2,
         return_reconstruction: bool = False,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -254,12 +171,15 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
                 `timestep_spacing`; decode with the same S (and spacing) to reconstruct.
             timesteps (`List[int]`, *optional*): a custom strictly descending schedule in [0, T); replaces
                 `num_inference_steps`.
-            refine (`bool`, *optional*, defaults to `True`): refine each step by damped fixed-point iterations (see
-                the module docstring). `False` is plain DDIM inversion (one UNet call per step).
-            refine_iterations (`int`, *optional*, defaults to 6): most UNet calls spent refining one step, on top of
-                the plain step's call.
-            refine_tolerance (`float`, *optional*, defaults to 1e-5): stop refining a step once every sample's RMS
+            refine (`bool`, *optional*, defaults to `True`): refine each step by an Anderson-accelerated
+                fixed-point iteration (see `ddim_plus.invert`). `False` is plain DDIM inversion (one UNet call per
+                step).
+            refine_iterations (`int`, *optional*, defaults to 10): most refinements per step, one UNet call each, on
+                top of the plain step's call.
+            refine_tolerance (`float`, *optional*, defaults to 1e-5): a sample stops refining a step once its RMS
                 residual ||step(x_t) - x_s|| (model scale, [-1, 1]) is at most this.
+            anderson_memory (`int`, *optional*, defaults to 2): secant pairs of the Anderson mixing; 0 is plain
+                fixed-point iteration.
             return_reconstruction (`bool`, *optional*, defaults to `False`): also decode the latents back with the
                 same schedule (eta = 0, no clipping) and return the images.
             output_type (`str`, *optional*, defaults to `"pil"`): format of the reconstruction: `"pil"`, `"np"`,
@@ -273,15 +193,24 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         """
         self._check_num_inference_steps(num_inference_steps, timesteps)
         self._check_output_type(output_type)
-        self._check_refinement(refine_iterations, refine_tolerance)
         sample = self.preprocess(image)
-        scheduler = self.inversion_scheduler()
-        self._set_schedule(scheduler, num_inference_steps, timesteps)
-        self._interrupt = False
-
-        latents = self._invert(sample, scheduler, refine_iterations if refine else 0, refine_tolerance)
+        latents = invert(
+            make_denoiser(self.unet),
+            sample,
+            self.scheduler,
+            num_inference_steps,
+            timesteps,
+            refine=refine,
+            refine_iterations=refine_iterations,
+            refine_tolerance=refine_tolerance,
+            anderson_memory=anderson_memory,
+            progress_bar=self.progress_bar,
+        )
         images = None
         if return_reconstruction:
+            scheduler = self.inversion_scheduler()
+            self._set_schedule(scheduler, num_inference_steps, timesteps)
+            self._interrupt = False
             reconstruction, _, _ = self._denoise(latents, scheduler)
             images = self.postprocess(reconstruction, output_type)
         self.maybe_free_model_hooks()

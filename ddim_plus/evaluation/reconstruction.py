@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .fid import ImageBatch, to_image_tensor
+from .gmm import GaussianMixture
 
 
 def mean_squared_error(images: ImageBatch, reference: ImageBatch) -> float:
@@ -33,6 +34,24 @@ def mean_squared_error(images: ImageBatch, reference: ImageBatch) -> float:
     return float((images - reference).pow(2).mean())
 
 
+def digits_mixture(std: float = 0.1) -> GaussianMixture:
+    """Ten isotropic Gaussians at the class means of scikit-learn's 8x8 digits (in the model's [-1, 1] scale): data
+    whose exact denoiser (`GaussianMixtureOracle`) measures inversion with no training error.
+
+    Args:
+        std (`float`, defaults to 0.1): standard deviation of every component, per pixel.
+
+    Returns:
+        `GaussianMixture`: samples of shape (1, 8, 8).
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = torch.from_numpy(digits.images / 16.0 * 2 - 1)
+    means = torch.stack([pixels[torch.from_numpy(digits.target == k)].mean(0) for k in range(10)])[:, None]
+    return GaussianMixture(means, torch.full((10,), std))
+
+
 def _check_steps(steps: Sequence[int], name: str = "steps") -> List[int]:
     steps = list(steps)
     if not steps or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in steps):
@@ -50,8 +69,8 @@ def inversion_reconstruction_error(
             `timestep_spacing` decides which S timesteps are visited.
         images (`torch.Tensor` or `np.ndarray`): images in [0, 1] of the UNet's size.
         num_inference_steps (`int`, defaults to 50): S.
-        refine (`bool`, defaults to `False`): `False` is the paper's plain DDIM inversion; `True` adds the
-            fixed-point refinement of each step of `DDIMInversionPipeline`.
+        refine (`bool`, defaults to `False`): `False` is the paper's plain DDIM inversion; `True` refines each step
+            (`ddim_plus.invert`).
         inversion_kwargs: passed to `DDIMInversionPipeline.__call__` (e.g. `refine_iterations`).
 
     Returns:
