@@ -14,6 +14,7 @@ import torch
 from conftest import make_tiny_unet
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline
 from diffusers.utils.testing_utils import CaptureLogger
+from packaging import version
 
 import ddim_plus
 from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
@@ -237,6 +238,9 @@ def test_torch_dtype_dict(tmp_path):
     )
 
 
+@pytest.mark.skipif(
+    version.parse(diffusers.__version__) < version.parse("0.40"), reason="diffusers < 0.40 has no `dtype` alias"
+)
 def test_dtype_alias(tmp_path):
     """`dtype=` is diffusers' alias of `torch_dtype=` (a dtype or a dict)."""
     saved_pipeline(tmp_path)
