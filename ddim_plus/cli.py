@@ -1,7 +1,8 @@
 """`ddim-plus`: sample, invert, interpolate and evaluate DDIM models from the command line.
 
 MODEL is a folder written by ``save_pretrained`` (or the trainer) or a Hugging Face Hub id; any unconditional
-UNet2DModel pipeline loads (DDPM, DDIM or ddim_plus), and sampling always runs `DDIMSchedulerPlus`.
+UNet2DModel pipeline loads (DDPM, DDIM or ddim_plus), and sampling runs `DDIMSchedulerPlus` (a folder saved with
+another diffusers scheduler samples with that one).
 
 Exit codes: 0 success, 1 failure while running (model or file not loadable, feature weights missing), 2 invalid
 arguments.
