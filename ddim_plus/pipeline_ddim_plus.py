@@ -56,8 +56,10 @@ pipe = DiffusionPipeline.from_pretrained("{repo_id}")
 images = pipe(num_inference_steps=50).images
 ```
 
-Without ddim_plus installed, `diffusers.DDIMPipeline.from_pretrained("{repo_id}")` loads the same weights with the
-stock `DDIMScheduler`.
+Without `import ddim_plus`, `DiffusionPipeline.from_pretrained` fails with `AttributeError: module diffusers has no
+attribute {class_name}`: the fix is the import line above. Without ddim_plus installed,
+`diffusers.DDIMPipeline.from_pretrained("{repo_id}")` loads the same weights with the stock `DDIMScheduler`, which
+ignores `solver_order=2` and `sigma_type="sigma_hat"` and rejects the `quadratic` and `logsnr` spacings.
 """
 
 
