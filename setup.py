@@ -14,7 +14,7 @@ setup(
     # and transformers are installed exactly and tested by `make test-min` (Makefile), which CI runs.
     install_requires=[
         "torch>=2.1",
-        "diffusers>=0.35",
+        "diffusers>=0.37",
         "huggingface_hub>=0.34",
         "safetensors>=0.4",
         "numpy>=1.24",
