@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint format venv clean
+.PHONY: test test-min demo lint format venv clean
 
 # torch==2.13.0 first: it is the CPU wheel on this machine's disk; an open range could pull a CUDA build.
 $(STAMP): setup.py
@@ -27,6 +27,23 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -q tests
 
+# The suite against the declared floors: a second venv with exactly the `>=` versions setup.py names for these
+# packages (torch as pinned above), so a floor that is not real fails here instead of on a user's machine.
+VENV_MIN := .venv-min
+MIN_PACKAGES := diffusers|huggingface_hub|accelerate|datasets|transformers
+$(VENV_MIN)/.installed: setup.py
+	test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install -q --upgrade pip
+	$(VENV_MIN)/bin/python -m pip install -q torch==2.13.0
+	grep -oE '"($(MIN_PACKAGES))>=[0-9.]+' setup.py | tr -d '"' | sed 's/>=/==/' | sort -u > $(VENV_MIN)/floors.txt
+	test $$(cut -d= -f1 $(VENV_MIN)/floors.txt | sort -u | wc -l) -eq 5  # each package once, with one floor
+	$(VENV_MIN)/bin/python -m pip install -q -c $(VENV_MIN)/floors.txt -e ".[test,train]"
+	touch $@
+
+test-min: $(VENV_MIN)/.installed
+	$(VENV_MIN)/bin/python -m pip list 2>/dev/null | grep -iE '^($(subst _,[-_],$(MIN_PACKAGES))) '
+	$(VENV_MIN)/bin/python -m pytest -q tests
+
 # Train on the bundled digits (offline; about 5 minutes on 2 CPU cores), then write the pipeline, sample grids at
 # 10 and 50 DDIM steps, their scores and the model card to demo_output/. One torch thread: the UNet is small, and on
 # a busy CPU extra threads spin-wait for each other and can make training many times slower. A second `make demo`
@@ -35,4 +52,4 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) training/train.py --output_dir demo_output --overwrite_output_dir
 
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) $(VENV_MIN) demo_output

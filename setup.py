@@ -10,28 +10,30 @@ setup(
     packages=find_packages(include=["ddim_plus", "ddim_plus.*"]),
     package_data={"ddim_plus": ["assets/*"]},
     python_requires=">=3.9",
+    # The floors of diffusers, huggingface_hub, accelerate (1.1.0: DataLoaderConfiguration(data_seed=...)), datasets
+    # and transformers are installed exactly and tested by `make test-min` (Makefile), which CI runs.
     install_requires=[
         "torch>=2.1",
-        "diffusers>=0.30",
-        "huggingface_hub>=0.23",
+        "diffusers>=0.37",
+        "huggingface_hub>=0.34",
         "safetensors>=0.4",
         "numpy>=1.24",
         "pillow>=9.0",
     ],
     extras_require={
-        "train": ["accelerate>=0.30", "datasets>=2.18", "scikit-learn>=1.2", "tensorboard>=2.12", "torchmetrics>=1.0"],
+        "train": ["accelerate>=1.1.0", "datasets>=4.0", "scikit-learn>=1.2", "tensorboard>=2.12", "torchmetrics>=1.0"],
         "test": [
             "pytest>=7",
             "ruff==0.17.6",  # pinned: `make test` checks formatting, which changes between ruff releases
-            "accelerate>=0.30",
-            "datasets>=2.18",
+            "accelerate>=1.1.0",
+            "datasets>=4.0",
             "scikit-learn>=1.2",
             "tensorboard>=2.12",
             "torchmetrics>=1.0",
             "matplotlib>=3.7",
-            "transformers>=4.40",
+            "transformers>=4.55",
         ],
-        "eval": ["torchmetrics>=1.0", "scikit-learn>=1.2", "matplotlib>=3.7", "transformers>=4.40"],
+        "eval": ["torchmetrics>=1.0", "scikit-learn>=1.2", "matplotlib>=3.7", "transformers>=4.55"],
         "docs": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["ddim-plus=ddim_plus.cli:main"]},

@@ -1,7 +1,8 @@
 """`ddim-plus`: sample, invert, interpolate, evaluate DDIM models and tune their timesteps from the command line.
 
 MODEL is a folder written by ``save_pretrained`` (or the trainer) or a Hugging Face Hub id; any unconditional
-UNet2DModel pipeline loads (DDPM, DDIM or ddim_plus), and sampling always runs `DDIMSchedulerPlus`.
+UNet2DModel pipeline loads (DDPM, DDIM or ddim_plus), and sampling runs `DDIMSchedulerPlus` (a folder saved with
+another diffusers scheduler samples with that one).
 
 Exit codes: 0 success, 1 failure while running (model or file not loadable, feature weights missing), 2 invalid
 arguments.
@@ -48,6 +49,19 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _device(text: str) -> str:
+    """A torch device this machine has, checked before the model loads."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}; use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has no usable CUDA device; use cpu")
+    return text
+
+
 def _int_list(text: str) -> List[int]:
     return [_positive_int(part) for part in text.split(",") if part.strip()] or _positive_int("")
 
@@ -59,6 +73,19 @@ def _eta_list(text: str) -> list:
     if not parts:
         raise argparse.ArgumentTypeError("expected a comma-separated list such as 0,0.2,0.5,1")
     return [SIGMA_HAT if part in (SIGMA_HAT, "sigma_hat") else _non_negative_float(part) for part in parts]
+
+
+def _image_file(text: str) -> str:
+    """An output image path whose extension PIL can write, checked before any sampling."""
+    import PIL.Image
+
+    PIL.Image.init()
+    extension = os.path.splitext(text)[1].lower()
+    if PIL.Image.registered_extensions().get(extension) not in PIL.Image.SAVE:
+        raise argparse.ArgumentTypeError(
+            f"cannot write an image as {extension or 'a file without extension'!r} ({text!r}); use e.g. .png or .jpg"
+        )
+    return text
 
 
 def _spacing_list(text: str) -> List[str]:
@@ -106,6 +133,20 @@ def load_pipeline(
     if overrides:
         pipe.scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, **overrides)
     return pipe.to(device)
+
+
+def _require_extra(extra: str, modules: Sequence[str]) -> None:
+    """Say which extra to install when an optional dependency is missing, before any work."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise CommandError(
+                f"`ddim-plus` needs the {module!r} package here, which the {extra!r} extra installs: "
+                f"pip install 'ddim-plus[{extra}]'"
+            ) from error
 
 
 def _generators(seeds: Sequence[int]):
@@ -183,22 +224,23 @@ def _load_images(paths: Sequence[str], channels: int, size: int):
     import numpy as np
     import PIL.Image
 
-    from .data import convert_image
+    from .data import preprocess_image
 
     arrays = []
     for path in paths:
         try:
             picture = PIL.Image.open(path)
             picture.load()
-            # As the trainer converts its images (16-bit and float grayscale scaled, not clipped), in float.
-            picture = convert_image(picture, channels, preserve_input_precision=True)
+            if picture.size != (size, size):
+                width, height = picture.size
+                note = f"note: {path} is {width}x{height}: shorter side resized to {size}, centre {size}x{size} kept"
+                print(note + " (as the trainer with --center_crop)", file=sys.stderr)
+            # The trainer's own preprocessing: 16-bit and float grayscale scaled (not clipped) and kept in float, and
+            # the centre crop, so a non-square photo is cropped, not squashed.
+            pixels = preprocess_image(picture, size, channels, center_crop=True, preserve_input_precision=True)
         except (OSError, ValueError) as error:
             raise CommandError(f"could not read image {path!r}: {error}") from error
-        if picture.size != (size, size):
-            print(f"note: resizing {path} from {picture.size[0]}x{picture.size[1]} to {size}x{size}", file=sys.stderr)
-            picture = picture.resize((size, size), PIL.Image.BICUBIC)
-        array = np.asarray(picture, dtype=np.float32) / 255.0
-        arrays.append(array[..., None] if array.ndim == 2 else array)
+        arrays.append(pixels.permute(1, 2, 0).numpy() / 2 + 0.5)
     return np.stack(arrays)
 
 
@@ -308,13 +350,43 @@ def _load_reference(reference: str, channels: int, size: int):
     )
 
 
+def _evaluation_features(features: str, reference: str, channels: int) -> str:
+    """The feature spec to score in: digits features only for the digits (1-channel digits models against the
+    bundled digits); `auto` picks what fits and is on disk (`choose_features`)."""
+    from .evaluation.fid import FeatureWeightsUnavailableError, choose_features, parse_features
+
+    if reference == "digits" and channels != 1:
+        raise CommandError(
+            f"--reference digits holds 1-channel digits, but the model makes {channels}-channel images: pass "
+            "--reference with a folder (or .npy) of the images the model was trained on.",
+            exit_code=2,
+        )
+    if features == "auto":
+        try:
+            return choose_features(digits_data=reference == "digits")
+        except FeatureWeightsUnavailableError as error:
+            raise CommandError(str(error)) from error
+    try:
+        kind, _ = parse_features(features)
+    except ValueError as error:
+        raise CommandError(str(error), exit_code=2) from error
+    if kind == "digits" and reference != "digits":
+        raise CommandError(
+            "--features digits measures digits only (a CNN trained on the 8x8 digits); for --reference "
+            f"{reference!r} use --features auto, dinov2:PATH_OR_REPO_ID or inception:PATH.",
+            exit_code=2,
+        )
+    return features
+
+
 def run_evaluate(args) -> None:
+    _require_extra("eval", ["torchmetrics"] + (["sklearn"] if args.reference == "digits" else []))
     import dataclasses
     import json
 
     from tqdm.auto import tqdm
 
-    from .evaluation.fid import FeatureWeightsUnavailableError, parse_features
+    from .evaluation.fid import FeatureWeightsUnavailableError
     from .evaluation.quality import (
         SIGMA_HAT,
         ReferenceSetTooSmallError,
@@ -324,12 +396,9 @@ def run_evaluate(args) -> None:
     )
     from .evaluation.sampling import SampleFolderError
 
-    try:
-        parse_features(args.features)
-    except ValueError as error:
-        raise CommandError(str(error), exit_code=2) from error
     state, device = _launch_state(args)
     pipe = load_pipeline(args.model, device=device, quiet=args.quiet)
+    features = _evaluation_features(args.features, args.reference, pipe.unet.config.in_channels)
     reference = _load_reference(args.reference, pipe.unet.config.in_channels, pipe.unet.config.sample_size)
     etas = list(args.eta) + ([SIGMA_HAT] if args.sigma_hat and SIGMA_HAT not in args.eta else [])
     spacings = args.spacings or [None]
@@ -343,7 +412,7 @@ def run_evaluate(args) -> None:
                 steps=args.steps,
                 etas=etas,
                 spacings=spacings,
-                features=args.features,
+                features=features,
                 reference_images=reference,
                 num_images=args.num,
                 seed=args.seed,
@@ -440,6 +509,7 @@ def _add_common(parser: argparse.ArgumentParser, spacing: bool = True) -> None:
         )
     parser.add_argument(
         "--device",
+        type=_device,
         default=None,
         help="torch device to run on, e.g. cpu or cuda (default: cpu; under `accelerate launch` with several "
         "processes, each process's own device)",
@@ -484,7 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=_positive_int, default=64, help="samples per model call (default: 64)")
     sample.add_argument("--columns", type=_positive_int, default=None, help="grid columns (default: square grid)")
     sample.add_argument("--scale", type=_positive_int, default=4, help="pixel upscaling of the grid (default: 4)")
-    sample.add_argument("--out", default=None, help="image file for a grid of all samples, e.g. grid.png")
+    sample.add_argument(
+        "--out", type=_image_file, default=None, help="image file for a grid of all samples, e.g. grid.png"
+    )
     _add_scale_options(sample)
     sample.set_defaults(run=run_sample)
 
@@ -505,7 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     invert.add_argument("--out", required=True, help="safetensors file for the latents (key 'latents')")
     invert.add_argument(
-        "--reconstruction", default=None, help="also decode the latents and save the images here; prints the MSE"
+        "--reconstruction",
+        type=_image_file,
+        default=None,
+        help="also decode the latents and save the images here; prints the MSE",
     )
     invert.add_argument("--scale", type=_positive_int, default=4, help="pixel upscaling of the image (default: 4)")
     invert.set_defaults(run=run_invert)
@@ -525,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     interpolate.add_argument(
         "--scale", type=_positive_int, default=4, help="pixel upscaling of the strip (default: 4)"
     )
-    interpolate.add_argument("--out", required=True, help="image file for the strip, e.g. strip.png")
+    interpolate.add_argument("--out", type=_image_file, required=True, help="image file for the strip, e.g. strip.png")
     interpolate.set_defaults(run=run_interpolate)
 
     evaluate = commands.add_parser(
@@ -554,9 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--features",
-        default="digits",
-        help="feature network: digits (shipped, for digits models), inception[:PATH] (needs torch-fidelity; "
-        "downloads without PATH) or dinov2:PATH_OR_REPO_ID (local weights) (default: digits)",
+        default="auto",
+        help="feature network: auto (digits features for digits models against --reference digits; otherwise "
+        "DINOv2 from the local Hugging Face cache or Inception from torch hub's checkpoints, else it says why no "
+        "metric is available), digits, inception[:PATH] (needs torch-fidelity; downloads without PATH) or "
+        "dinov2:PATH_OR_REPO_ID (local weights) (default: auto)",
     )
     evaluate.add_argument(
         "--reference",
@@ -616,6 +693,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as error:
         print(f"ddim-plus {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file or folder that cannot be read or written: the message says which
+        print(f"ddim-plus {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ddim-plus {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

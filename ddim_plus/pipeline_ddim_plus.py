@@ -7,11 +7,15 @@ Saved pipelines load three ways (see docs/pipelines.md):
 - stock `DDIMPipeline.from_pretrained(...)` still works without our package, because model_index.json lists the
   scheduler as `["diffusers", "DDIMScheduler"]` (scheduler_config.json keeps `"_class_name": "DDIMSchedulerPlus"`,
   which stock loaders ignore, and our extra config keys ride along as hidden config);
-- `DDIMPlusPipeline.from_pretrained(<a DDPMPipeline or DDIMPipeline folder>)`: any stock scheduler handed to
-  `__init__` is upgraded to `DDIMSchedulerPlus` with the same config, so DDPM checkpoints sample with DDIM unchanged.
+- `DDIMPlusPipeline.from_pretrained(<a DDPMPipeline or DDIMPipeline folder>)`: a stock `DDPMScheduler` or
+  `DDIMScheduler` handed to `__init__` is upgraded to `DDIMSchedulerPlus` with the same config, so DDPM checkpoints
+  sample with DDIM unchanged. Any other diffusers scheduler is kept as it is and sampled with.
+
+Loading is diffusers' own `DiffusionPipeline.from_pretrained`: safetensors first, else pickled `.bin` weights through
+`torch.load(weights_only=True)` (which refuses pickles that would run code), `variant`, `torch_dtype` / `dtype`.
 """
 
-import glob
+import inspect
 import json
 import os
 import tempfile
@@ -21,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
@@ -52,35 +56,11 @@ pipe = DiffusionPipeline.from_pretrained("{repo_id}")
 images = pipe(num_inference_steps=50).images
 ```
 
-Without ddim_plus installed, `diffusers.DDIMPipeline.from_pretrained("{repo_id}")` loads the same weights with the
-stock `DDIMScheduler`.
+Without `import ddim_plus`, `DiffusionPipeline.from_pretrained` fails with `AttributeError: module diffusers has no
+attribute {class_name}`: the fix is the import line above. Without ddim_plus installed,
+`diffusers.DDIMPipeline.from_pretrained("{repo_id}")` loads the same weights with the stock `DDIMScheduler`, which
+ignores `solver_order=2` and `sigma_type="sigma_hat"` and rejects the `quadratic` and `logsnr` spacings.
 """
-
-
-def _check_pipeline_folder(folder: str, use_safetensors: bool) -> None:
-    """Fail early, with the file that is missing, instead of deep inside diffusers' loader."""
-    index_path = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index_path):
-        raise ValueError(
-            f"`pretrained_model_name_or_path`={folder!r} is not a saved pipeline: it has no model_index.json. "
-            "Pass a folder written by `save_pretrained` or a Hub repo id."
-        )
-    with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
-    if "unet" not in index:
-        raise ValueError(f"`pretrained_model_name_or_path`={folder!r}: model_index.json lists no `unet` component.")
-    extensions = ("safetensors",) if use_safetensors else ("safetensors", "bin")
-    weights = [
-        w for ext in extensions for w in glob.glob(os.path.join(folder, "unet", f"diffusion_pytorch_model*.{ext}"))
-    ]
-    if not weights:
-        expected = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
-        hint = (
-            " Only safetensors are loaded by default; pass `use_safetensors=False` to allow pickled .bin weights."
-            if use_safetensors and glob.glob(os.path.join(folder, "unet", "*.bin"))
-            else ""
-        )
-        raise ValueError(f"`pretrained_model_name_or_path`={folder!r} is missing its weights file {expected}.{hint}")
 
 
 @dataclass
@@ -98,15 +78,31 @@ class DDIMPlusPipelineOutput(ImagePipelineOutput):
     pred_original_samples: Optional[torch.Tensor] = None
 
 
-def _as_ddim_scheduler_plus(scheduler: SchedulerMixin) -> DDIMSchedulerPlus:
-    if isinstance(scheduler, DDIMSchedulerPlus):
-        return scheduler
-    if not hasattr(scheduler, "config") or "num_train_timesteps" not in scheduler.config:
+def _as_ddim_scheduler_plus(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """Upgrade a stock `DDPMScheduler` / `DDIMScheduler` (how model_index.json records ours, and what DDPM checkpoints
+    hold) to `DDIMSchedulerPlus` with the same config; keep every other scheduler as the user chose it."""
+    if type(scheduler) in (DDIMScheduler, DDPMScheduler):
+        logger.info(f"Sampling with DDIMSchedulerPlus built from the {type(scheduler).__name__} config.")
+        return DDIMSchedulerPlus.from_config(scheduler.config)
+    if not isinstance(scheduler, SchedulerMixin) or not callable(getattr(scheduler, "step", None)):
         raise ValueError(
-            f"`scheduler` must be a diffusers scheduler with a `num_train_timesteps` config (e.g. DDIMScheduler, "
-            f"DDPMScheduler or DDIMSchedulerPlus), got {type(scheduler).__name__}."
+            f"`scheduler` must be a diffusers scheduler (DDIMSchedulerPlus, or any SchedulerMixin such as "
+            f"DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler or EulerDiscreteScheduler), got "
+            f"{type(scheduler).__name__}."
         )
-    return DDIMSchedulerPlus.from_config(scheduler.config)
+    return scheduler
+
+
+def _weights_file_used(component_folder: str, variant: Optional[str], use_safetensors: Optional[bool]) -> str:
+    """The weights file diffusers read in `component_folder`, by its own order: safetensors unless
+    `use_safetensors=False`, else the pickled `.bin`."""
+    extensions = {True: ("safetensors",), False: ("bin",), None: ("safetensors", "bin")}[use_safetensors]
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    for extension in extensions:
+        for name in (f"{stem}.{extension}", f"{stem}.{extension}.index.json"):
+            if os.path.isfile(os.path.join(component_folder, name)):
+                return os.path.join(component_folder, name)
+    return component_folder
 
 
 class DDIMPlusPipelineBase(DiffusionPipeline):
@@ -115,8 +111,10 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
 
     Args:
         unet ([`UNet2DModel`]): the denoiser.
-        scheduler ([`SchedulerMixin`]): a `DDIMSchedulerPlus`; a stock `DDIMScheduler` or `DDPMScheduler` (or any
-            scheduler with a DDPM-style config) is converted with `DDIMSchedulerPlus.from_config(scheduler.config)`.
+        scheduler ([`SchedulerMixin`]): a `DDIMSchedulerPlus`; a stock `DDIMScheduler` or `DDPMScheduler` is
+            converted with `DDIMSchedulerPlus.from_config(scheduler.config)`; any other diffusers scheduler (e.g.
+            `DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`) is sampled with as it is. To sample with a stock
+            `DDIMScheduler` or `DDPMScheduler` itself, assign it afterwards: `pipe.scheduler = DDPMScheduler(...)`.
     """
 
     model_cpu_offload_seq = "unet"
@@ -126,13 +124,14 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=_as_ddim_scheduler_plus(scheduler))
 
     def to_json_string(self) -> str:
-        """model_index.json with the scheduler recorded as `["diffusers", "DDIMScheduler"]` (see the module docstring).
+        """model_index.json with a `DDIMSchedulerPlus` recorded as `["diffusers", "DDIMScheduler"]` (see the module
+        docstring); any other scheduler keeps its own entry, so it loads back as itself.
 
         Returns:
             `str`: the JSON text.
         """
         config = json.loads(super().to_json_string())
-        if "scheduler" in config:
+        if isinstance(self.components.get("scheduler"), DDIMSchedulerPlus):
             config["scheduler"] = list(_PORTABLE_SCHEDULER_ENTRY)
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
@@ -143,17 +142,20 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs):
         r"""Load a saved pipeline (ours, or a stock `DDPMPipeline` / `DDIMPipeline`) as this class.
 
-        Same arguments as [`DiffusionPipeline.from_pretrained`], except that `use_safetensors` defaults to `True`:
-        pickled weights are never loaded unless asked for with `use_safetensors=False`. A local folder is checked
-        first, so a folder that is not a pipeline or lacks its weights raises a `ValueError` naming the problem.
+        This is [`DiffusionPipeline.from_pretrained`] with all its arguments (`variant`, `torch_dtype` or `dtype` as a
+        dtype or a dict per component, `use_safetensors`, `revision`, ...). Safetensors are preferred; a folder or
+        repo with only pickled `.bin` weights loads through `torch.load(weights_only=True)`, which refuses a pickle
+        that would run code. The weights file read is logged (at info level).
 
         Returns:
-            The pipeline, with a `DDIMSchedulerPlus` whatever scheduler the folder saved.
+            The pipeline; a stock `DDPMScheduler` or `DDIMScheduler` becomes a `DDIMSchedulerPlus`.
         """
-        kwargs.setdefault("use_safetensors", True)
-        if os.path.isdir(pretrained_model_name_or_path):
-            _check_pipeline_folder(os.fspath(pretrained_model_name_or_path), kwargs["use_safetensors"])
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        unet_folder = pipe.unet.config.get("_name_or_path", "")
+        if os.path.isdir(unet_folder):
+            weights = _weights_file_used(unet_folder, kwargs.get("variant"), kwargs.get("use_safetensors"))
+            logger.info(f"Loaded the UNet weights from {weights}.")
+        return pipe
 
     def model_card(self, repo_id: str) -> ModelCard:
         """A model card saying how to load the pipeline, with and without ddim_plus.
@@ -295,7 +297,7 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
     def _denoise(
         self,
         latents: torch.Tensor,
-        scheduler: DDIMSchedulerPlus,
+        scheduler: SchedulerMixin,
         eta: float = 0.0,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         use_clipped_model_output: Optional[bool] = None,
@@ -317,20 +319,26 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
             latents = latents.contiguous(memory_format=torch.channels_last)
         trajectory = [latents] if return_trajectory else None
         previews = [] if return_trajectory else None
+        extra_step_kwargs = self.prepare_extra_step_kwargs(
+            scheduler, generator=generator, eta=eta, use_clipped_model_output=use_clipped_model_output
+        )
+        needs_preview = "pred_original_sample" in callback_on_step_end_tensor_inputs
         self._num_timesteps = len(timestep_list)
         for i, t in enumerate(self.progress_bar(timestep_list)):
             if self.interrupt:
                 break
-            model_output = self.unet(latents, timesteps_on_device[i]).sample
-            step = scheduler.step(
-                model_output,
-                t,
-                latents,
-                eta=eta,
-                use_clipped_model_output=use_clipped_model_output,
-                generator=generator,
-            )
-            latents, pred_original_sample = step.prev_sample, step.pred_original_sample
+            # scale_model_input is the identity for DDIM; Euler-type schedulers divide by sqrt(sigma^2 + 1) here
+            model_input = scheduler.scale_model_input(latents, t)
+            model_output = self.unet(model_input, timesteps_on_device[i]).sample
+            step = scheduler.step(model_output, t, latents, **extra_step_kwargs)
+            latents = step.prev_sample
+            pred_original_sample = getattr(step, "pred_original_sample", None)
+            if pred_original_sample is None and (return_trajectory or needs_preview):
+                raise ValueError(
+                    f"{type(scheduler).__name__}.step returns no `pred_original_sample`, so `return_trajectory` and "
+                    "`callback_on_step_end_tensor_inputs=['pred_original_sample']` are unavailable with it; use "
+                    "DDIMSchedulerPlus, DDIMScheduler, DDPMScheduler or EulerDiscreteScheduler."
+                )
             if callback_on_step_end is not None:
                 local_tensors = {"latents": latents, "pred_original_sample": pred_original_sample}
                 callback_kwargs = {k: local_tensors[k] for k in callback_on_step_end_tensor_inputs}
@@ -340,6 +348,17 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
                 trajectory.append(latents)
                 previews.append(pred_original_sample)
         return latents, trajectory, previews
+
+    @staticmethod
+    def prepare_extra_step_kwargs(scheduler: SchedulerMixin, **kwargs) -> Dict[str, Any]:
+        """The keyword arguments of `kwargs` that `scheduler.step` takes, as diffusers' pipelines pass `eta` and
+        `generator` only to schedulers that accept them.
+
+        Returns:
+            `dict`
+        """
+        accepted = inspect.signature(scheduler.step).parameters
+        return {name: value for name, value in kwargs.items() if name in accepted}
 
     def postprocess(
         self, sample: torch.Tensor, output_type: str
@@ -382,7 +401,9 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
     Args:
         unet ([`UNet2DModel`]): the denoiser.
         scheduler ([`SchedulerMixin`]): a `DDIMSchedulerPlus`; a stock `DDIMScheduler` or `DDPMScheduler` is
-            converted with `DDIMSchedulerPlus.from_config(scheduler.config)`.
+            converted with `DDIMSchedulerPlus.from_config(scheduler.config)`; any other diffusers scheduler (e.g.
+            `DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`) is sampled with as it is. To sample with a stock
+            `DDIMScheduler` or `DDPMScheduler` itself, assign it afterwards: `pipe.scheduler = DDPMScheduler(...)`.
     """
 
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
@@ -397,6 +418,7 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
         latents: Optional[torch.Tensor],
         output_type: str,
         callback_on_step_end_tensor_inputs: Sequence[str],
+        use_clipped_model_output: Optional[bool] = None,
     ) -> None:
         """Raise a `ValueError` naming the first bad argument; runs before any work."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -410,7 +432,23 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
             raise ValueError(f"`eta` must be a number >= 0 (0 = deterministic DDIM, 1 = DDPM), got {eta!r}.")
         if eta > 1:
             logger.warning(f"`eta`={eta} > 1 adds more noise than DDPM (eta = 1); results may degrade.")
-        if eta > 0 and self.scheduler.config.solver_order == 2:
+        step_parameters = inspect.signature(self.scheduler.step).parameters
+        if eta > 0 and "eta" not in step_parameters:
+            raise ValueError(
+                f"`eta`={eta}, but {type(self.scheduler).__name__}.step takes no `eta`: use `eta`=0, or "
+                "DDIMSchedulerPlus (or DDIMScheduler) for stochastic DDIM."
+            )
+        if use_clipped_model_output and "use_clipped_model_output" not in step_parameters:
+            raise ValueError(
+                f"`use_clipped_model_output`=True, but {type(self.scheduler).__name__}.step does not take it; leave "
+                "it unset or use DDIMSchedulerPlus."
+            )
+        if timesteps is not None and "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+            raise ValueError(
+                f"`timesteps` given, but {type(self.scheduler).__name__}.set_timesteps takes no custom timesteps: "
+                "pass `num_inference_steps` instead, or use DDIMSchedulerPlus."
+            )
+        if eta > 0 and isinstance(self.scheduler, DDIMSchedulerPlus) and self.scheduler.config.solver_order == 2:
             raise ValueError(
                 f"`eta`={eta}, but the scheduler has `solver_order`=2, a deterministic solver: use `eta`=0, or a "
                 "scheduler with `solver_order`=1."
@@ -473,7 +511,8 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
             generator (`torch.Generator` or `List[torch.Generator]`, *optional*): source of x_T (and of the noise of
                 stochastic steps); a list gives one generator per image, so image i depends on `generator[i]` only.
             eta (`float`, *optional*, defaults to 0.0): eq. 16's noise weight: 0 is deterministic DDIM, 1 is DDPM.
-                Ignored by a scheduler with `sigma_type="sigma_hat"`.
+                Ignored by a scheduler with `sigma_type="sigma_hat"`. Passed only to schedulers whose `step` takes
+                it; > 0 with any other scheduler is an error.
             num_inference_steps (`int`, *optional*, defaults to 50): number of steps S, 1 <= S <= T, spaced by the
                 scheduler's `timestep_spacing`.
             timesteps (`List[int]`, *optional*): a custom strictly descending schedule in [0, T); replaces
@@ -519,6 +558,7 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
             latents,
             output_type,
             callback_on_step_end_tensor_inputs,
+            use_clipped_model_output,
         )
         self._interrupt = False
 

@@ -1,9 +1,11 @@
 """Frechet distance of a digits pipeline's samples for every sampler setting docs/results.md reports, with spreads.
 
-Each cell draws `--blocks` disjoint blocks of `--block-size` images from the same x_T seeds in every cell (block b
-starts from the generator seeded `--seed + b`) and scores each block against all 1,797 real digits in the shipped
-digits-CNN features. A cell reports the mean over blocks and their standard deviation: the spread of one block's FD
-between draws of x_T, which is what a difference must exceed to count.
+Each cell draws `--blocks` x `--block-size` images in one batch from one generator seeded `--seed` on the device
+(the same x_T in every cell; per-image generators, as `ddim_plus.evaluation.sampling.generate_images` uses for
+results independent of batching, would cost a host call per image and step) and scores each block of `--block-size`
+images against all 1,797 real digits in the shipped digits-CNN features. A cell reports the mean over blocks and
+their standard deviation: the spread of one block's FD between draws of x_T, which a difference must exceed to
+count. Sampler settings that are not in the saved config come as overrides of it.
 
     python scripts/measure_demo_sampling.py demo_output --out runs/demo_sampling.json           # CPU: hours
     python scripts/measure_demo_sampling.py demo_output --device cuda --out runs/demo_sampling.json  # GPU: minutes
@@ -42,7 +44,7 @@ def cells(saved_clip: bool):
         yield "order2:quadratic", {"timestep_spacing": "quadratic", "solver_order": 2}, steps, 0.0, None
 
 
-def sample_block(pipe, overrides, steps, eta, use_clipped, seed, size, device):
+def sample_cell(pipe, overrides, steps, eta, use_clipped, seed, size, device):
     sigma_type = "sigma_hat" if eta == "sigma-hat" else "eta"
     scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, sigma_type=sigma_type, **overrides)
     sampler = DDIMPlusPipeline(unet=pipe.unet, scheduler=scheduler)
@@ -82,11 +84,11 @@ def main():
     out.write(json.dumps(floor) + "\n")
     for name, overrides, steps, eta, use_clipped in cells(bool(pipe.scheduler.config.clip_sample)):
         started = time.perf_counter()
+        images = sample_cell(
+            pipe, overrides, steps, eta, use_clipped, args.seed, args.blocks * args.block_size, args.device
+        )
         values = [
-            frechet_distance(
-                reference,
-                sample_block(pipe, overrides, steps, eta, use_clipped, args.seed + b, args.block_size, args.device),
-            ).value
+            frechet_distance(reference, images[b * args.block_size : (b + 1) * args.block_size]).value
             for b in range(args.blocks)
         ]
         record = {

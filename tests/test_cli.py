@@ -205,6 +205,12 @@ def test_missing_model_exits_1_with_message(tmp_path, capsys):
         ["evaluate", "M", "--spacings", "cosine", "--out", "r.md"],
         ["interpolate", "M", "--frames", "1", "--out", "s.png"],
         ["frobnicate"],
+        # checked while parsing, before the (here missing) model loads or anything is sampled
+        ["sample", "M", "--out", "x.jpgx"],
+        ["sample", "M", "--out", "grid"],
+        ["interpolate", "M", "--out", "strip.txt"],
+        ["invert", "M", "a.png", "--out", "l.safetensors", "--reconstruction", "r.jpgx"],
+        ["sample", "M", "--device", "no-such-device", "--out", "x.png"],
     ],
 )
 def test_invalid_arguments_exit_2(argv, capsys):
@@ -230,3 +236,103 @@ def test_unreadable_image_and_latents_exit_1(model_dir, tmp_path, capsys):
     assert "could not read image" in capsys.readouterr().err
     assert main(["interpolate", model_dir, "--latents", str(not_an_image), "--out", str(tmp_path / "s.png")]) == 1
     assert "could not read latents" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def rgb_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-rgb-pipeline")
+    DDIMPlusPipeline(unet=make_tiny_unet(channels=3, sample_size=8), scheduler=DDIMSchedulerPlus()).save_pretrained(
+        folder
+    )
+    return str(folder)
+
+
+def photo_folder(folder, count=4):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(count):
+        PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    return str(folder)
+
+
+def test_evaluate_never_scores_a_non_digits_model_in_digits_features(rgb_model_dir, tmp_path, capsys):
+    pytest.importorskip("torchmetrics")
+    out = tmp_path / "r.md"
+    # the default reference (digits) does not fit an RGB model
+    assert main(["evaluate", rgb_model_dir, "--out", str(out), "--quiet"]) == 2
+    assert "--reference digits holds 1-channel digits" in capsys.readouterr().err
+    # digits features against the user's own folder are refused
+    reference = photo_folder(tmp_path / "photos")
+    argv = ["evaluate", rgb_model_dir, "--reference", reference, "--features", "digits", "--out", str(out)]
+    assert main(argv + ["--quiet"]) == 2
+    assert "--features digits measures digits only" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_evaluate_without_fitting_features_says_why_in_one_line(
+    rgb_model_dir, tmp_path, capsys, offline_hf_home, monkeypatch
+):
+    pytest.importorskip("torchmetrics")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(offline_hf_home / "hub"))
+    out = tmp_path / "r.md"
+    reference = photo_folder(tmp_path / "photos")
+    assert main(["evaluate", rgb_model_dir, "--reference", reference, "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No quality metric is available" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_evaluate_scores_against_the_users_folder_in_dinov2_features_from_the_cache(
+    rgb_model_dir, tmp_path, capsys, offline_hf_home, monkeypatch
+):
+    pytest.importorskip("torchmetrics")
+    transformers = pytest.importorskip("transformers")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(offline_hf_home / "hub"))
+    config = transformers.Dinov2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=56, image_size=224
+    )
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = offline_hf_home / "hub" / "models--facebook--dinov2-small"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    torch.manual_seed(0)
+    transformers.Dinov2Model(config).save_pretrained(repo / "snapshots" / commit)
+    out = tmp_path / "r.md"
+    reference = photo_folder(tmp_path / "photos", count=5)
+    argv = ["evaluate", rgb_model_dir, "--reference", reference, "--steps", "2", "--num", "3", "--out", str(out)]
+    assert main(argv + ["--quiet"]) == 0
+    text = out.read_text()
+    assert "dinov2(dinov2-small)" in text and "digits" not in text
+
+
+def test_evaluate_on_a_base_install_names_the_extra(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # as if not installed: importing it fails
+    assert main(["evaluate", model_dir, "--out", str(tmp_path / "r.md"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'ddim-plus[eval]'" in err and "torchmetrics" in err and "Traceback" not in err
+
+
+def test_invert_centre_crops_a_non_square_image_as_the_trainer(tmp_path, capsys):
+    from ddim_plus.cli import _load_images
+
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 16), dtype=np.uint8)  # 16 wide, 8 high
+    PIL.Image.fromarray(pixels).save(tmp_path / "wide.png")
+    images = _load_images([str(tmp_path / "wide.png")], channels=1, size=8)
+    # shorter side is already 8: no resize, the centre 8 columns are kept (not the whole width squashed)
+    np.testing.assert_allclose(images[0, ..., 0], pixels[:, 4:12] / 255.0, atol=1e-6)
+    assert "centre 8x8 kept" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_a_message_not_a_traceback(model_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    image = digit_png(tmp_path / "d.png", 0)
+    argv = ["invert", model_dir, image, "--steps", "2", "--no-refine", "--out", str(blocker / "l.safetensors")]
+    assert main(argv + ["--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ddim-plus invert: error:") and "Traceback" not in err

@@ -13,6 +13,7 @@ from ddim_plus.evaluation.fid import (  # noqa: E402
     DIGITS_FEATURES_NAME,
     FeatureWeightsUnavailableError,
     FrechetDistance,
+    choose_features,
     digits_reference_images,
     frechet_distance,
     load_digits_feature_net,
@@ -178,3 +179,55 @@ def test_images_out_of_range_raise():
         to_image_tensor(torch.full((2, 1, 8, 8), -1.0))
     with pytest.raises(ValueError, match="Need at least 2"):
         frechet_distance(digits_reference_images()[:1], digits_reference_images()[:5])
+
+
+def save_tiny_dinov2(folder):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Dinov2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=56, image_size=224
+    )
+    torch.manual_seed(0)
+    transformers.Dinov2Model(config).save_pretrained(folder)
+
+
+def put_in_hub_cache(hf_home, repo_id, folder):
+    """Lay `folder` out as the Hub cache holds a downloaded repo (refs/main -> snapshots/<commit>/)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    folder.rename(repo / "snapshots" / commit)
+
+
+def test_choose_features_fits_the_data_and_never_downloads(tmp_path, offline_hf_home, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty torch hub: no Inception weights
+    # huggingface_hub reads HF_HOME at import: point its cache constant at the fixture's empty cache too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(offline_hf_home / "hub"))
+    assert choose_features(digits_data=True) == "digits"
+    pytest.importorskip("transformers")
+    with pytest.raises(FeatureWeightsUnavailableError, match="No quality metric is available.*no DINOv2 weights"):
+        choose_features(digits_data=False)
+    save_tiny_dinov2(tmp_path / "dinov2")
+    put_in_hub_cache(offline_hf_home, "facebook/dinov2-base", tmp_path / "dinov2")
+    spec = choose_features(digits_data=False)
+    assert spec == "dinov2:facebook/dinov2-base"
+    assert FrechetDistance(spec).features_name == "dinov2(dinov2-base)"
+
+
+def test_inception_download_failure_is_one_clear_error(monkeypatch):
+    """Offline, torch-fidelity's download raises URLError: reported as missing weights, with the offline fix."""
+    import urllib.error
+
+    import torchmetrics.image.fid
+    import torchmetrics.utilities.imports
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchmetrics.utilities.imports, "_TORCH_FIDELITY_AVAILABLE", True)
+    monkeypatch.setattr(torchmetrics.image.fid, "FrechetInceptionDistance", offline)
+    with pytest.raises(FeatureWeightsUnavailableError, match="could not be downloaded.*'inception:PATH'"):
+        FrechetDistance("inception")

@@ -5,7 +5,15 @@ import PIL.Image
 import pytest
 import torch
 from conftest import count_unet_calls, make_tiny_unet
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, ImagePipelineOutput
+from diffusers import (
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    ImagePipelineOutput,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 from ddim_plus import DDIMPlusPipeline, DDIMPlusPipelineOutput, DDIMSchedulerPlus
@@ -85,6 +93,78 @@ def test_stock_schedulers_are_upgraded_with_their_config():
             assert pipe.scheduler.config[key] == stock.config[key]
     with pytest.raises(ValueError, match="`scheduler`"):
         DDIMPlusPipeline(unet=unet, scheduler=object())
+
+
+def reference_loop(unet, scheduler, latents, steps):
+    """diffusers' documented sampling loop (scale_model_input, UNet, step), written out with the stock scheduler."""
+    scheduler.set_timesteps(steps)
+    sample = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            model_output = unet(scheduler.scale_model_input(sample, t), t).sample
+        sample = scheduler.step(model_output, t, sample).prev_sample
+    return (sample / 2 + 0.5).clamp(0, 1)
+
+
+@pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler])
+def test_other_diffusers_schedulers_sample_as_diffusers_loop(scheduler_cls):
+    pipe = make_pipe()
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    latents = randn_tensor((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    got = pipe(batch_size=2, latents=latents, num_inference_steps=STEPS, output_type="pt").images
+    assert type(pipe.scheduler) is scheduler_cls
+    reference = scheduler_cls.from_config(pipe.scheduler.config)
+    torch.testing.assert_close(got, reference_loop(pipe.unet, reference, latents, STEPS), atol=1e-4, rtol=0)
+    # eta is not a parameter of their step: refused before any UNet call rather than silently ignored
+    calls = count_unet_calls(pipe)
+    with pytest.raises(ValueError, match="`eta`"):
+        pipe(eta=0.5, num_inference_steps=STEPS)
+    assert calls == []
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_assigned_stock_ddim_scheduler_matches_stock_ddim_pipeline(eta):
+    pipe = make_pipe()
+    pipe.scheduler = DDIMScheduler(timestep_spacing="trailing")
+    assert type(pipe.scheduler) is DDIMScheduler
+    stock = DDIMPipeline(unet=pipe.unet, scheduler=DDIMScheduler(timestep_spacing="trailing"))
+    stock.set_progress_bar_config(disable=True)
+    kwargs = dict(batch_size=2, eta=eta, num_inference_steps=STEPS, output_type="np")
+    expected = stock(generator=torch.Generator().manual_seed(0), **kwargs).images
+    np.testing.assert_allclose(pipe(generator=torch.Generator().manual_seed(0), **kwargs).images, expected, atol=1e-4)
+
+
+def test_assigned_ddpm_scheduler_matches_stock_ddpm_pipeline():
+    pipe = make_pipe()
+    pipe.scheduler = DDPMScheduler(beta_end=0.03)
+    stock = DDPMPipeline(unet=pipe.unet, scheduler=DDPMScheduler(beta_end=0.03))
+    stock.set_progress_bar_config(disable=True)
+    kwargs = dict(batch_size=2, num_inference_steps=STEPS, output_type="np")
+    expected = stock(generator=torch.Generator().manual_seed(0), **kwargs).images
+    np.testing.assert_allclose(pipe(generator=torch.Generator().manual_seed(0), **kwargs).images, expected, atol=1e-4)
+
+
+def test_other_scheduler_passed_to_the_constructor_is_kept_and_saved_as_itself(tmp_path):
+    scheduler = DPMSolverMultistepScheduler(beta_end=0.03)
+    pipe = DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=scheduler)
+    assert pipe.scheduler is scheduler
+    pipe.save_pretrained(tmp_path)
+    loaded = DDIMPlusPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is DPMSolverMultistepScheduler and loaded.scheduler.config.beta_end == 0.03
+
+
+def test_scheduler_without_previews_refuses_trajectory_and_custom_timesteps():
+    pipe = make_pipe()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="pred_original_sample"):
+        pipe(num_inference_steps=STEPS, return_trajectory=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert pipe(num_inference_steps=STEPS, return_trajectory=True).pred_original_samples.shape == (STEPS, 1, 3, 8, 8)
+    pipe.scheduler = DDIMScheduler()
+    with pytest.raises(ValueError, match="`timesteps`"):
+        pipe(timesteps=[900, 500, 100])
+    with pytest.raises(ValueError, match="`use_clipped_model_output`"):
+        DDIMPlusPipeline(unet=pipe.unet, scheduler=EulerDiscreteScheduler())(use_clipped_model_output=True)
 
 
 def test_trajectory_and_x0_previews():

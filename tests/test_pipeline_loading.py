@@ -1,16 +1,20 @@
 """Saving, loading (folder, Hub cache, stock diffusers, DDPM checkpoints) and publishing of both pipelines."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_unet
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline
+from diffusers.utils.testing_utils import CaptureLogger
+from packaging import version
 
 import ddim_plus
 from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
@@ -159,28 +163,105 @@ def test_stock_checkpoints_load_as_ddim_plus(tmp_path, stock_cls, stock_schedule
     assert type(DDIMInversionPipeline.from_pretrained(tmp_path).scheduler) is DDIMSchedulerPlus
 
 
-def test_folder_that_is_not_a_pipeline(tmp_path):
-    for cls in (DDIMPlusPipeline, DDIMInversionPipeline):
-        with pytest.raises(ValueError, match="`pretrained_model_name_or_path`.*no model_index.json"):
+def test_folder_that_is_not_a_pipeline_gets_diffusers_error(tmp_path):
+    for cls in (DDIMPlusPipeline, DDIMInversionPipeline, DiffusionPipeline):
+        with pytest.raises(OSError, match="model_index.json"):
             cls.from_pretrained(tmp_path)
-    with pytest.raises(OSError, match="model_index.json"):  # diffusers' own loader, for comparison
-        DiffusionPipeline.from_pretrained(tmp_path)
 
 
-def test_missing_weights_file(tmp_path):
+def test_missing_weights_file_gets_diffusers_error(tmp_path):
     saved_pipeline(tmp_path)
     (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(ValueError, match="missing its weights file .*diffusion_pytorch_model.safetensors"):
+    with pytest.raises(OSError, match="diffusion_pytorch_model"):
         DDIMPlusPipeline.from_pretrained(tmp_path)
 
 
-def test_pickled_weights_load_only_on_request(tmp_path):
-    pipe = DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus())
+# The checks diffusers' PipelineTesterMixin runs on every pipeline (its DDIMPipeline included), on ours.
+def test_save_load_local_with_pickled_weights(tmp_path, caplog):
+    """diffusers' test_save_load_local: `safe_serialization=False`, every component named in the load log."""
+    pipe = DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus(beta_end=0.03))
     pipe.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").exists()
-    with pytest.raises(ValueError, match="use_safetensors=False"):
-        DDIMPlusPipeline.from_pretrained(tmp_path)
-    assert_same_weights(DDIMPlusPipeline.from_pretrained(tmp_path, use_safetensors=False).unet, pipe.unet)
+    assert not (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    diffusers_logger = diffusers.utils.logging.get_logger("diffusers.pipelines.pipeline_utils")
+    diffusers_logger.setLevel(diffusers.utils.logging.INFO)
+    try:
+        with CaptureLogger(diffusers_logger) as captured, caplog.at_level(logging.INFO):
+            loaded = DDIMPlusPipeline.from_pretrained(tmp_path)
+    finally:
+        diffusers_logger.setLevel(diffusers.utils.logging.WARNING)
+    for name in loaded.components:
+        assert name in captured.out
+    # ours: which weights file was read
+    assert f"Loaded the UNet weights from {tmp_path / 'unet' / 'diffusion_pytorch_model.bin'}" in caplog.text
+    assert type(loaded.scheduler) is DDIMSchedulerPlus
+    np.testing.assert_allclose(generate(loaded).images, generate(pipe).images, atol=5e-4)
+
+
+def test_save_load_float16(tmp_path):
+    """diffusers' test_save_load_float16: half-precision components come back in half precision."""
+    pipe = DDIMPlusPipeline(unet=make_tiny_unet().half(), scheduler=DDIMSchedulerPlus(beta_end=0.03))
+    pipe.save_pretrained(tmp_path)
+    loaded = DDIMPlusPipeline.from_pretrained(tmp_path, torch_dtype=torch.float16)
+    assert loaded.unet.dtype == torch.float16
+    assert_same_weights(loaded.unet, pipe.unet)
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_loading_with_variants(tmp_path, safe_serialization):
+    """diffusers' test_serialization_with_variants and test_loading_with_variants."""
+    pipe = DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus())
+    pipe.save_pretrained(tmp_path, variant="fp16", safe_serialization=safe_serialization)
+    extension = "safetensors" if safe_serialization else "bin"
+    assert sorted(os.listdir(tmp_path / "unet")) == ["config.json", f"diffusion_pytorch_model.fp16.{extension}"]
+    assert_same_weights(DDIMPlusPipeline.from_pretrained(tmp_path, variant="fp16").unet, pipe.unet)
+
+
+def test_loading_with_incorrect_variants_raises_diffusers_error(tmp_path):
+    """diffusers' test_loading_with_incorrect_variants_raises_error, word for word in its message."""
+    DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus()).save_pretrained(
+        tmp_path, safe_serialization=False
+    )
+    with pytest.raises(ValueError, match="You are trying to load the model files of the `variant=fp16`"):
+        DDIMPlusPipeline.from_pretrained(tmp_path, variant="fp16")
+
+
+def test_torch_dtype_dict(tmp_path):
+    """diffusers' test_torch_dtype_dict: a dtype per component, with a `default`."""
+    DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus()).save_pretrained(
+        tmp_path, safe_serialization=False
+    )
+    loaded = DDIMPlusPipeline.from_pretrained(tmp_path, torch_dtype={"unet": torch.bfloat16, "default": torch.float16})
+    assert loaded.unet.dtype == torch.bfloat16
+    assert (
+        DDIMPlusPipeline.from_pretrained(tmp_path, torch_dtype={"default": torch.float16}).unet.dtype == torch.float16
+    )
+
+
+@pytest.mark.skipif(
+    version.parse(diffusers.__version__) < version.parse("0.40"), reason="diffusers < 0.40 has no `dtype` alias"
+)
+def test_dtype_alias(tmp_path):
+    """`dtype=` is diffusers' alias of `torch_dtype=` (a dtype or a dict)."""
+    saved_pipeline(tmp_path)
+    assert DDIMPlusPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16).unet.dtype == torch.bfloat16
+    assert DiffusionPipeline.from_pretrained(tmp_path, dtype={"unet": torch.float16}).unet.dtype == torch.float16
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+
+    class RunsCodeWhenUnpickled:
+        def __reduce__(self):  # unpickling calls open(marker, "w"): creating the file proves the code ran
+            return (open, (str(marker), "w"))
+
+    saved_pipeline(tmp_path / "pipe")
+    (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"conv_in.weight": RunsCodeWhenUnpickled()}, tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.bin")
+    for cls in (DDIMPlusPipeline, DiffusionPipeline):
+        with pytest.raises(OSError, match="Unable to load weights"):
+            cls.from_pretrained(tmp_path / "pipe")
+    assert not marker.exists()
 
 
 @pytest.fixture

@@ -33,6 +33,10 @@ DIGITS_FEATURES_FILE = os.path.join(
 DIGITS_FEATURES_NAME = "digits-cnn-v1"
 DIGITS_RESOLUTION = 8
 FEATURE_KINDS = ("digits", "inception", "dinov2")
+# What `choose_features` looks for on disk: DINOv2 checkpoints in the Hugging Face cache, smallest first, and the FID
+# Inception weights where torch-fidelity's download puts them (torch hub's checkpoints folder).
+DINOV2_REPO_IDS = ("facebook/dinov2-small", "facebook/dinov2-base", "facebook/dinov2-large", "facebook/dinov2-giant")
+INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
 ImageBatch = Union[torch.Tensor, np.ndarray]
 
@@ -183,9 +187,13 @@ def load_dinov2_features(path_or_repo_id: str) -> Dinov2Features:
         raise FeatureWeightsUnavailableError(
             "DINOv2 features need the `transformers` package: `pip install transformers` (or `ddim-plus[eval]`)."
         ) from error
+    from huggingface_hub import constants
+
     try:
-        model = Dinov2Model.from_pretrained(path_or_repo_id, local_files_only=True)
-    except OSError as error:
+        # huggingface_hub's cache folder, read now: the one `choose_features` searched (older transformers keep a
+        # copy of it from their own import time)
+        model = Dinov2Model.from_pretrained(path_or_repo_id, local_files_only=True, cache_dir=constants.HF_HUB_CACHE)
+    except (OSError, ValueError) as error:  # older transformers: a missing local folder is an invalid repo id
         raise FeatureWeightsUnavailableError(
             f"DINOv2 weights {path_or_repo_id!r} are not available locally ({error.__class__.__name__}). Download "
             f"them once with `huggingface-cli download {path_or_repo_id}` or pass a folder saved by save_pretrained."
@@ -207,6 +215,58 @@ def parse_features(spec: str) -> tuple:
     return kind, argument or None
 
 
+def _dinov2_in_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo_id, name), str)
+
+    return cached("config.json") and (cached("model.safetensors") or cached("pytorch_model.bin"))
+
+
+def choose_features(digits_data: bool) -> str:
+    """The feature network that fits the data and is on this machine, without downloading anything.
+
+    Digits features for digits data only; otherwise DINOv2 from the local Hugging Face cache (needs `transformers`),
+    else Inception from torch hub's checkpoints folder (needs torch-fidelity).
+
+    Args:
+        digits_data (`bool`): the reference is the bundled digits (1 channel, upsampled from 8x8).
+
+    Returns:
+        `str`: a spec for `FrechetDistance`, e.g. ``"digits"`` or ``"dinov2:facebook/dinov2-small"``.
+
+    Raises:
+        `FeatureWeightsUnavailableError`: nothing fits; the message says why in one line.
+    """
+    if digits_data:
+        return "digits"
+    reasons = []
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        reasons.append("DINOv2 needs `transformers` (pip install 'ddim-plus[eval]')")
+    else:
+        for repo_id in DINOV2_REPO_IDS:
+            if _dinov2_in_cache(repo_id):
+                return f"dinov2:{repo_id}"
+        reasons.append(f"no DINOv2 weights in the Hugging Face cache ({', '.join(DINOV2_REPO_IDS)})")
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    inception_path = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_NAME)
+    if not _TORCH_FIDELITY_AVAILABLE:
+        reasons.append("Inception needs torch-fidelity")
+    elif not os.path.isfile(inception_path):
+        reasons.append(f"no Inception weights at {inception_path}")
+    else:
+        return f"inception:{inception_path}"
+    raise FeatureWeightsUnavailableError(
+        "No quality metric is available: the digits features fit only digits data, "
+        + "; ".join(reasons)
+        + ". Download one (e.g. `hf download facebook/dinov2-small`) or pass --features dinov2:PATH / inception:PATH."
+    )
+
+
 def _inception_metric(weights_path: Optional[str]):
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
@@ -218,13 +278,19 @@ def _inception_metric(weights_path: Optional[str]):
         )
     if weights_path is not None and not os.path.isfile(weights_path):
         raise FeatureWeightsUnavailableError(f"Inception weights file {weights_path!r} does not exist.")
-    return FrechetInceptionDistance(
-        feature=2048,
-        normalize=True,
-        reset_real_features=False,
-        feature_extractor_weights_path=weights_path,
-        sync_on_compute=False,
-    )
+    try:
+        return FrechetInceptionDistance(
+            feature=2048,
+            normalize=True,
+            reset_real_features=False,
+            feature_extractor_weights_path=weights_path,
+            sync_on_compute=False,
+        )
+    except OSError as error:  # without a path torch-fidelity downloads the weights: URLError (an OSError) offline
+        raise FeatureWeightsUnavailableError(
+            f"Inception weights could not be downloaded ({error.__class__.__name__}: {error}); offline, pass "
+            f"'inception:PATH' with a local {INCEPTION_WEIGHTS_NAME}."
+        ) from error
 
 
 @dataclass
