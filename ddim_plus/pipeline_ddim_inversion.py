@@ -77,7 +77,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
             `DDIMSchedulerPlus`: a fresh copy; the pipeline's scheduler is not modified.
         """
         return DDIMSchedulerPlus.from_config(
-            self.scheduler.config, clip_sample=False, thresholding=False, sigma_type="eta", solver_order=1
+            self.scheduler.config, clip_sample=False, thresholding=False, sigma_type="eta", ddim_solver_order=1
         )
 
     # ------------------------------------------------------------------------------------------------------------

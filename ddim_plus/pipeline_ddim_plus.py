@@ -410,10 +410,10 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
             raise ValueError(f"`eta` must be a number >= 0 (0 = deterministic DDIM, 1 = DDPM), got {eta!r}.")
         if eta > 1:
             logger.warning(f"`eta`={eta} > 1 adds more noise than DDPM (eta = 1); results may degrade.")
-        if eta > 0 and self.scheduler.config.solver_order == 2:
+        if eta > 0 and self.scheduler.config.ddim_solver_order == 2:
             raise ValueError(
-                f"`eta`={eta}, but the scheduler has `solver_order`=2, a deterministic solver: use `eta`=0, or a "
-                "scheduler with `solver_order`=1."
+                f"`eta`={eta}, but the scheduler has `ddim_solver_order`=2, a deterministic solver: use `eta`=0, or a "
+                "scheduler with `ddim_solver_order`=1."
             )
         self._check_num_inference_steps(num_inference_steps, timesteps)
         if latents is not None:

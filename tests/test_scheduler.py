@@ -118,21 +118,112 @@ def test_timestep_not_in_schedule_steps_to_largest_scheduled_below(spacing, t, p
     torch.testing.assert_close(out.prev_sample.double(), expected, **F32)
 
 
-def test_sigma_hat_step_closed_form():
-    scheduler = _make_schedule("linspace", sigma_type="sigma_hat")
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+@pytest.mark.parametrize("spacing", ["linspace", "trailing", "custom"])
+def test_sigma_hat_step_closed_form(spacing, set_alpha_to_one):
+    scheduler = _make_schedule(spacing, sigma_type="sigma_hat", set_alpha_to_one=set_alpha_to_one)
     abar = _abar64()
+    final_abar = 1.0 if set_alpha_to_one else abar[0]
     timesteps = scheduler.timesteps.tolist()
     for i, t in enumerate(timesteps):
         prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        a_t, a_prev = abar[t], abar[prev_t] if prev_t >= 0 else 1.0
+        a_t, a_prev = abar[t], abar[prev_t] if prev_t >= 0 else final_abar
         sample, model_output, noise = (_randn(1, 3, 4, 4, seed=3 * i + k) for k in range(3))
         out = scheduler.step(model_output, t, sample, eta=0.0, variance_noise=noise)  # eta is ignored
         x, m = sample.double(), model_output.double()
         x0 = (x - math.sqrt(1 - a_t) * m) / math.sqrt(a_t)
         sigma_one_sq = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # the direction term keeps sigma(eta=1)
-        sigma_hat = math.sqrt(1 - a_t / a_prev)  # section 5.1
+        # section 5.1; the last step gets no noise, as in the paper's code (mask = 1 - (t == 0)) and DDPM
+        sigma_hat = math.sqrt(1 - a_t / a_prev) if prev_t >= 0 else 0.0
         expected = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma_one_sq) * m + sigma_hat * noise.double()
         torch.testing.assert_close(out.prev_sample.double(), expected, **F32)
+
+
+def _paper_ddpm_steps(x, seq, model, betas, noises):
+    """The paper's released sigma-hat sampler (ermongroup/ddim, functions/denoising.py, `ddpm_steps`), transcribed
+    in float64: the DDPM posterior mean from the clipped x_0, variance beta_t = 1 - abar_t / abar_next, and noise
+    masked by `1 - (t == 0)`."""
+    abar = torch.cat([torch.zeros(1, dtype=torch.float64), betas]).neg().add(1).cumprod(0)  # compute_alpha: t + 1
+    seq_next = [-1] + list(seq[:-1])
+    for (i, j), noise in zip(zip(reversed(seq), reversed(seq_next)), noises):
+        at, atm1 = abar[i + 1], abar[j + 1]
+        beta_t = 1 - at / atm1
+        e = model(x, i)
+        x0_from_e = ((1.0 / at).sqrt() * x - (1.0 / at - 1).sqrt() * e).clamp(-1, 1)
+        mean = ((atm1.sqrt() * beta_t) * x0_from_e + ((1 - beta_t).sqrt() * (1 - atm1)) * x) / (1.0 - at)
+        mask = 1 - float(i == 0)
+        x = mean + mask * torch.exp(0.5 * beta_t.log()) * noise
+    return x
+
+
+@pytest.mark.parametrize("spacing", ["leading", "quadratic"])
+def test_sigma_hat_loop_equals_the_papers_code(spacing):
+    # The paper's two skip types: "uniform" is range(0, T, T // S) (= leading), "quad" is int(linspace(0,
+    # sqrt(0.8 T), S) ** 2). Both end at t = 0, where the paper's code adds no noise.
+    T, S = 1000, 10
+    seq = (
+        list(range(0, T, T // S))
+        if spacing == "leading"
+        else [int(s) for s in np.linspace(0, np.sqrt(0.8 * T), S) ** 2]
+    )
+    scheduler = DDIMSchedulerPlus(timestep_spacing=spacing, sigma_type="sigma_hat", clip_sample=True)
+    scheduler.set_timesteps(S)
+    assert scheduler.timesteps.tolist() == seq[::-1]
+
+    def model(x, t):  # any fixed network will do
+        return torch.tanh(x) * (0.5 + t / T)
+
+    x_T = _randn(2, 3, 4, 4, seed=0, dtype=torch.float64)
+    noises = [_randn(2, 3, 4, 4, seed=1 + k, dtype=torch.float64) for k in range(S)]
+    betas = DDIMScheduler().betas.double()
+    expected = _paper_ddpm_steps(x_T, seq, model, betas, noises)
+    x = x_T
+    for t, noise in zip(scheduler.timesteps.tolist(), noises):
+        x = scheduler.step(model(x, t), t, x, variance_noise=noise, use_clipped_model_output=True).prev_sample
+    torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_sigma_hat_full_schedule_matches_stock_ddpm_fixed_large(prediction_type, clip_sample):
+    # sigma-hat^2 = 1 - abar_t / abar_{t-1} = beta_t: DDPM with variance_type="fixed_large", which adds no noise at
+    # t = 0. Stock DDPM is given float64 abar, as in test_eta_one_full_schedule_matches_stock_ddpm_step.
+    T = 50
+    ddpm = DDPMScheduler(
+        num_train_timesteps=T, prediction_type=prediction_type, clip_sample=clip_sample, variance_type="fixed_large"
+    )
+    ddpm.alphas_cumprod = torch.cumprod(1.0 - ddpm.betas.double(), dim=0)
+    ours = DDIMSchedulerPlus(
+        num_train_timesteps=T, prediction_type=prediction_type, clip_sample=clip_sample, sigma_type="sigma_hat"
+    )
+    ours.set_timesteps(T)
+    for t in ours.timesteps:
+        sample, model_output = 2 * _randn(1, 3, 4, 4, seed=2 * int(t)), _randn(1, 3, 4, 4, seed=2 * int(t) + 1)
+        expected = ddpm.step(model_output, t, sample, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        out = ours.step(
+            model_output,
+            t,
+            sample,
+            use_clipped_model_output=clip_sample,
+            generator=torch.Generator().manual_seed(int(t)),
+        )
+        torch.testing.assert_close(out.prev_sample, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", "quadratic", "logsnr", "custom"])
+def test_sigma_hat_last_step_adds_no_noise(spacing, set_alpha_to_one):
+    # With trailing spacing the last step starts at t = 99 (S = 10): noise of std sqrt(1 - abar_99) = 0.32 used to
+    # be left in the output.
+    scheduler = _make_schedule(spacing, sigma_type="sigma_hat", set_alpha_to_one=set_alpha_to_one)
+    t_last = int(scheduler.timesteps[-1])
+    sample, model_output = _randn(1, 3, 4, 4, seed=0), _randn(1, 3, 4, 4, seed=1)
+    outs = [
+        scheduler.step(model_output, t_last, sample, variance_noise=_randn(1, 3, 4, 4, seed=2 + k)) for k in range(2)
+    ]
+    assert torch.equal(outs[0].prev_sample, outs[1].prev_sample)
+    if set_alpha_to_one:
+        torch.testing.assert_close(outs[0].prev_sample, outs[0].pred_original_sample, rtol=0, atol=1e-6)
 
 
 def test_clipping_and_use_clipped_model_output_closed_form():

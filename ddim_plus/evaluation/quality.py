@@ -55,7 +55,7 @@ def _sampler(pipe, spacing: Optional[str], eta: Union[float, str]):
     if spacing is not None and spacing.startswith(STOCK_PREFIX):
         if eta == SIGMA_HAT:
             return None, None
-        # Only the keys the stock scheduler knows, so it does not warn about ours (sigma_type, solver_order).
+        # Only the keys the stock scheduler knows, so it does not warn about ours (sigma_type, ddim_solver_order).
         stock_keys = inspect.signature(DDIMScheduler.__init__).parameters
         stock_config = {key: value for key, value in config.items() if key in stock_keys}
         scheduler = DDIMScheduler.from_config(stock_config, timestep_spacing=spacing[len(STOCK_PREFIX) :])
