@@ -173,11 +173,16 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
     def extract_init_dict(cls, config_dict, **kwargs):
         # Before it was renamed `ddim_solver_order`, the order was saved as `solver_order`, the name under which
         # DPMSolverMultistep, UniPC and DEIS keep theirs (default 2): they took our 1 when a saved pipeline was
-        # switched to them. Map the old key of our own configs (and an old-style keyword) to the new name, and drop
-        # it, so that it is not carried on as a hidden entry; another scheduler's `solver_order` stays hidden.
-        if config_dict.get("_class_name", cls.__name__) == cls.__name__ and "solver_order" in config_dict:
+        # switched to them. A file we saved then (its `_class_name` is ours, no `ddim_solver_order`) has its key
+        # renamed, not carried on as a hidden entry; another scheduler's `solver_order` stays hidden, as diffusers
+        # keeps every key of a compatible scheduler. An old-style keyword is renamed too.
+        if (
+            config_dict.get("_class_name") == cls.__name__
+            and "solver_order" in config_dict
+            and "ddim_solver_order" not in config_dict
+        ):
             config_dict = dict(config_dict)
-            config_dict.setdefault("ddim_solver_order", config_dict.pop("solver_order"))
+            config_dict["ddim_solver_order"] = config_dict.pop("solver_order")
         if "solver_order" in kwargs:
             kwargs.setdefault("ddim_solver_order", kwargs.pop("solver_order"))
         return super().extract_init_dict(config_dict, **kwargs)

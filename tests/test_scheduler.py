@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+)
 
 from ddim_plus import DDIMSchedulerPlus
 
@@ -323,6 +329,80 @@ def test_generator_draws_the_same_noise_as_stock(eta):
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+
+
+def _stock_ddim(beta_schedule, **config):
+    """Stock DDIMScheduler with float64 abar (as ours has). It has no sigmoid or laplace schedule: those get
+    DDPMScheduler's betas (the ones a DDPM checkpoint trained with) as `trained_betas`."""
+    if beta_schedule in ("sigmoid", "laplace"):
+        config["trained_betas"] = DDPMScheduler(beta_schedule=beta_schedule).betas.numpy()
+    stock = DDIMScheduler(beta_schedule=beta_schedule, **config)
+    stock.alphas_cumprod = torch.cumprod(1.0 - stock.betas.double(), dim=0)
+    return stock
+
+
+def _stock_step_to(stock, prev_t, model_output, t, sample, **kwargs):
+    """Stock `DDIMScheduler.step` from `t` to `prev_t`. It steps to t - T // num_inference_steps, so
+    num_inference_steps is set to an n with T // n = t - prev_t (n = 1 steps to the final level). Returns None where
+    no such n exists."""
+    T = stock.config.num_train_timesteps
+    n = 1 if prev_t < 0 else T // (t - prev_t)
+    if n == 0 or (prev_t >= 0 and T // n != t - prev_t):
+        return None
+    stock.num_inference_steps = n
+    return stock.step(model_output, t, sample, **kwargs)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
+def test_step_equals_stock_for_every_beta_schedule_and_spacing(beta_schedule, spacing, prediction_type, eta):
+    # Every transition of our schedule, stock stepping between the same two timesteps. squaredcos_cap_v2 has
+    # abar_999 = 2.4e-9 < 2**-24: eq. 9 is defined there and must be used as it is (trailing and linspace start at
+    # t = 999; flooring it changed x_0 by 80%).
+    config = dict(prediction_type=prediction_type, clip_sample=False, timestep_spacing=spacing)
+    stock, ours = _stock_ddim(beta_schedule, **config), DDIMSchedulerPlus(beta_schedule=beta_schedule, **config)
+    compared = set()
+    for S in (10, 50):
+        ours.set_timesteps(S)
+        timesteps = ours.timesteps.tolist()
+        for i, t in enumerate(timesteps):
+            prev_t = timesteps[i + 1] if i + 1 < S else -1
+            sample, model_output, noise = (_randn(2, 3, 4, 4, seed=3 * i + k) for k in range(3))
+            expected = _stock_step_to(stock, prev_t, model_output, t, sample, eta=eta, variance_noise=noise)
+            if expected is None:
+                continue
+            out = ours.step(model_output, t, sample, eta=eta, variance_noise=noise)
+            torch.testing.assert_close(out.pred_original_sample, expected.pred_original_sample, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.prev_sample, expected.prev_sample, rtol=1e-5, atol=1e-5)
+            compared.add((S, t))
+    assert len(compared) >= 55  # of 60 transitions; with trailing and linspace these include t = 999
+    assert spacing == "leading" or {(10, 999), (50, 999)} <= compared
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_step_at_zero_terminal_snr_equals_stock_except_the_epsilon_floor(prediction_type):
+    # The same betas for both (ours rescaled to zero terminal SNR, given to stock as trained_betas): abar_999 = 0.
+    # Only epsilon prediction at t = 999 is undefined (stock returns inf/NaN there); everywhere else, equal.
+    betas = DDIMSchedulerPlus(rescale_betas_zero_snr=True).betas.numpy()
+    config = dict(prediction_type=prediction_type, clip_sample=False, timestep_spacing="trailing", trained_betas=betas)
+    stock, ours = _stock_ddim("linear", **config), DDIMSchedulerPlus(**config)
+    assert ours.alphas_cumprod[-1].item() == 0.0
+    ours.set_timesteps(10)
+    timesteps = ours.timesteps.tolist()
+    for i, t in enumerate(timesteps):
+        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        sample, model_output = _randn(2, 3, 4, 4, seed=2 * i), _randn(2, 3, 4, 4, seed=2 * i + 1)
+        expected = _stock_step_to(stock, prev_t, model_output, t, sample).prev_sample
+        out = ours.step(model_output, t, sample).prev_sample
+        if prediction_type == "epsilon" and t == 999:
+            assert not torch.isfinite(expected).all() and torch.isfinite(out).all()
+        else:
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_trailing_differs_from_stock_exactly_by_the_previous_timestep():
     # Stock uses prev = t - T // S. Trailing S=30 visits 999, 966, 932, 899, ...: stock steps 999 -> 966 (right),
     # then 966 -> 933, a level the schedule never visits, and the next step starts from 932 as if it had got there.
@@ -579,15 +659,84 @@ def test_interchangeability_attributes():
     assert isinstance(out, tuple) and len(out) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known issue: our `solver_order` config key shares its name with DPMSolverMultistep/UniPC/DEIS's (default "
-    "2), so once a config is saved with solver_order=1 those schedulers load it as first order",
-)
-def test_switching_a_saved_config_to_a_multistep_solver_keeps_its_default_order(tmp_path):
-    from diffusers import DPMSolverMultistepScheduler
+MULTISTEP_SOLVERS = (DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler)
 
-    DDIMSchedulerPlus().save_pretrained(tmp_path)
+
+@pytest.mark.parametrize("ddim_solver_order", [1, 2])
+@pytest.mark.parametrize("solver", MULTISTEP_SOLVERS, ids=lambda cls: cls.__name__)
+def test_switching_a_saved_config_to_a_multistep_solver_keeps_its_default_order(solver, ddim_solver_order, tmp_path):
+    DDIMSchedulerPlus(ddim_solver_order=ddim_solver_order).save_pretrained(tmp_path)
     reloaded = DDIMSchedulerPlus.from_pretrained(tmp_path)
+    assert reloaded.config.ddim_solver_order == ddim_solver_order
     # the usual diffusers idiom for trying another solver on a saved pipeline
-    assert DPMSolverMultistepScheduler.from_config(reloaded.config).config.solver_order == 2
+    assert solver.from_config(reloaded.config).config.solver_order == solver().config.solver_order == 2
+    assert solver.from_config(reloaded.config, solver_order=3).config.solver_order == 3
+
+
+def _old_style_config(solver_order):
+    """A scheduler_config.json as DDIMSchedulerPlus saved it before the rename (written out here by hand)."""
+    return {
+        "_class_name": "DDIMSchedulerPlus",
+        "_diffusers_version": "0.42.1",
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+        "dynamic_thresholding_ratio": 0.995,
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "rescale_betas_zero_snr": False,
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": True,
+        "sigma_type": "eta",
+        "solver_order": solver_order,
+        "steps_offset": 0,
+        "thresholding": False,
+        "timestep_spacing": "logsnr",
+        "trained_betas": None,
+    }
+
+
+def _final_sample(scheduler):
+    scheduler.set_timesteps(8)
+    x = _randn(1, 3, 4, 4, seed=0)
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.tanh(x) * (0.5 + int(t) / 1000), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("solver_order", [1, 2])
+def test_configs_saved_with_the_old_solver_order_key_still_load(solver_order, tmp_path):
+    old = _old_style_config(solver_order)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(old))
+    for loaded in (DDIMSchedulerPlus.from_pretrained(tmp_path), DDIMSchedulerPlus.from_config(old)):
+        assert loaded.config.ddim_solver_order == solver_order
+        assert "solver_order" not in loaded.config  # not carried on as a hidden entry
+        assert torch.equal(_final_sample(loaded), _final_sample(DDIMSchedulerPlus(**_new_style(old))))
+    # saved again, it no longer hands its order to the multistep solvers
+    DDIMSchedulerPlus.from_pretrained(tmp_path).save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "scheduler_config.json").read_text())
+    assert "solver_order" not in saved and saved["ddim_solver_order"] == solver_order
+    assert DPMSolverMultistepScheduler.from_pretrained(tmp_path / "again").config.solver_order == 2
+    # an explicit keyword wins over the saved value; the old keyword still works
+    assert DDIMSchedulerPlus.from_config(old, ddim_solver_order=3 - solver_order).config.ddim_solver_order == (
+        3 - solver_order
+    )
+    assert DDIMSchedulerPlus.from_config(old, solver_order=3 - solver_order).config.ddim_solver_order == (
+        3 - solver_order
+    )
+
+
+def _new_style(old):
+    config = {k: v for k, v in old.items() if not k.startswith("_")}
+    config["ddim_solver_order"] = config.pop("solver_order")
+    return config
+
+
+def test_another_schedulers_solver_order_is_not_taken_as_ours():
+    dpm = DPMSolverMultistepScheduler(solver_order=3)
+    ours = DDIMSchedulerPlus.from_config(dpm.config)
+    assert ours.config.ddim_solver_order == 1
+    # kept as a hidden entry, as diffusers does for keys of compatible schedulers, so converting back restores it
+    assert DPMSolverMultistepScheduler.from_config(ours.config).config.solver_order == 3
