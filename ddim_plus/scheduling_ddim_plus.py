@@ -454,9 +454,10 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         # 2. second-order multistep: replace x_0 by the DPM-Solver++(2M) combination, eps by its consistent value
         x0_for_step = x0
         if self.config.ddim_solver_order == 2:
-            # Like diffusers' `lower_order_final`: with fewer than 15 steps the last two steps are first order. The
-            # log-SNR jump into the last timestep (t = 0 for most spacings) is then several times the previous one
-            # and the 2M extrapolation overshoots (10x worse at 5 "leading" steps, see docs/sampler_quality.md).
+            # With fewer than 15 steps the last two steps are first order (diffusers' `lower_order_final` makes
+            # only the last one first order). The log-SNR jump into the last timestep (t = 0 for most spacings) is
+            # then several times the previous one and the 2M extrapolation overshoots (10x worse at 5 "leading"
+            # steps, see docs/sampler_quality.md).
             final_steps = self.num_inference_steps < 15 and index >= self.num_inference_steps - 2
             if not starts and plan.abar_prev < 1.0 and not final_steps:
                 x0_for_step = dm.dpm_solver_2m_x0(x0, self._last_x0, plan.h, self._plans[index - 1].h)

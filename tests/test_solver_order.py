@@ -321,3 +321,34 @@ def test_out_of_order_steps_raise():
     with pytest.raises(ValueError, match="not in `self.timesteps`"):
         scheduler.step(x, timesteps[2] + 1, x)  # off the schedule
     scheduler.step(x, timesteps[2], x)  # the errors left the history as it was
+
+
+@pytest.mark.parametrize("steps, begin", [(20, 7), (8, 3)])
+def test_order_two_starts_mid_schedule_at_begin_index(steps, begin):
+    # What diffusers' img2img and inpainting pipelines do: set_timesteps, set_begin_index(t_start), then step from
+    # timesteps[t_start]. The step there is first order; the rest is Algorithm 2 from that level on.
+    scheduler = DDIMSchedulerPlus(ddim_solver_order=2, clip_sample=False, timestep_spacing="logsnr")
+    scheduler.set_timesteps(steps)
+    scheduler.set_begin_index(begin)
+    assert scheduler.begin_index == begin and scheduler.step_index is None
+    oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod)
+    timesteps = scheduler.timesteps.tolist()[begin:]
+    x = _noise()
+    for i, t in enumerate(timesteps):
+        x = scheduler.step(oracle(x, t), t, x).prev_sample
+        assert scheduler.step_index == begin + i + 1
+    abars = [float(scheduler.alphas_cumprod[t]) for t in timesteps] + [1.0]
+    last_two = {len(timesteps) - 2, len(timesteps) - 1} if steps < 15 else set()
+    x0_oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod, prediction_type="sample")
+    expected = _reference_dpm_solver_pp_2m(lambda x, i: x0_oracle(x, timesteps[i]), _noise(), abars, last_two)
+    torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-10)
+    # the same loop again restarts at begin_index; starting anywhere else is refused
+    again = _noise()
+    for t in timesteps:
+        again = scheduler.step(oracle(again, t), t, again).prev_sample
+    assert torch.equal(again, x)
+    with pytest.raises(ValueError, match=f"`begin_index`={begin}: got timestep {timesteps[1]} but the next one is"):
+        scheduler.step(x, timesteps[1], x)
+    # set_timesteps resets both
+    scheduler.set_timesteps(steps)
+    assert scheduler.begin_index is None and scheduler.step_index is None
