@@ -146,6 +146,20 @@ def test_order_two_at_zero_terminal_snr_matches_diffusers(prediction_type):
     torch.testing.assert_close(x_ours, x_theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "logsnr"])
+def test_order_two_with_cosine_betas_matches_reference_implementation(spacing):
+    # squaredcos_cap_v2 has abar_999 = 2.4e-9 < 2**-24: its log-SNR must be used as it is (only abar = 0 is
+    # floored); the step sizes h enter the 2M correction.
+    scheduler = DDIMSchedulerPlus(
+        beta_schedule="squaredcos_cap_v2", timestep_spacing=spacing, ddim_solver_order=2, clip_sample=False
+    )
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps[0] == 999 and scheduler.alphas_cumprod[999] < 2**-24
+    oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod)
+    x, _ = _sample(scheduler, oracle, _noise())
+    torch.testing.assert_close(x, _reference_for(scheduler, oracle, _noise()), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("steps", [3, 5, 8, 14, 15])
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
 @pytest.mark.parametrize("spacing", ["trailing", "logsnr", "custom"])
