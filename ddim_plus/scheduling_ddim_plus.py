@@ -215,7 +215,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         return usable
 
     def tuned_schedule(self, num_inference_steps: int) -> Optional[List[int]]:
-        """The tuned timesteps `set_timesteps(num_inference_steps)` uses at this `solver_order`, or `None` when
+        """The tuned timesteps `set_timesteps(num_inference_steps)` uses at this `ddim_solver_order`, or `None` when
         there are none for that number of steps (the `timestep_spacing` is used).
 
         Returns:

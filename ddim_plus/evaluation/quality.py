@@ -140,10 +140,10 @@ def quality_sweep(
     if TUNED in spacings:
         untuned = [s for s in steps if pipe.scheduler.tuned_schedule(s) is None]
         if untuned:
-            order = pipe.scheduler.config.solver_order
+            order = pipe.scheduler.config.ddim_solver_order
             raise ValueError(
                 f"`spacings` asks for {TUNED!r} but the model has no tuned schedule for {untuned} steps at "
-                f"solver_order={order}; run `ddim-plus tune-steps MODEL --steps S --order {order}` for each first."
+                f"order {order}; run `ddim-plus tune-steps MODEL --steps S --order {order}` for each first."
             )
     metric = FrechetDistance(features)
     if reference_images is None:
