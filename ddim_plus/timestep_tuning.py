@@ -200,7 +200,7 @@ def optimize_timesteps(
                 best = (error, timesteps, outputs)
         error, timesteps, outputs = best
 
-        log_snr = dm.log_snr(student.alphas_cumprod.clamp(min=dm.ZERO_SNR_ABAR_FLOOR)).numpy()
+        log_snr = dm.log_snr(student.alphas_cumprod.clamp(min=dm.ZERO_SNR_ABAR_FLOOR))
         step = INITIAL_LOG_SNR_STEP
         while step >= MIN_LOG_SNR_STEP and trials_left > 0:
             improved = False
