@@ -32,14 +32,14 @@ def samplers(pipe: DDIMPlusPipeline) -> dict:
     )
     second_order = DDIMPlusPipeline(
         unet=pipe.unet,
-        scheduler=DDIMSchedulerPlus.from_config(config, timestep_spacing="trailing", solver_order=2),
+        scheduler=DDIMSchedulerPlus.from_config(config, timestep_spacing="trailing", ddim_solver_order=2),
     )
     spacing = config.get("timestep_spacing", "leading")
     found = {
         f"stock DDIMPipeline ({stock.scheduler.config.timestep_spacing})": stock,
         f"ddim_plus, same settings ({spacing})": same,
         "ddim_plus, trailing": trailing,
-        "ddim_plus, trailing + solver_order=2": second_order,
+        "ddim_plus, trailing + ddim_solver_order=2": second_order,
     }
     for sampler in found.values():
         sampler.set_progress_bar_config(disable=True)

@@ -6,7 +6,7 @@ difference below is the sampler's own discretisation error: no training error is
 schedule (T = 1000), epsilon prediction, eta = 0, no clipping, final step to abar = 1. All samplers start from the
 same x_T (seed 0).
 
-For S in {5, 10, 20, 50}, each spacing of `DDIMSchedulerPlus` at `solver_order` 1 (the paper's DDIM) and 2
+For S in {5, 10, 20, 50}, each spacing of `DDIMSchedulerPlus` at `ddim_solver_order` 1 (the paper's DDIM) and 2
 (DPM-Solver++(2M) in DDIM form), and diffusers' stock `DDIMScheduler` (leading, trailing and linspace, its own
 previous-step rule t - T // S), it reports:
 
@@ -71,7 +71,7 @@ def main() -> None:
         / 5
     )
 
-    ode_solution = run_sampler(DDIMSchedulerPlus(solver_order=2, **COMMON_CONFIG), oracle, x_T, 1000)
+    ode_solution = run_sampler(DDIMSchedulerPlus(ddim_solver_order=2, **COMMON_CONFIG), oracle, x_T, 1000)
     limit = run_sampler(DDIMSchedulerPlus(**COMMON_CONFIG), oracle, x_T, 1000)
     limit_fd = frechet_distance_to_mixture(limit, mixture)
 
@@ -82,7 +82,7 @@ def main() -> None:
     rows = {}  # label -> {S: (fd, mass, rmse)}
     for spacing in SPACINGS:
         for order in (1, 2):
-            scheduler = DDIMSchedulerPlus(timestep_spacing=spacing, solver_order=order, **COMMON_CONFIG)
+            scheduler = DDIMSchedulerPlus(timestep_spacing=spacing, ddim_solver_order=order, **COMMON_CONFIG)
             rows[f"ours {spacing} order {order}"] = {s: measure(run_sampler(scheduler, oracle, x_T, s)) for s in STEPS}
     for spacing in ("leading", "trailing", "linspace"):
         stock = DDIMScheduler(timestep_spacing=spacing, **COMMON_CONFIG)

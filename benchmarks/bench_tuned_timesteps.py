@@ -34,14 +34,14 @@ def fixed_samplers():
     """The rows of issue 15's table, in its order: label -> a fresh scheduler."""
     return {
         "ddim_plus order 2, quadratic": lambda: DDIMSchedulerPlus(
-            timestep_spacing="quadratic", solver_order=2, **COMMON_CONFIG
+            timestep_spacing="quadratic", ddim_solver_order=2, **COMMON_CONFIG
         ),
         "DPM-Solver++ 2M, Lu lambdas": lambda: DPMSolverMultistepScheduler(
             use_lu_lambdas=True, prediction_type="epsilon"
         ),
         "UniPC (default)": lambda: UniPCMultistepScheduler(prediction_type="epsilon"),
         "ddim_plus order 1, quadratic": lambda: DDIMSchedulerPlus(
-            timestep_spacing="quadratic", solver_order=1, **COMMON_CONFIG
+            timestep_spacing="quadratic", ddim_solver_order=1, **COMMON_CONFIG
         ),
     }
 
@@ -86,7 +86,7 @@ def main() -> None:
                 tuning_calls[(order, steps)] = oracle.num_calls - calls_before
                 schedules.setdefault((order, steps), []).append(timesteps)
                 entry = tuned_timesteps_entry(pipeline.scheduler, timesteps, order)
-                scheduler = DDIMSchedulerPlus(solver_order=order, tuned_timesteps=[entry], **COMMON_CONFIG)
+                scheduler = DDIMSchedulerPlus(ddim_solver_order=order, tuned_timesteps=[entry], **COMMON_CONFIG)
                 samples = run_sampler(scheduler, oracle, x_T, steps)
                 rows[f"tuned, order {order}"][steps].append(sliced_wasserstein_distance(samples, reference))
 

@@ -27,8 +27,9 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "la
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
 
-# Smallest abar used to turn an epsilon prediction into x_0 when the schedule reaches zero terminal SNR
-# (abar_T = 0 makes eq. 9 divide by zero). 2**-24 is the value diffusers' multistep solvers use for the same case.
+# Stands in for abar = 0 (zero terminal SNR), where eq. 9 divides by zero and the log-SNR is -inf; only there: a
+# small positive abar (2.4e-9 at t = 999 of squaredcos_cap_v2) is used as it is. 2**-24 is the value diffusers'
+# multistep solvers set for the same case.
 ZERO_SNR_ABAR_FLOOR = 2.0**-24
 
 
@@ -110,9 +111,11 @@ def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas.double(), dim=0)
 
 
-def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """lambda_t = log(abar_t / (1 - abar_t)), twice DPM-Solver's half-log-SNR."""
-    return torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod)
+def log_snr(alphas_cumprod) -> np.ndarray:
+    """lambda_t = log(abar_t / (1 - abar_t)) in float64, twice DPM-Solver's half-log-SNR. abar = 0 (zero terminal
+    SNR) counts as ``ZERO_SNR_ABAR_FLOOR``, so lambda stays finite."""
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    return np.log(np.where(abar > 0, abar, ZERO_SNR_ABAR_FLOOR)) - np.log1p(-abar)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,13 +255,31 @@ def _strictly_descending(ascending: np.ndarray, num_train_timesteps: int) -> np.
 
     Bumping can push the top past T - 1 when many values repeat near the top (log-SNR spacing at S close to T);
     a second pass from the top then caps the values at T - 1, T - 2, ... . For S <= T the result lies in [0, T)."""
-    out = ascending.astype(np.int64).copy()
-    for i in range(1, len(out)):
-        out[i] = max(out[i], out[i - 1] + 1)
-    upper = num_train_timesteps
-    for i in range(len(out) - 1, -1, -1):
-        upper = out[i] = min(out[i], upper - 1)
-    return out[::-1].copy()
+    # out[i] = max(x[i], out[i - 1] + 1) is a running maximum of x[i] - i; the cap from the top,
+    # out[i] = min(out[i], out[i + 1] - 1) with out[S] = T, a running minimum of out[i] - i from the end.
+    index = np.arange(len(ascending))
+    bumped = np.maximum.accumulate(ascending.astype(np.int64) - index)
+    capped = np.minimum(np.minimum.accumulate(bumped[::-1])[::-1], num_train_timesteps - len(ascending)) + index
+    return capped[::-1].copy()
+
+
+def _nearest_index(values: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """For each target, the index of the nearest value, the smallest index on ties: ``np.abs(values[None] -
+    targets[:, None]).argmin(1)`` in O((S + T) log T) rather than O(S T) time and memory. ``values`` need not be
+    sorted (lambda is not monotone at zero terminal SNR, where only abar = 0 is floored)."""
+    order = np.argsort(values, kind="stable")
+    ascending = values[order]
+    run_starts = np.flatnonzero(np.r_[True, ascending[1:] != ascending[:-1]])
+    # the smallest index among equal values, for each sorted position
+    first_index = np.minimum.reduceat(order, run_starts)[np.cumsum(np.r_[True, ascending[1:] != ascending[:-1]]) - 1]
+    above = np.minimum(np.searchsorted(ascending, targets), len(values) - 1)  # nearest value >= target (or top)
+    below = np.maximum(above - 1, 0)
+    gap_below, gap_above = np.abs(ascending[below] - targets), np.abs(ascending[above] - targets)
+    return np.where(
+        gap_below < gap_above,
+        first_index[below],
+        np.where(gap_above < gap_below, first_index[above], np.minimum(first_index[below], first_index[above])),
+    )
 
 
 def timesteps_for_spacing(
@@ -270,33 +291,46 @@ def timesteps_for_spacing(
 ) -> np.ndarray:
     """The S timesteps to visit, descending, each in [0, T).
 
-    - ``leading``, ``trailing``, ``linspace``: exactly diffusers' definitions (``steps_offset`` added to leading).
+    - ``leading``, ``trailing``, ``linspace``: diffusers' definitions (``steps_offset`` added to leading; it must
+      keep the largest leading timestep, ``(S - 1) * (T // S) + steps_offset``, below T). For trailing, diffusers'
+      float ``arange(T, 0, -T / S)`` returns S + 1 values for some S (62 of the S <= 1000 at T = 1000, e.g. 61),
+      the last of which becomes -1; the first S are taken, which are diffusers' values wherever it returns S.
     - ``quadratic``: the paper's released code, ``floor(linspace(0, sqrt(0.8 T), S) ** 2)``. For large S that
       formula repeats small timesteps; each repeat is moved up to one more than its predecessor, so S distinct
       steps are always returned.
-    - ``logsnr``: uniform in log-SNR between the first and the last training timestep (needs ``alphas_cumprod``);
-      repeats are removed the same way, and any step bumped past T - 1 is moved back below its successor.
+    - ``logsnr``: uniform in log-SNR between the first and the last training timestep (needs ``alphas_cumprod``;
+      a level with abar = 0, zero terminal SNR, counts as ``ZERO_SNR_ABAR_FLOOR``); repeats are removed the same
+      way, and any step bumped past T - 1 is moved back below its successor.
+
+    Every spacing returns exactly S distinct timesteps in [0, T) for every 1 <= S <= T.
 
     Returns:
         `np.ndarray`: int64 timesteps, strictly descending.
+
+    Raises:
+        `ValueError`: for ``leading`` with a ``steps_offset`` that moves a timestep outside [0, T).
     """
     S, T = num_inference_steps, num_train_timesteps
     if spacing == "linspace":
         return np.linspace(0, T - 1, S).round()[::-1].copy().astype(np.int64)
     if spacing == "leading":
+        largest_offset = T - 1 - (S - 1) * (T // S)
+        if not 0 <= steps_offset <= largest_offset:
+            raise ValueError(
+                f"`steps_offset`={steps_offset} moves the 'leading' timesteps outside [0, {T}) for "
+                f"`num_inference_steps`={S}: it must lie between 0 and T - 1 - (S - 1) * (T // S) = {largest_offset}."
+            )
         return (np.arange(0, S) * (T // S)).round()[::-1].copy().astype(np.int64) + steps_offset
     if spacing == "trailing":
-        return np.round(np.arange(T, 0, -T / S)).astype(np.int64) - 1
+        return np.round(np.arange(T, 0, -T / S)[:S]).astype(np.int64) - 1
     if spacing == "quadratic":
         return _strictly_descending(np.floor(np.linspace(0, math.sqrt(T * 0.8), S) ** 2), T)
     if spacing == "logsnr":
         if alphas_cumprod is None:
             raise ValueError("`logsnr` spacing needs `alphas_cumprod`.")
-        lam = log_snr(alphas_cumprod.double().clamp(min=ZERO_SNR_ABAR_FLOOR)).numpy()
+        lam = log_snr(alphas_cumprod)
         targets = np.linspace(lam[0], lam[-1], S)
-        # lambda decreases with t: for each target, the timestep whose lambda is nearest.
-        ts = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
-        return _strictly_descending(np.sort(ts), T)
+        return _strictly_descending(np.sort(_nearest_index(lam, targets)), T)
     raise ValueError(f"`timestep_spacing`={spacing!r} is not supported; choose one of {TIMESTEP_SPACINGS}.")
 
 

@@ -116,7 +116,7 @@ def tuned_schedules_markdown(entries: Sequence[Dict[str, object]]) -> str:
     ]
     return (
         "Timesteps tuned to this model by `ddim-plus tune-steps` (matching a many-step run of the model itself). "
-        "`pipeline(num_inference_steps=S)` uses them when the scheduler's `solver_order` is the one listed; other "
+        "`pipeline(num_inference_steps=S)` uses them when the scheduler's `ddim_solver_order` matches; other "
         "step counts use the `timestep_spacing`.\n\n" + _markdown_table(rows)
     )
 

@@ -448,10 +448,10 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
                 f"`timesteps` given, but {type(self.scheduler).__name__}.set_timesteps takes no custom timesteps: "
                 "pass `num_inference_steps` instead, or use DDIMSchedulerPlus."
             )
-        if eta > 0 and isinstance(self.scheduler, DDIMSchedulerPlus) and self.scheduler.config.solver_order == 2:
+        if eta > 0 and isinstance(self.scheduler, DDIMSchedulerPlus) and self.scheduler.config.ddim_solver_order == 2:
             raise ValueError(
-                f"`eta`={eta}, but the scheduler has `solver_order`=2, a deterministic solver: use `eta`=0, or a "
-                "scheduler with `solver_order`=1."
+                f"`eta`={eta}, but the scheduler has `ddim_solver_order`=2, a deterministic solver: use `eta`=0, or a "
+                "scheduler with `ddim_solver_order`=1."
             )
         self._check_num_inference_steps(num_inference_steps, timesteps)
         if latents is not None:

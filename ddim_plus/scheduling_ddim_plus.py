@@ -5,9 +5,10 @@ Differences from the stock scheduler (see docs/scheduler.md):
   custom schedules step between the right noise levels (diffusers uses ``t - T // S``, right for leading only);
 - the paper's quadratic spacing, a log-SNR-uniform spacing and custom ``timesteps``;
 - the paper's sigma-hat variance (``sigma_type="sigma_hat"``), an inverse step for DDIM inversion and an optional
-  second-order multistep correction (``solver_order=2``, DPM-Solver++(2M) written in DDIM form);
+  second-order multistep correction (``ddim_solver_order=2``, DPM-Solver++(2M) written in DDIM form);
 - coefficients computed once per ``set_timesteps`` in float64, so a step is a handful of tensor operations;
-- zero terminal SNR with epsilon prediction never produces inf/NaN.
+- zero terminal SNR with epsilon prediction never produces inf/NaN;
+- `set_begin_index`, so second-order sampling can start mid-schedule (img2img, inpainting).
 
 The equations live in :mod:`ddim_plus.ddim_math`; this class only keeps the state diffusers expects.
 """
@@ -58,9 +59,10 @@ class DDIMSchedulerPlusOutput(BaseOutput):
 class _StepPlan:
     """Everything a step needs about one transition, as Python floats (no tensor indexing in the hot path)."""
 
-    abar_t: float  # abar at the current timestep (floored for epsilon prediction at zero terminal SNR)
+    abar_t: float  # abar at the current timestep (ZERO_SNR_ABAR_FLOOR for epsilon prediction where it is 0)
     abar_prev: float  # abar at the timestep stepped to (final_alpha_cumprod after the last scheduled one)
     ddpm_sigma: float  # sigma_t(eta = 1), eq. 16
+    sigma_hat: float  # section 5.1's sigma-hat; 0 on the step to final_alpha_cumprod (see `_plan`)
     h: float  # step in log-SNR, lambda_prev - lambda_t (inf when stepping to abar = 1)
 
 
@@ -91,14 +93,15 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             With epsilon prediction abar_T = 0 is floored at 2**-24 when converting to x_0, so no inf/NaN appears.
         sigma_type (`str`, defaults to `"eta"`): the noise of stochastic steps. `"eta"` is eq. 16 scaled by the
             `eta` passed to `step`; `"sigma_hat"` is the paper's sigma-hat (section 5.1, DDPM's larger variance),
-            for which `eta` is ignored.
-        solver_order (`int`, defaults to 1): 1 is the paper's DDIM. 2 adds the DPM-Solver++(2M) multistep
+            for which `eta` is ignored. The last step (to `final_alpha_cumprod`) adds no noise.
+        ddim_solver_order (`int`, defaults to 1): 1 is the paper's DDIM. 2 adds the DPM-Solver++(2M) multistep
             correction of x_0 (deterministic sampling only, `eta` must be 0). The first step, the step to abar = 1
-            and, with fewer than 15 steps, the last two steps stay first order.
+            and, with fewer than 15 steps, the last two steps stay first order. Configs saved before this name
+            hold it as `solver_order` and still load.
         tuned_timesteps (`List[dict]`, *optional*): schedules found for this model by
             `ddim_plus.optimize_timesteps` (written by `ddim-plus tune-steps`). Each entry holds
             `num_inference_steps`, `solver_order`, `timesteps` and the `alphas_cumprod` at those timesteps;
-            `set_timesteps(S)` uses the entry for S and this `solver_order` instead of `timestep_spacing`. Entries
+            `set_timesteps(S)` uses the entry for S and this `ddim_solver_order` instead of `timestep_spacing`. Entries
             whose abar differ from this noise schedule (another T or other betas) are ignored with a warning.
     """
 
@@ -124,7 +127,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
         sigma_type: str = "eta",
-        solver_order: int = 1,
+        ddim_solver_order: int = 1,
         tuned_timesteps: Optional[List[dict]] = None,
     ):
         if num_train_timesteps < 1:
@@ -139,10 +142,14 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             )
         if sigma_type not in SIGMA_TYPES:
             raise ValueError(f"`sigma_type`={sigma_type!r} is not supported; choose one of {SIGMA_TYPES}.")
-        if solver_order not in (1, 2):
-            raise ValueError(f"`solver_order` must be 1 (DDIM) or 2 (multistep second order), got {solver_order}.")
-        if solver_order == 2 and sigma_type == "sigma_hat":
-            raise ValueError("`solver_order`=2 is deterministic; it cannot be combined with `sigma_type`='sigma_hat'.")
+        if ddim_solver_order not in (1, 2):
+            raise ValueError(
+                f"`ddim_solver_order` must be 1 (DDIM) or 2 (multistep second order), got {ddim_solver_order}."
+            )
+        if ddim_solver_order == 2 and sigma_type == "sigma_hat":
+            raise ValueError(
+                "`ddim_solver_order`=2 is deterministic; it cannot be combined with `sigma_type`='sigma_hat'."
+            )
 
         self.betas = dm.make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
         if rescale_betas_zero_snr:
@@ -161,6 +168,24 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         self._noise_tables = {}
         self._tuned = self._usable_tuned_timesteps(tuned_timesteps or [])
         self._reset_schedule_state([])
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # Before it was renamed `ddim_solver_order`, the order was saved as `solver_order`, the name under which
+        # DPMSolverMultistep, UniPC and DEIS keep theirs (default 2): they took our 1 when a saved pipeline was
+        # switched to them. A file we saved then (its `_class_name` is ours, no `ddim_solver_order`) has its key
+        # renamed, not carried on as a hidden entry; another scheduler's `solver_order` stays hidden, as diffusers
+        # keeps every key of a compatible scheduler. An old-style keyword is renamed too.
+        if (
+            config_dict.get("_class_name") == cls.__name__
+            and "solver_order" in config_dict
+            and "ddim_solver_order" not in config_dict
+        ):
+            config_dict = dict(config_dict)
+            config_dict["ddim_solver_order"] = config_dict.pop("solver_order")
+        if "solver_order" in kwargs:
+            kwargs.setdefault("ddim_solver_order", kwargs.pop("solver_order"))
+        return super().extract_init_dict(config_dict, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # Schedule
@@ -190,22 +215,22 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         return usable
 
     def tuned_schedule(self, num_inference_steps: int) -> Optional[List[int]]:
-        """The tuned timesteps `set_timesteps(num_inference_steps)` uses at this `solver_order`, or `None` when
+        """The tuned timesteps `set_timesteps(num_inference_steps)` uses at this `ddim_solver_order`, or `None` when
         there are none for that number of steps (the `timestep_spacing` is used).
 
         Returns:
             `List[int]` or `None`.
         """
-        return self._tuned.get((self.config.solver_order, num_inference_steps))
+        return self._tuned.get((self.config.ddim_solver_order, num_inference_steps))
 
     def _reset_schedule_state(self, timesteps: List[int]) -> None:
         self._timestep_list = timesteps
         self._ascending = sorted(timesteps)
         self._index_of = {t: i for i, t in enumerate(timesteps)}
         self._plans = [self._plan(t, self._prev_of_index(i)) for i, t in enumerate(timesteps)]
-        # multistep history (solver_order=2): index of the last step taken and its x_0
-        self._last_index = None
-        self._last_x0 = None
+        self._begin_index = None
+        self._step_index = None
+        self._last_x0 = None  # multistep history (ddim_solver_order=2): x_0 of the last step taken
 
     def _prev_of_index(self, index: int) -> int:
         return self._timestep_list[index + 1] if index + 1 < len(self._timestep_list) else -1
@@ -216,13 +241,16 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
 
     def _plan(self, timestep: int, prev_timestep: int) -> _StepPlan:
         abar_t, abar_prev = self._abar(timestep), self._abar(prev_timestep)
-        if self.config.prediction_type == "epsilon":
-            abar_t = max(abar_t, dm.ZERO_SNR_ABAR_FLOOR)
-        lam_t = math.log(max(abar_t, dm.ZERO_SNR_ABAR_FLOOR)) - math.log1p(-abar_t) if abar_t < 1 else math.inf
-        lam_prev = (
-            math.log(max(abar_prev, dm.ZERO_SNR_ABAR_FLOOR)) - math.log1p(-abar_prev) if abar_prev < 1 else math.inf
+        if abar_t <= 0 and self.config.prediction_type == "epsilon":
+            abar_t = dm.ZERO_SNR_ABAR_FLOOR  # eq. 9 is undefined only here; any abar > 0 is used as it is
+        lam_t, lam_prev = (
+            math.log(a if a > 0 else dm.ZERO_SNR_ABAR_FLOOR) - math.log1p(-a) if a < 1 else math.inf
+            for a in (abar_t, abar_prev)
         )
-        return _StepPlan(abar_t, abar_prev, dm.ddim_sigma(abar_t, abar_prev, 1.0), lam_prev - lam_t)
+        # The step to final_alpha_cumprod adds no fresh noise: it is the output (DDPM's Algorithm 2 sets z = 0 at
+        # t = 1, the paper's code masks the noise at t = 0, diffusers' DDPMScheduler adds none at t = 0).
+        sigma_hat = 0.0 if prev_timestep < 0 else dm.ddim_sigma_hat(abar_t, abar_prev)
+        return _StepPlan(abar_t, abar_prev, dm.ddim_sigma(abar_t, abar_prev, 1.0), sigma_hat, lam_prev - lam_t)
 
     def set_timesteps(
         self,
@@ -230,7 +258,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         device: Union[str, torch.device, None] = None,
         timesteps: Optional[Sequence[int]] = None,
     ) -> None:
-        """Choose the timesteps to visit (run before sampling). Also resets the multistep history.
+        """Choose the timesteps to visit (run before sampling). Also resets the multistep history, `begin_index`
+        and `step_index`.
 
         Args:
             num_inference_steps (`int`, *optional*): S, the number of sampling steps, 1 <= S <= T: the tuned
@@ -266,11 +295,6 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
                     self.alphas_cumprod,
                 )
             )
-            if schedule.max() >= T or schedule.min() < 0:
-                raise ValueError(
-                    f"`steps_offset`={self.config.steps_offset} pushes the {self.config.timestep_spacing!r} schedule "
-                    f"outside [0, {T}) for `num_inference_steps`={num_inference_steps}; lower one of them."
-                )
         self.num_inference_steps = len(schedule)
         self.timesteps = torch.from_numpy(np.asarray(schedule, dtype=np.int64)).to(device)
         self._reset_schedule_state([int(t) for t in schedule])
@@ -293,6 +317,32 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
                     f"`timesteps` must be strictly descending (sampling goes from noise to data); found {a} then {b}."
                 )
         return np.asarray(values, dtype=np.int64)
+
+    @property
+    def step_index(self) -> Optional[int]:
+        """The index in `self.timesteps` of the step after the last one taken (None before the first `step` since
+        `set_timesteps`)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        """The index of the first timestep of the sampling loop, set by a pipeline with `set_begin_index` (None:
+        the loop starts at the first timestep)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the sampling loop at `self.timesteps[begin_index]`, as diffusers' img2img and inpainting pipelines
+        do (run after `set_timesteps`, which resets it). With `ddim_solver_order=2` the step at `begin_index` is
+        first order and starts the multistep history.
+
+        Args:
+            begin_index (`int`, defaults to `0`): the index of the first timestep to step from.
+        """
+        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0:
+            raise ValueError(
+                f"`begin_index` must be an int >= 0 (an index into `self.timesteps`), got {begin_index!r}."
+            )
+        self._begin_index = int(begin_index)
 
     def previous_timestep(self, timestep: Union[int, torch.Tensor]) -> int:
         """The timestep `step` moves to from `timestep`: the next element of `self.timesteps`, or -1 (meaning
@@ -379,15 +429,19 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`eta` must be >= 0 (0 = deterministic DDIM, 1 = DDPM), got {eta}.")
         _check_same_shape(model_output, sample)
         index = self._index_of.get(t)
-        plan = self._plans[index] if index is not None else self._plan(t, self.previous_timestep(t))
+        if index is not None:
+            plan, next_index = self._plans[index], index + 1
+        else:
+            prev_t = self.previous_timestep(t)
+            plan, next_index = self._plan(t, prev_t), self._index_of.get(prev_t, self.num_inference_steps)
         stochastic = self.config.sigma_type == "sigma_hat" or eta > 0
-        if self.config.solver_order == 2:
+        if self.config.ddim_solver_order == 2:
             if stochastic:
                 raise ValueError(
-                    f"`solver_order`=2 is a deterministic (ODE) solver: use `eta`=0, got `eta`={eta}. "
-                    "Set `solver_order`=1 for stochastic DDIM."
+                    f"`ddim_solver_order`=2 is a deterministic (ODE) solver: use `eta`=0, got `eta`={eta}. "
+                    "Set `ddim_solver_order`=1 for stochastic DDIM."
                 )
-            self._check_multistep_order(t, index)
+            starts = self._check_multistep_order(t, index)
 
         # 1. x_0 and eps from the network's output (eq. 9), then clipping or thresholding of x_0
         x0, eps = dm.model_output_to_x0_eps(model_output, sample, plan.abar_t, self.config.prediction_type)
@@ -399,21 +453,23 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
 
         # 2. second-order multistep: replace x_0 by the DPM-Solver++(2M) combination, eps by its consistent value
         x0_for_step = x0
-        if self.config.solver_order == 2:
-            # Like diffusers' `lower_order_final`: with fewer than 15 steps the last two steps are first order. The
-            # log-SNR jump into the last timestep (t = 0 for most spacings) is then several times the previous one
-            # and the 2M extrapolation overshoots (10x worse at 5 "leading" steps, see docs/sampler_quality.md).
+        if self.config.ddim_solver_order == 2:
+            # With fewer than 15 steps the last two steps are first order (diffusers' `lower_order_final` makes
+            # only the last one first order). The log-SNR jump into the last timestep (t = 0 for most spacings) is
+            # then several times the previous one and the 2M extrapolation overshoots (10x worse at 5 "leading"
+            # steps, see docs/sampler_quality.md).
             final_steps = self.num_inference_steps < 15 and index >= self.num_inference_steps - 2
-            use_history = index > 0 and self._last_x0 is not None and plan.abar_prev < 1.0 and not final_steps
-            if use_history:
+            if not starts and plan.abar_prev < 1.0 and not final_steps:
                 x0_for_step = dm.dpm_solver_2m_x0(x0, self._last_x0, plan.h, self._plans[index - 1].h)
                 eps = dm.eps_from_x0(sample, x0_for_step, plan.abar_t)
-            self._last_index, self._last_x0 = index, x0
+            self._last_x0 = x0
+        self._step_index = next_index
 
         # 3. sigma: eq. 16, or sigma-hat with the direction term of sigma(1) (section 5.1)
         if self.config.sigma_type == "sigma_hat":
-            sigma = dm.ddim_sigma_hat(plan.abar_t, plan.abar_prev)
-            c_x0, c_eps, c_noise = dm.ddim_step_coefficients(plan.abar_prev, sigma, direction_sigma=plan.ddpm_sigma)
+            c_x0, c_eps, c_noise = dm.ddim_step_coefficients(
+                plan.abar_prev, plan.sigma_hat, direction_sigma=plan.ddpm_sigma
+            )
         else:
             sigma = eta * plan.ddpm_sigma
             c_x0, c_eps, c_noise = dm.ddim_step_coefficients(plan.abar_prev, sigma)
@@ -439,17 +495,23 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             return (prev_sample, x0)
         return DDIMSchedulerPlusOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
-    def _check_multistep_order(self, t: int, index: Optional[int]) -> None:
+    def _check_multistep_order(self, t: int, index: Optional[int]) -> bool:
+        """Raise unless `t` is the next scheduled timestep or the first of a loop (`begin_index`, default 0);
+        return whether it starts a loop (then the step is first order and the history restarts)."""
         if index is None:
             raise ValueError(
-                f"`solver_order`=2 needs the scheduled timesteps in order; timestep {t} is not in `self.timesteps`."
+                f"`ddim_solver_order`=2 needs the scheduled timesteps in order; timestep {t} is not in "
+                "`self.timesteps`."
             )
-        if index > 0 and self._last_index != index - 1:
-            expected = self._timestep_list[self._last_index + 1] if self._last_index is not None else None
+        begin = self._begin_index or 0
+        if index != begin and index != self._step_index:
+            expected = begin if self._step_index is None else self._step_index
+            next_one = self._timestep_list[expected] if expected < len(self._timestep_list) else "none (it ended)"
             raise ValueError(
-                f"`solver_order`=2 steps through `self.timesteps` in order: got timestep {t} but the next one is "
-                f"{expected if expected is not None else self._timestep_list[0]}. Call `set_timesteps` to restart."
+                f"`ddim_solver_order`=2 steps through `self.timesteps` in order from `begin_index`={begin}: got "
+                f"timestep {t} but the next one is {next_one}. Call `set_timesteps` to restart."
             )
+        return index == begin
 
     def inverse_step(
         self,

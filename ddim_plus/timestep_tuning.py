@@ -181,9 +181,9 @@ def optimize_timesteps(
     S = int(num_inference_steps)
     trials_left = default_max_trials(S) if max_trials is None else max_trials
 
-    student = DDIMSchedulerPlus.from_config(config, solver_order=solver_order, tuned_timesteps=None)
+    student = DDIMSchedulerPlus.from_config(config, ddim_solver_order=solver_order, tuned_timesteps=None)
     teacher = DDIMSchedulerPlus.from_config(
-        config, solver_order=2, timestep_spacing=TEACHER_SPACING, tuned_timesteps=None
+        config, ddim_solver_order=2, timestep_spacing=TEACHER_SPACING, tuned_timesteps=None
     )
     x_T = pipeline.prepare_latents(num_samples, generator, None)
     with tqdm(total=tuning_cost(S, num_teacher_steps, max_trials), desc="UNet calls", disable=not progress) as bar:
@@ -200,7 +200,7 @@ def optimize_timesteps(
                 best = (error, timesteps, outputs)
         error, timesteps, outputs = best
 
-        log_snr = dm.log_snr(student.alphas_cumprod.clamp(min=dm.ZERO_SNR_ABAR_FLOOR)).numpy()
+        log_snr = dm.log_snr(student.alphas_cumprod.clamp(min=dm.ZERO_SNR_ABAR_FLOOR))
         step = INITIAL_LOG_SNR_STEP
         while step >= MIN_LOG_SNR_STEP and trials_left > 0:
             improved = False

@@ -41,7 +41,7 @@ def cells(saved_clip: bool):
         for steps in (10, 20, 50):
             yield f"spacing:{spacing}", {"timestep_spacing": spacing}, steps, 0.0, None
     for steps in (10, 20, 50):
-        yield "order2:quadratic", {"timestep_spacing": "quadratic", "solver_order": 2}, steps, 0.0, None
+        yield "order2:quadratic", {"timestep_spacing": "quadratic", "ddim_solver_order": 2}, steps, 0.0, None
 
 
 def sample_cell(pipe, overrides, steps, eta, use_clipped, seed, size, device):

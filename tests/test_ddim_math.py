@@ -75,7 +75,7 @@ def test_zero_terminal_snr_rescale():
 def test_log_snr():
     abar = torch.tensor([0.999, 0.5, 1e-3], dtype=torch.float64)
     expected = [math.log(a / (1 - a)) for a in abar.tolist()]
-    np.testing.assert_allclose(dm.log_snr(abar).numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(dm.log_snr(abar), expected, rtol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -217,6 +217,43 @@ def test_diffusers_spacings_equal_diffusers(spacing, S, T, offset):
     np.testing.assert_array_equal(ours, stock.timesteps.numpy())
 
 
+@pytest.mark.parametrize("T", [37, 1000])
+def test_trailing_is_diffusers_first_S_values_for_every_S(T):
+    # diffusers' float arange(T, 0, -T / S) returns S + 1 values for some S; its extra last value is -1 (stock
+    # DDIMScheduler then schedules timestep -1). Everywhere else ours equals it.
+    extra = []
+    for S in range(1, T + 1):
+        stock = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+        stock.set_timesteps(S)
+        ours = dm.timesteps_for_spacing("trailing", S, T)
+        np.testing.assert_array_equal(ours, stock.timesteps.numpy()[:S])
+        if len(stock.timesteps) != S:
+            assert stock.timesteps.tolist()[S:] == [-1]
+            extra.append(S)
+    if T == 1000:  # the count and the first cases quoted in docs/scheduler.md
+        assert len(extra) == 62 and extra[:5] == [61, 103, 121, 122, 201]
+
+
+@pytest.mark.parametrize("T", [10, 37, 1000])
+@pytest.mark.parametrize("spacing", dm.TIMESTEP_SPACINGS)
+def test_every_spacing_gives_S_distinct_descending_timesteps_for_every_S(spacing, T):
+    abar = _abar(T)
+    for S in range(1, T + 1):
+        ts = dm.timesteps_for_spacing(spacing, S, T, alphas_cumprod=abar)
+        assert ts.dtype == np.int64 and len(ts) == S, (spacing, S)
+        assert np.all(np.diff(ts) < 0), (spacing, S)
+        assert 0 <= ts.min() and ts.max() < T, (spacing, S)
+
+
+@pytest.mark.parametrize("S, T", [(10, 1000), (61, 1000), (7, 37), (1, 10)])
+def test_leading_steps_offset_range(S, T):
+    largest = T - 1 - (S - 1) * (T // S)  # the largest leading timestep (S - 1) * (T // S) + offset stays below T
+    assert dm.timesteps_for_spacing("leading", S, T, largest)[0] == T - 1
+    for bad in (largest + 1, -1):
+        with pytest.raises(ValueError, match=rf"`steps_offset`={bad}.*`num_inference_steps`={S}.*= {largest}\."):
+            dm.timesteps_for_spacing("leading", S, T, bad)
+
+
 def test_quadratic_is_the_papers_formula_when_it_has_no_repeats():
     T, S = 1000, 10
     expected = np.floor(np.linspace(0, math.sqrt(0.8 * T), S) ** 2).astype(np.int64)[::-1]
@@ -243,7 +280,7 @@ def test_quadratic_and_logsnr_give_S_distinct_descending_steps(S):
 def test_logsnr_is_uniform_in_log_snr():
     T, S = 1000, 10
     abar = _abar(T)
-    lam = dm.log_snr(abar).numpy()
+    lam = dm.log_snr(abar)
     ts = dm.timesteps_for_spacing("logsnr", S, T, alphas_cumprod=abar)
     assert ts[0] == T - 1 and ts[-1] == 0
     gaps = np.diff(lam[ts])
@@ -251,6 +288,21 @@ def test_logsnr_is_uniform_in_log_snr():
     target_gap = (lam[0] - lam[-1]) / (S - 1)
     # each chosen timestep is the nearest to its uniform target, so each gap is off by at most one step's change
     np.testing.assert_allclose(gaps, target_gap, atol=largest_one_step_change)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
+def test_logsnr_picks_the_nearest_timestep_to_each_uniform_target(schedule, rescale):
+    # The definition, by brute force: for each target, the timestep whose lambda is nearest (the smallest on ties),
+    # then repeats moved up. At zero terminal SNR only abar_T = 0 is floored, so lambda is not monotone at the end.
+    T = 1000
+    betas = dm.make_betas(schedule, T, 1e-4, 0.02)
+    abar = dm.alphas_cumprod_from_betas(dm.rescale_zero_terminal_snr(betas) if rescale else betas)
+    lam = np.log(np.where(abar > 0, abar, 2.0**-24)) - np.log1p(-abar.numpy())
+    for S in (1, 2, 10, 37, 500, 999, 1000):
+        nearest = np.abs(lam[None, :] - np.linspace(lam[0], lam[-1], S)[:, None]).argmin(axis=1)
+        expected = dm._strictly_descending(np.sort(nearest), T)
+        np.testing.assert_array_equal(dm.timesteps_for_spacing("logsnr", S, T, alphas_cumprod=abar), expected)
 
 
 def test_logsnr_needs_alphas_cumprod_and_unknown_spacing_raises():

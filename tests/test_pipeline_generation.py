@@ -267,7 +267,7 @@ def test_bad_input_raises_before_any_work(kwargs, argument):
 
 
 def test_second_order_scheduler_refuses_eta_before_any_work():
-    pipe = make_pipe(solver_order=2)
+    pipe = make_pipe(ddim_solver_order=2)
     calls = count_unet_calls(pipe)
     with pytest.raises(ValueError, match="`eta`"):
         pipe(eta=0.5, num_inference_steps=STEPS)

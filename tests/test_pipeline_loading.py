@@ -21,7 +21,7 @@ from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
 
 STEPS = 4
 # A scheduler config that differs from the defaults in keys stock diffusers knows and in keys only we know.
-SCHEDULER_CONFIG = dict(beta_end=0.03, clip_sample=False, sigma_type="sigma_hat", solver_order=1)
+SCHEDULER_CONFIG = dict(beta_end=0.03, clip_sample=False, sigma_type="sigma_hat", ddim_solver_order=1)
 
 
 def saved_pipeline(folder, cls=DDIMPlusPipeline):

@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+)
 
 from ddim_plus import DDIMSchedulerPlus
 
@@ -118,21 +124,85 @@ def test_timestep_not_in_schedule_steps_to_largest_scheduled_below(spacing, t, p
     torch.testing.assert_close(out.prev_sample.double(), expected, **F32)
 
 
-def test_sigma_hat_step_closed_form():
-    scheduler = _make_schedule("linspace", sigma_type="sigma_hat")
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+@pytest.mark.parametrize("spacing", ["linspace", "trailing", "custom"])
+def test_sigma_hat_step_closed_form(spacing, set_alpha_to_one):
+    scheduler = _make_schedule(spacing, sigma_type="sigma_hat", set_alpha_to_one=set_alpha_to_one)
     abar = _abar64()
+    final_abar = 1.0 if set_alpha_to_one else abar[0]
     timesteps = scheduler.timesteps.tolist()
     for i, t in enumerate(timesteps):
         prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        a_t, a_prev = abar[t], abar[prev_t] if prev_t >= 0 else 1.0
+        a_t, a_prev = abar[t], abar[prev_t] if prev_t >= 0 else final_abar
         sample, model_output, noise = (_randn(1, 3, 4, 4, seed=3 * i + k) for k in range(3))
         out = scheduler.step(model_output, t, sample, eta=0.0, variance_noise=noise)  # eta is ignored
         x, m = sample.double(), model_output.double()
         x0 = (x - math.sqrt(1 - a_t) * m) / math.sqrt(a_t)
         sigma_one_sq = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # the direction term keeps sigma(eta=1)
-        sigma_hat = math.sqrt(1 - a_t / a_prev)  # section 5.1
+        # section 5.1; the last step gets no noise, as in the paper's code (mask = 1 - (t == 0)) and DDPM
+        sigma_hat = math.sqrt(1 - a_t / a_prev) if prev_t >= 0 else 0.0
         expected = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma_one_sq) * m + sigma_hat * noise.double()
         torch.testing.assert_close(out.prev_sample.double(), expected, **F32)
+
+
+def _paper_ddpm_steps(x, seq, model, betas, noises):
+    """The paper's released sigma-hat sampler (ermongroup/ddim, functions/denoising.py, `ddpm_steps`), transcribed
+    in float64: the DDPM posterior mean from the clipped x_0, variance beta_t = 1 - abar_t / abar_next, and noise
+    masked by `1 - (t == 0)`."""
+    abar = torch.cat([torch.zeros(1, dtype=torch.float64), betas]).neg().add(1).cumprod(0)  # compute_alpha: t + 1
+    seq_next = [-1] + list(seq[:-1])
+    for (i, j), noise in zip(zip(reversed(seq), reversed(seq_next)), noises):
+        at, atm1 = abar[i + 1], abar[j + 1]
+        beta_t = 1 - at / atm1
+        e = model(x, i)
+        x0_from_e = ((1.0 / at).sqrt() * x - (1.0 / at - 1).sqrt() * e).clamp(-1, 1)
+        mean = ((atm1.sqrt() * beta_t) * x0_from_e + ((1 - beta_t).sqrt() * (1 - atm1)) * x) / (1.0 - at)
+        mask = 1 - float(i == 0)
+        x = mean + mask * torch.exp(0.5 * beta_t.log()) * noise
+    return x
+
+
+@pytest.mark.parametrize("spacing", ["leading", "quadratic"])
+def test_sigma_hat_loop_equals_the_papers_code(spacing):
+    # The paper's two skip types: "uniform" is range(0, T, T // S) (= leading), "quad" is int(linspace(0,
+    # sqrt(0.8 T), S) ** 2). Both end at t = 0, where the paper's code adds no noise.
+    T, S = 1000, 10
+    seq = (
+        list(range(0, T, T // S))
+        if spacing == "leading"
+        else [int(s) for s in np.linspace(0, np.sqrt(0.8 * T), S) ** 2]
+    )
+    scheduler = DDIMSchedulerPlus(timestep_spacing=spacing, sigma_type="sigma_hat", clip_sample=True)
+    scheduler.set_timesteps(S)
+    assert scheduler.timesteps.tolist() == seq[::-1]
+
+    def model(x, t):  # any fixed network will do
+        return torch.tanh(x) * (0.5 + t / T)
+
+    x_T = _randn(2, 3, 4, 4, seed=0, dtype=torch.float64)
+    noises = [_randn(2, 3, 4, 4, seed=1 + k, dtype=torch.float64) for k in range(S)]
+    betas = DDIMScheduler().betas.double()
+    expected = _paper_ddpm_steps(x_T, seq, model, betas, noises)
+    x = x_T
+    for t, noise in zip(scheduler.timesteps.tolist(), noises):
+        x = scheduler.step(model(x, t), t, x, variance_noise=noise, use_clipped_model_output=True).prev_sample
+    torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", "quadratic", "logsnr", "custom"])
+def test_sigma_hat_last_step_adds_no_noise(spacing, set_alpha_to_one):
+    # With trailing spacing the last step starts at t = 99 (S = 10): noise of std sqrt(1 - abar_99) = 0.32 used to
+    # be left in the output.
+    scheduler = _make_schedule(spacing, sigma_type="sigma_hat", set_alpha_to_one=set_alpha_to_one)
+    t_last = int(scheduler.timesteps[-1])
+    sample, model_output = _randn(1, 3, 4, 4, seed=0), _randn(1, 3, 4, 4, seed=1)
+    outs = [
+        scheduler.step(model_output, t_last, sample, variance_noise=_randn(1, 3, 4, 4, seed=2 + k)) for k in range(2)
+    ]
+    assert torch.equal(outs[0].prev_sample, outs[1].prev_sample)
+    if set_alpha_to_one:
+        torch.testing.assert_close(outs[0].prev_sample, outs[0].pred_original_sample, rtol=0, atol=1e-6)
 
 
 def test_clipping_and_use_clipped_model_output_closed_form():
@@ -232,6 +302,80 @@ def test_generator_draws_the_same_noise_as_stock(eta):
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+
+
+def _stock_ddim(beta_schedule, **config):
+    """Stock DDIMScheduler with float64 abar (as ours has). It has no sigmoid or laplace schedule: those get
+    DDPMScheduler's betas (the ones a DDPM checkpoint trained with) as `trained_betas`."""
+    if beta_schedule in ("sigmoid", "laplace"):
+        config["trained_betas"] = DDPMScheduler(beta_schedule=beta_schedule).betas.numpy()
+    stock = DDIMScheduler(beta_schedule=beta_schedule, **config)
+    stock.alphas_cumprod = torch.cumprod(1.0 - stock.betas.double(), dim=0)
+    return stock
+
+
+def _stock_step_to(stock, prev_t, model_output, t, sample, **kwargs):
+    """Stock `DDIMScheduler.step` from `t` to `prev_t`. It steps to t - T // num_inference_steps, so
+    num_inference_steps is set to an n with T // n = t - prev_t (n = 1 steps to the final level). Returns None where
+    no such n exists."""
+    T = stock.config.num_train_timesteps
+    n = 1 if prev_t < 0 else T // (t - prev_t)
+    if n == 0 or (prev_t >= 0 and T // n != t - prev_t):
+        return None
+    stock.num_inference_steps = n
+    return stock.step(model_output, t, sample, **kwargs)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
+def test_step_equals_stock_for_every_beta_schedule_and_spacing(beta_schedule, spacing, prediction_type, eta):
+    # Every transition of our schedule, stock stepping between the same two timesteps. squaredcos_cap_v2 has
+    # abar_999 = 2.4e-9 < 2**-24: eq. 9 is defined there and must be used as it is (trailing and linspace start at
+    # t = 999; flooring it changed x_0 by 80%).
+    config = dict(prediction_type=prediction_type, clip_sample=False, timestep_spacing=spacing)
+    stock, ours = _stock_ddim(beta_schedule, **config), DDIMSchedulerPlus(beta_schedule=beta_schedule, **config)
+    compared = set()
+    for S in (10, 50):
+        ours.set_timesteps(S)
+        timesteps = ours.timesteps.tolist()
+        for i, t in enumerate(timesteps):
+            prev_t = timesteps[i + 1] if i + 1 < S else -1
+            sample, model_output, noise = (_randn(2, 3, 4, 4, seed=3 * i + k) for k in range(3))
+            expected = _stock_step_to(stock, prev_t, model_output, t, sample, eta=eta, variance_noise=noise)
+            if expected is None:
+                continue
+            out = ours.step(model_output, t, sample, eta=eta, variance_noise=noise)
+            torch.testing.assert_close(out.pred_original_sample, expected.pred_original_sample, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.prev_sample, expected.prev_sample, rtol=1e-5, atol=1e-5)
+            compared.add((S, t))
+    assert len(compared) >= 55  # of 60 transitions; with trailing and linspace these include t = 999
+    assert spacing == "leading" or {(10, 999), (50, 999)} <= compared
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_step_at_zero_terminal_snr_equals_stock_except_the_epsilon_floor(prediction_type):
+    # The same betas for both (ours rescaled to zero terminal SNR, given to stock as trained_betas): abar_999 = 0.
+    # Only epsilon prediction at t = 999 is undefined (stock returns inf/NaN there); everywhere else, equal.
+    betas = DDIMSchedulerPlus(rescale_betas_zero_snr=True).betas.numpy()
+    config = dict(prediction_type=prediction_type, clip_sample=False, timestep_spacing="trailing", trained_betas=betas)
+    stock, ours = _stock_ddim("linear", **config), DDIMSchedulerPlus(**config)
+    assert ours.alphas_cumprod[-1].item() == 0.0
+    ours.set_timesteps(10)
+    timesteps = ours.timesteps.tolist()
+    for i, t in enumerate(timesteps):
+        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        sample, model_output = _randn(2, 3, 4, 4, seed=2 * i), _randn(2, 3, 4, 4, seed=2 * i + 1)
+        expected = _stock_step_to(stock, prev_t, model_output, t, sample).prev_sample
+        out = ours.step(model_output, t, sample).prev_sample
+        if prediction_type == "epsilon" and t == 999:
+            assert not torch.isfinite(expected).all() and torch.isfinite(out).all()
+        else:
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_trailing_differs_from_stock_exactly_by_the_previous_timestep():
     # Stock uses prev = t - T // S. Trailing S=30 visits 999, 966, 932, 899, ...: stock steps 999 -> 966 (right),
     # then 966 -> 933, a level the schedule never visits, and the next step starts from 932 as if it had got there.
@@ -287,16 +431,24 @@ def test_eta_one_full_schedule_is_ddpm_posterior(T, checked, prediction_type):
         )
 
 
+@pytest.mark.parametrize(
+    "sigma_type, eta, variance_type", [("eta", 1.0, "fixed_small"), ("sigma_hat", 0.0, "fixed_large")]
+)
 @pytest.mark.parametrize("clip_sample", [False, True])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_eta_one_full_schedule_matches_stock_ddpm_step(prediction_type, clip_sample):
+def test_full_schedule_matches_stock_ddpm_step(prediction_type, clip_sample, sigma_type, eta, variance_type):
     # DDPM's mean uses the clipped x_0 with x_t: that is DDIM at eta = 1 with eps re-derived from the clipped x_0.
+    # Its noise: "fixed_small" is beta-tilde = sigma_t(1)^2; "fixed_large" is beta_t = sigma-hat^2, none at t = 0.
     # Stock DDPM computes 1 - abar_t and beta_t = 1 - abar_t / abar_prev in float32 (relative errors up to ~1e-4
     # near t = 0, measured output gaps up to 8e-5); given float64 abar, as ours has, it agrees to float32 rounding.
     T = 50
-    ddpm = DDPMScheduler(num_train_timesteps=T, prediction_type=prediction_type, clip_sample=clip_sample)
+    ddpm = DDPMScheduler(
+        num_train_timesteps=T, prediction_type=prediction_type, clip_sample=clip_sample, variance_type=variance_type
+    )
     ddpm.alphas_cumprod = torch.cumprod(1.0 - ddpm.betas.double(), dim=0)
-    ours = DDIMSchedulerPlus(num_train_timesteps=T, prediction_type=prediction_type, clip_sample=clip_sample)
+    ours = DDIMSchedulerPlus(
+        num_train_timesteps=T, prediction_type=prediction_type, clip_sample=clip_sample, sigma_type=sigma_type
+    )
     ours.set_timesteps(T)
     for t in ours.timesteps:
         sample, model_output = 2 * _randn(1, 3, 4, 4, seed=2 * int(t)), _randn(1, 3, 4, 4, seed=2 * int(t) + 1)
@@ -305,7 +457,7 @@ def test_eta_one_full_schedule_matches_stock_ddpm_step(prediction_type, clip_sam
             model_output,
             t,
             sample,
-            eta=1.0,
+            eta=eta,  # ignored by sigma_hat
             use_clipped_model_output=clip_sample,
             generator=torch.Generator().manual_seed(int(t)),
         )
@@ -488,15 +640,84 @@ def test_interchangeability_attributes():
     assert isinstance(out, tuple) and len(out) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known issue: our `solver_order` config key shares its name with DPMSolverMultistep/UniPC/DEIS's (default "
-    "2), so once a config is saved with solver_order=1 those schedulers load it as first order",
-)
-def test_switching_a_saved_config_to_a_multistep_solver_keeps_its_default_order(tmp_path):
-    from diffusers import DPMSolverMultistepScheduler
+MULTISTEP_SOLVERS = (DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler)
 
-    DDIMSchedulerPlus().save_pretrained(tmp_path)
+
+@pytest.mark.parametrize("ddim_solver_order", [1, 2])
+@pytest.mark.parametrize("solver", MULTISTEP_SOLVERS, ids=lambda cls: cls.__name__)
+def test_switching_a_saved_config_to_a_multistep_solver_keeps_its_default_order(solver, ddim_solver_order, tmp_path):
+    DDIMSchedulerPlus(ddim_solver_order=ddim_solver_order).save_pretrained(tmp_path)
     reloaded = DDIMSchedulerPlus.from_pretrained(tmp_path)
+    assert reloaded.config.ddim_solver_order == ddim_solver_order
     # the usual diffusers idiom for trying another solver on a saved pipeline
-    assert DPMSolverMultistepScheduler.from_config(reloaded.config).config.solver_order == 2
+    assert solver.from_config(reloaded.config).config.solver_order == solver().config.solver_order == 2
+    assert solver.from_config(reloaded.config, solver_order=3).config.solver_order == 3
+
+
+def _old_style_config(solver_order):
+    """A scheduler_config.json as DDIMSchedulerPlus saved it before the rename (written out here by hand)."""
+    return {
+        "_class_name": "DDIMSchedulerPlus",
+        "_diffusers_version": "0.42.1",
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+        "dynamic_thresholding_ratio": 0.995,
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "rescale_betas_zero_snr": False,
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": True,
+        "sigma_type": "eta",
+        "solver_order": solver_order,
+        "steps_offset": 0,
+        "thresholding": False,
+        "timestep_spacing": "logsnr",
+        "trained_betas": None,
+    }
+
+
+def _final_sample(scheduler):
+    scheduler.set_timesteps(8)
+    x = _randn(1, 3, 4, 4, seed=0)
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.tanh(x) * (0.5 + int(t) / 1000), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("solver_order", [1, 2])
+def test_configs_saved_with_the_old_solver_order_key_still_load(solver_order, tmp_path):
+    old = _old_style_config(solver_order)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(old))
+    for loaded in (DDIMSchedulerPlus.from_pretrained(tmp_path), DDIMSchedulerPlus.from_config(old)):
+        assert loaded.config.ddim_solver_order == solver_order
+        assert "solver_order" not in loaded.config  # not carried on as a hidden entry
+        assert torch.equal(_final_sample(loaded), _final_sample(DDIMSchedulerPlus(**_new_style(old))))
+    # saved again, it no longer hands its order to the multistep solvers
+    DDIMSchedulerPlus.from_pretrained(tmp_path).save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "scheduler_config.json").read_text())
+    assert "solver_order" not in saved and saved["ddim_solver_order"] == solver_order
+    assert DPMSolverMultistepScheduler.from_pretrained(tmp_path / "again").config.solver_order == 2
+    # an explicit keyword wins over the saved value; the old keyword still works
+    assert DDIMSchedulerPlus.from_config(old, ddim_solver_order=3 - solver_order).config.ddim_solver_order == (
+        3 - solver_order
+    )
+    assert DDIMSchedulerPlus.from_config(old, solver_order=3 - solver_order).config.ddim_solver_order == (
+        3 - solver_order
+    )
+
+
+def _new_style(old):
+    config = {k: v for k, v in old.items() if not k.startswith("_")}
+    config["ddim_solver_order"] = config.pop("solver_order")
+    return config
+
+
+def test_another_schedulers_solver_order_is_not_taken_as_ours():
+    dpm = DPMSolverMultistepScheduler(solver_order=3)
+    ours = DDIMSchedulerPlus.from_config(dpm.config)
+    assert ours.config.ddim_solver_order == 1
+    # kept as a hidden entry, as diffusers does for keys of compatible schedulers, so converting back restores it
+    assert DPMSolverMultistepScheduler.from_config(ours.config).config.solver_order == 3

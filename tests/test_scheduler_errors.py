@@ -72,8 +72,18 @@ def test_custom_timesteps_accept_lists_arrays_and_tensors():
 
 
 def test_steps_offset_pushing_the_schedule_out_of_range_raises():
-    with pytest.raises(ValueError, match="`steps_offset`"):
-        DDIMSchedulerPlus(steps_offset=100).set_timesteps(10)  # leading 900 + 100 = 1000
+    # leading S = 10: 900 + 100 = 1000; the message gives the largest offset that fits, 999 - 900 = 99
+    with pytest.raises(ValueError, match=r"`steps_offset`=100 .*`num_inference_steps`=10.* = 99\."):
+        DDIMSchedulerPlus(steps_offset=100).set_timesteps(10)
+    DDIMSchedulerPlus(steps_offset=99).set_timesteps(10)
+    for spacing in ("trailing", "linspace", "quadratic", "logsnr"):  # steps_offset only moves leading timesteps
+        DDIMSchedulerPlus(steps_offset=100, timestep_spacing=spacing).set_timesteps(10)
+
+
+@pytest.mark.parametrize("value", [-1, 2.0, True, None])
+def test_bad_begin_index_raises(scheduler, value):
+    with pytest.raises(ValueError, match="`begin_index`"):
+        scheduler.set_begin_index(value)
 
 
 def test_step_before_set_timesteps_raises():

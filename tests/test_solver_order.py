@@ -1,4 +1,4 @@
-"""`DDIMSchedulerPlus(solver_order=2)`: DPM-Solver++(2M) written in DDIM form.
+"""`DDIMSchedulerPlus(ddim_solver_order=2)`: DPM-Solver++(2M) written in DDIM form.
 
 Checked against diffusers' own `DPMSolverMultistepScheduler` (same timesteps, same exact network), against an
 independent float64 implementation of Lu et al. (2022), Algorithm 2, and for its order of convergence on a
@@ -82,7 +82,7 @@ def _reference_for(scheduler, oracle, x, postprocess=lambda x0: x0):
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 def test_order_one_is_bit_for_bit_the_default(spacing, prediction_type, eta):
     results = []
-    for extra in ({}, {"solver_order": 1}):
+    for extra in ({}, {"ddim_solver_order": 1}):
         scheduler = DDIMSchedulerPlus(timestep_spacing=spacing, prediction_type=prediction_type, **extra)
         scheduler.set_timesteps(10)
         oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod, prediction_type)
@@ -103,7 +103,7 @@ def test_order_two_matches_diffusers_dpm_solver_pp_2m(spacing, prediction_type):
     # From 15 steps on, diffusers' DPM-Solver++(2M) with a final step to sigma = 0 is first order at the first and
     # the last step only, exactly like ours; its own timestep list is replaced by ours.
     ours = DDIMSchedulerPlus(
-        timestep_spacing=spacing, prediction_type=prediction_type, solver_order=2, clip_sample=False
+        timestep_spacing=spacing, prediction_type=prediction_type, ddim_solver_order=2, clip_sample=False
     )
     ours.set_timesteps(20)
     theirs = DPMSolverMultistepScheduler(
@@ -131,7 +131,7 @@ def test_order_two_matches_diffusers_dpm_solver_pp_2m(spacing, prediction_type):
 def test_order_two_at_zero_terminal_snr_matches_diffusers(prediction_type):
     # abar_T = 0: both floor it at 2**-24 for the log-SNR of the first step
     config = dict(rescale_betas_zero_snr=True, prediction_type=prediction_type)
-    ours = DDIMSchedulerPlus(timestep_spacing="trailing", solver_order=2, clip_sample=False, **config)
+    ours = DDIMSchedulerPlus(timestep_spacing="trailing", ddim_solver_order=2, clip_sample=False, **config)
     ours.set_timesteps(20)
     theirs = DPMSolverMultistepScheduler(
         algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", **config
@@ -146,12 +146,26 @@ def test_order_two_at_zero_terminal_snr_matches_diffusers(prediction_type):
     torch.testing.assert_close(x_ours, x_theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "logsnr"])
+def test_order_two_with_cosine_betas_matches_reference_implementation(spacing):
+    # squaredcos_cap_v2 has abar_999 = 2.4e-9 < 2**-24: its log-SNR must be used as it is (only abar = 0 is
+    # floored); the step sizes h enter the 2M correction.
+    scheduler = DDIMSchedulerPlus(
+        beta_schedule="squaredcos_cap_v2", timestep_spacing=spacing, ddim_solver_order=2, clip_sample=False
+    )
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps[0] == 999 and scheduler.alphas_cumprod[999] < 2**-24
+    oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod)
+    x, _ = _sample(scheduler, oracle, _noise())
+    torch.testing.assert_close(x, _reference_for(scheduler, oracle, _noise()), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("steps", [3, 5, 8, 14, 15])
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
 @pytest.mark.parametrize("spacing", ["trailing", "logsnr", "custom"])
 def test_order_two_matches_reference_implementation(steps, set_alpha_to_one, spacing):
     scheduler = DDIMSchedulerPlus(
-        solver_order=2,
+        ddim_solver_order=2,
         clip_sample=False,
         set_alpha_to_one=set_alpha_to_one,
         timestep_spacing="trailing" if spacing == "custom" else spacing,
@@ -183,13 +197,13 @@ def test_order_two_with_clipped_or_thresholded_x0(postprocess):
             s = torch.quantile(x0.reshape(len(x0), -1).abs(), 0.9, dim=1).clamp(1.0, 1.3).reshape(-1, 1, 1, 1)
             return torch.maximum(torch.minimum(x0, s), -s) / s
 
-    scheduler = DDIMSchedulerPlus(solver_order=2, timestep_spacing="logsnr", **config)
+    scheduler = DDIMSchedulerPlus(ddim_solver_order=2, timestep_spacing="logsnr", **config)
     scheduler.set_timesteps(20)
     oracle = GaussianMixtureOracle(wide, scheduler.alphas_cumprod)
     # DPM-Solver++ never uses the network's eps, only x_0: its first-order steps are DDIM with the clipped x_0
     x, x0s = _sample(scheduler, oracle, _noise(), use_clipped_model_output=True)
     assert max(float(x0.abs().max()) for x0 in x0s) <= 1.0
-    unclipped = DDIMSchedulerPlus(solver_order=2, timestep_spacing="logsnr", clip_sample=False)
+    unclipped = DDIMSchedulerPlus(ddim_solver_order=2, timestep_spacing="logsnr", clip_sample=False)
     unclipped.set_timesteps(20)
     assert (x - _sample(unclipped, oracle, _noise())[0]).abs().max() > 0.1  # the post-processing did act
     torch.testing.assert_close(x, _reference_for(scheduler, oracle, _noise(), expected), rtol=1e-10, atol=1e-10)
@@ -199,7 +213,7 @@ def test_order_two_prediction_types_follow_the_same_trajectory():
     finals = []
     for prediction_type in PREDICTION_TYPES:
         scheduler = DDIMSchedulerPlus(
-            solver_order=2, prediction_type=prediction_type, clip_sample=False, timestep_spacing="quadratic"
+            ddim_solver_order=2, prediction_type=prediction_type, clip_sample=False, timestep_spacing="quadratic"
         )
         scheduler.set_timesteps(12)
         finals.append(
@@ -212,7 +226,7 @@ def test_order_two_prediction_types_follow_the_same_trajectory():
 # ----------------------------------------------------------------------------------------------------------------
 # Convergence order on a Gaussian toy
 # ----------------------------------------------------------------------------------------------------------------
-def _ode_error(solver_order, steps, spacing="logsnr", mu=0.5, std=0.3):
+def _ode_error(order, steps, spacing="logsnr", mu=0.5, std=0.3):
     """Max error at abar_0 of the sampler against the exact probability-flow ODE solution for x_0 ~ N(mu, std^2 I):
     x_t = sqrt(abar_t) mu + sqrt(abar_t std^2 + 1 - abar_t) (x_T - sqrt(abar_T) mu) / sqrt(abar_T std^2 + 1 - abar_T).
     """
@@ -220,7 +234,7 @@ def _ode_error(solver_order, steps, spacing="logsnr", mu=0.5, std=0.3):
         torch.full((1, 1, 4, 4), mu, dtype=torch.float64), torch.tensor([std], dtype=torch.float64)
     )
     scheduler = DDIMSchedulerPlus(
-        solver_order=solver_order, timestep_spacing=spacing, clip_sample=False, set_alpha_to_one=False
+        ddim_solver_order=order, timestep_spacing=spacing, clip_sample=False, set_alpha_to_one=False
     )
     scheduler.set_timesteps(steps)
     x_T = torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -246,19 +260,19 @@ def test_convergence_order(steps):
 # State: eta, history reset, order of calls
 # ----------------------------------------------------------------------------------------------------------------
 def test_order_two_refuses_noise():
-    scheduler = DDIMSchedulerPlus(solver_order=2)
+    scheduler = DDIMSchedulerPlus(ddim_solver_order=2)
     scheduler.set_timesteps(10)
     t = scheduler.timesteps[0]
     with pytest.raises(ValueError, match="`eta`=0.5"):
         scheduler.step(torch.zeros(1, 1, 4, 4), t, torch.zeros(1, 1, 4, 4), eta=0.5)
     with pytest.raises(ValueError, match="`sigma_type`"):
-        DDIMSchedulerPlus(solver_order=2, sigma_type="sigma_hat")
-    with pytest.raises(ValueError, match="`solver_order`"):
-        DDIMSchedulerPlus(solver_order=3)
+        DDIMSchedulerPlus(ddim_solver_order=2, sigma_type="sigma_hat")
+    with pytest.raises(ValueError, match="`ddim_solver_order`"):
+        DDIMSchedulerPlus(ddim_solver_order=3)
 
 
 def test_history_resets_when_a_loop_starts_again():
-    scheduler = DDIMSchedulerPlus(solver_order=2, timestep_spacing="logsnr", clip_sample=False)
+    scheduler = DDIMSchedulerPlus(ddim_solver_order=2, timestep_spacing="logsnr", clip_sample=False)
     scheduler.set_timesteps(20)
     oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod)
     first, _ = _sample(scheduler, oracle, _noise())
@@ -275,7 +289,7 @@ def test_history_resets_when_a_loop_starts_again():
 
 
 def test_pipeline_called_twice_gives_identical_results():
-    scheduler = DDIMSchedulerPlus(solver_order=2, timestep_spacing="logsnr", clip_sample=False)
+    scheduler = DDIMSchedulerPlus(ddim_solver_order=2, timestep_spacing="logsnr", clip_sample=False)
     oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod)
     pipe = DDIMPlusPipeline(unet=oracle.as_unet(), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -294,19 +308,19 @@ def test_pipeline_called_twice_gives_identical_results():
 
 
 def test_history_resets_on_set_timesteps_with_another_schedule():
-    scheduler = DDIMSchedulerPlus(solver_order=2, clip_sample=False)
+    scheduler = DDIMSchedulerPlus(ddim_solver_order=2, clip_sample=False)
     oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod)
     scheduler.set_timesteps(30)
     _sample(scheduler, oracle, _noise(seed=3))
     scheduler.set_timesteps(timesteps=CUSTOM_TIMESTEPS)
     after_other_run, _ = _sample(scheduler, oracle, _noise())
-    fresh = DDIMSchedulerPlus(solver_order=2, clip_sample=False)
+    fresh = DDIMSchedulerPlus(ddim_solver_order=2, clip_sample=False)
     fresh.set_timesteps(timesteps=CUSTOM_TIMESTEPS)
     assert torch.equal(after_other_run, _sample(fresh, oracle, _noise())[0])
 
 
 def test_out_of_order_steps_raise():
-    scheduler = DDIMSchedulerPlus(solver_order=2)
+    scheduler = DDIMSchedulerPlus(ddim_solver_order=2)
     scheduler.set_timesteps(10)
     timesteps = scheduler.timesteps.tolist()
     x = torch.zeros(1, 1, 4, 4)
@@ -321,3 +335,34 @@ def test_out_of_order_steps_raise():
     with pytest.raises(ValueError, match="not in `self.timesteps`"):
         scheduler.step(x, timesteps[2] + 1, x)  # off the schedule
     scheduler.step(x, timesteps[2], x)  # the errors left the history as it was
+
+
+@pytest.mark.parametrize("steps, begin", [(20, 7), (8, 3)])
+def test_order_two_starts_mid_schedule_at_begin_index(steps, begin):
+    # What diffusers' img2img and inpainting pipelines do: set_timesteps, set_begin_index(t_start), then step from
+    # timesteps[t_start]. The step there is first order; the rest is Algorithm 2 from that level on.
+    scheduler = DDIMSchedulerPlus(ddim_solver_order=2, clip_sample=False, timestep_spacing="logsnr")
+    scheduler.set_timesteps(steps)
+    scheduler.set_begin_index(begin)
+    assert scheduler.begin_index == begin and scheduler.step_index is None
+    oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod)
+    timesteps = scheduler.timesteps.tolist()[begin:]
+    x = _noise()
+    for i, t in enumerate(timesteps):
+        x = scheduler.step(oracle(x, t), t, x).prev_sample
+        assert scheduler.step_index == begin + i + 1
+    abars = [float(scheduler.alphas_cumprod[t]) for t in timesteps] + [1.0]
+    last_two = {len(timesteps) - 2, len(timesteps) - 1} if steps < 15 else set()
+    x0_oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod, prediction_type="sample")
+    expected = _reference_dpm_solver_pp_2m(lambda x, i: x0_oracle(x, timesteps[i]), _noise(), abars, last_two)
+    torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-10)
+    # the same loop again restarts at begin_index; starting anywhere else is refused
+    again = _noise()
+    for t in timesteps:
+        again = scheduler.step(oracle(again, t), t, again).prev_sample
+    assert torch.equal(again, x)
+    with pytest.raises(ValueError, match=f"`begin_index`={begin}: got timestep {timesteps[1]} but the next one is"):
+        scheduler.step(x, timesteps[1], x)
+    # set_timesteps resets both
+    scheduler.set_timesteps(steps)
+    assert scheduler.begin_index is None and scheduler.step_index is None

@@ -30,7 +30,7 @@ def oracle_pipeline():
 
 def sample_with(oracle, timesteps, order, x_T):
     """Sampling loop written out here, on the oracle itself (not through the tuner's code)."""
-    scheduler = DDIMSchedulerPlus(solver_order=order, **CONFIG)
+    scheduler = DDIMSchedulerPlus(ddim_solver_order=order, **CONFIG)
     scheduler.set_timesteps(timesteps=timesteps)
     x = x_T
     for t in scheduler.timesteps:
@@ -145,7 +145,7 @@ def test_tune_steps_stores_the_schedule_and_sampling_uses_it(tuned_dir, capsys):
     assert seen[3:] == [750, 500, 250, 0]  # 4 steps were not tuned: the config's spacing ("leading")
     pipe.scheduler.set_timesteps(timesteps=[900, 10, 0])  # a custom schedule still wins
     assert pipe.scheduler.timesteps.tolist() == [900, 10, 0]
-    order_2 = DDIMSchedulerPlus.from_config(pipe.scheduler.config, solver_order=2)
+    order_2 = DDIMSchedulerPlus.from_config(pipe.scheduler.config, ddim_solver_order=2)
     order_2.set_timesteps(3)  # tuned for order 1 only
     assert order_2.timesteps.tolist() == [666, 333, 0]
 

@@ -59,7 +59,7 @@ def _sampler(pipe, spacing: Optional[str], eta: Union[float, str]):
     if spacing is not None and spacing.startswith(STOCK_PREFIX):
         if eta == SIGMA_HAT:
             return None, None
-        # Only the keys the stock scheduler knows, so it does not warn about ours (sigma_type, solver_order).
+        # Only the keys the stock scheduler knows, so it does not warn about ours (sigma_type, ddim_solver_order).
         stock_keys = inspect.signature(DDIMScheduler.__init__).parameters
         stock_config = {key: value for key, value in config.items() if key in stock_keys}
         scheduler = DDIMScheduler.from_config(stock_config, timestep_spacing=spacing[len(STOCK_PREFIX) :])
@@ -125,10 +125,10 @@ def quality_sweep(
     if TUNED in spacings:
         untuned = [s for s in steps if pipe.scheduler.tuned_schedule(s) is None]
         if untuned:
-            order = pipe.scheduler.config.solver_order
+            order = pipe.scheduler.config.ddim_solver_order
             raise ValueError(
                 f"`spacings` asks for {TUNED!r} but the model has no tuned schedule for {untuned} steps at "
-                f"solver_order={order}; run `ddim-plus tune-steps MODEL --steps S --order {order}` for each first."
+                f"order {order}; run `ddim-plus tune-steps MODEL --steps S --order {order}` for each first."
             )
     # Features are extracted where the sampler runs (each process's GPU under `accelerate launch`).
     metric = FrechetDistance(features, device=pipe.device)

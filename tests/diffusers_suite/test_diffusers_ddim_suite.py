@@ -428,7 +428,7 @@ def test_getattr_is_correct():
 def _old_ddim_config_without_timestep_spacing():
     """What tiny-stable-diffusion-pipe's scheduler config looks like: a DDIM config from before timestep_spacing."""
     config = {k: v for k, v in DDIMSchedulerPlus().config.items() if not k.startswith("_")}
-    for key in ("timestep_spacing", "sigma_type", "solver_order", "rescale_betas_zero_snr"):
+    for key in ("timestep_spacing", "sigma_type", "ddim_solver_order", "rescale_betas_zero_snr"):
         config.pop(key)
     return config
 
