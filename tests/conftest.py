@@ -45,3 +45,60 @@ def offline_hf_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
+
+
+def make_tiny_stable_diffusion_components(tokenizer_folder, image_size: int = 16, prompt_length: int = 16) -> dict:
+    """The `unet`, `vae`, `text_encoder` and `tokenizer` of a Stable-Diffusion-style pipeline, tiny and random, built
+    offline: the CLIP tokenizer reads a character-level vocabulary (no merges) written into `tokenizer_folder`."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    tokenizer_folder.mkdir(parents=True, exist_ok=True)
+    (tokenizer_folder / "vocab.json").write_text(json.dumps(vocab))
+    (tokenizer_folder / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2,  # the 2-level VAE halves the side
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        norm_num_groups=4,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=prompt_length,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    tokenizer = CLIPTokenizer(
+        str(tokenizer_folder / "vocab.json"), str(tokenizer_folder / "merges.txt"), model_max_length=prompt_length
+    )
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer)

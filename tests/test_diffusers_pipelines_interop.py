@@ -7,22 +7,18 @@ right), stock `DDIMScheduler` with the same config and generator; with `ddim_sol
 `DPMSolverMultistepScheduler` (DPM-Solver++(2M)) on the same timesteps.
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_stable_diffusion_components
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ddim_plus import DDIMSchedulerPlus
 
@@ -44,17 +40,6 @@ PIPELINES = {
 }
 
 
-def _write_tiny_clip_vocab(folder):
-    """A character-level CLIP BPE vocabulary (no merges): enough for the tokenizer to run offline."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return len(vocab)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     # tensors of a few hundred elements: a second thread only adds synchronisation (5x slower on a busy box)
@@ -66,46 +51,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def components(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizer")
-    vocab_size = _write_tiny_clip_vocab(folder)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        sample_size=SIZE,
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        norm_num_groups=4,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=PROMPT_LENGTH,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=PROMPT_LENGTH)
-    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer)
+    return make_tiny_stable_diffusion_components(tmp_path_factory.mktemp("tokenizer"), SIZE, PROMPT_LENGTH)
 
 
 def _images():

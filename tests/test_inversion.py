@@ -1,12 +1,11 @@
 """`ddim_plus.invert` on the exact Gaussian-mixture denoiser, with a text-guided latent pipeline, and on bad input."""
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_unet
+from conftest import make_tiny_stable_diffusion_components, make_tiny_unet
 
 import ddim_plus
 from ddim_plus import DDIMSchedulerPlus
@@ -139,50 +138,8 @@ def test_stopping_early_saves_calls_and_does_not_touch_the_scheduler():
 # A Stable-Diffusion-style pipeline from tiny components: VAE latents, CLIP text encoder, classifier-free guidance
 # --------------------------------------------------------------------------------------------------------------
 def tiny_stable_diffusion(folder: Path):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for letter in "abcdefghijklmnopqrstuvwxyz":
-        vocab[letter] = len(vocab)
-        vocab[letter + "</w>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-    )
-    text_config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        max_position_embeddings=16,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
     # Stable Diffusion's own scheduler settings
     scheduler = DDIMScheduler(
         beta_schedule="scaled_linear",
@@ -193,10 +150,7 @@ def tiny_stable_diffusion(folder: Path):
         steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        unet=unet.eval(),
-        vae=vae.eval(),
-        text_encoder=CLIPTextModel(text_config).eval(),
-        tokenizer=tokenizer,
+        **make_tiny_stable_diffusion_components(folder),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
