@@ -303,7 +303,7 @@ def test_evaluate_scores_against_the_users_folder_in_dinov2_features_from_the_ca
     torch.manual_seed(0)
     transformers.Dinov2Model(config).save_pretrained(repo / "snapshots" / commit)
     out = tmp_path / "r.md"
-    reference = photo_folder(tmp_path / "photos", count=5)
+    reference = photo_folder(tmp_path / "photos", count=20)  # more images than the 16 feature dimensions
     argv = ["evaluate", rgb_model_dir, "--reference", reference, "--steps", "2", "--num", "3", "--out", str(out)]
     assert main(argv + ["--quiet"]) == 0
     text = out.read_text()
