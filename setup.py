@@ -10,8 +10,9 @@ setup(
     packages=find_packages(include=["ddim_plus", "ddim_plus.*"]),
     package_data={"ddim_plus": ["assets/*"]},
     python_requires=">=3.9",
-    # The floors of diffusers, huggingface_hub, accelerate (1.1.0: DataLoaderConfiguration(data_seed=...)), datasets
-    # and transformers are installed exactly and tested by `make test-min` (Makefile), which CI runs.
+    # The floors of diffusers, huggingface_hub, accelerate, datasets and transformers are installed exactly and tested
+    # by `make test-min` (Makefile). accelerate 1.15.0 is the first whose resume is bit-exact
+    # (tests/test_training.py::test_resume_after_a_kill_is_bit_exact fails on 1.1.0, 1.6.0, 1.10.1, 1.13.0, 1.14.0).
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.37",
@@ -21,11 +22,17 @@ setup(
         "pillow>=9.0",
     ],
     extras_require={
-        "train": ["accelerate>=1.1.0", "datasets>=4.0", "scikit-learn>=1.2", "tensorboard>=2.12", "torchmetrics>=1.0"],
+        "train": [
+            "accelerate>=1.15.0",
+            "datasets>=4.0",
+            "scikit-learn>=1.2",
+            "tensorboard>=2.12",
+            "torchmetrics>=1.0",
+        ],
         "test": [
             "pytest>=7",
             "ruff==0.17.6",  # pinned: `make test` checks formatting, which changes between ruff releases
-            "accelerate>=1.1.0",
+            "accelerate>=1.15.0",
             "datasets>=4.0",
             "scikit-learn>=1.2",
             "tensorboard>=2.12",
