@@ -47,6 +47,27 @@ def offline_hf_home(tmp_path, monkeypatch):
     return home
 
 
+# Stable Diffusion's scheduler settings (steps_offset=1 and clip_sample=False, as its pipelines require)
+STABLE_DIFFUSION_SCHEDULER_CONFIG = dict(
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def save_tiny_pipeline(folder, channels: int = 1) -> str:
+    """A `DDIMPlusPipeline` with a tiny random 8x8 UNet saved into `folder`; returns the folder as a string."""
+    from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
+
+    DDIMPlusPipeline(
+        unet=make_tiny_unet(channels=channels, sample_size=8), scheduler=DDIMSchedulerPlus()
+    ).save_pretrained(folder)
+    return str(folder)
+
+
 def make_tiny_stable_diffusion_components(tokenizer_folder, image_size: int = 16, prompt_length: int = 16) -> dict:
     """The `unet`, `vae`, `text_encoder` and `tokenizer` of a Stable-Diffusion-style pipeline, tiny and random, built
     offline: the CLIP tokenizer reads a character-level vocabulary (no merges) written into `tokenizer_folder`."""

@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_tiny_unet
+from conftest import make_tiny_unet, save_tiny_pipeline
 from safetensors import safe_open
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
@@ -240,11 +240,7 @@ def test_unreadable_image_and_latents_exit_1(model_dir, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def rgb_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-rgb-pipeline")
-    DDIMPlusPipeline(unet=make_tiny_unet(channels=3, sample_size=8), scheduler=DDIMSchedulerPlus()).save_pretrained(
-        folder
-    )
-    return str(folder)
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-rgb-pipeline"), channels=3)
 
 
 def photo_folder(folder, count=4):

@@ -10,7 +10,7 @@ right), stock `DDIMScheduler` with the same config and generator; with `ddim_sol
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_stable_diffusion_components
+from conftest import STABLE_DIFFUSION_SCHEDULER_CONFIG, make_tiny_stable_diffusion_components
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -24,15 +24,7 @@ from ddim_plus import DDIMSchedulerPlus
 
 SIZE = 16  # pixels; the 2-level VAE makes 8x8 latents
 PROMPT_LENGTH = 8
-# Stable Diffusion's scheduler config (steps_offset=1 and clip_sample=False, as its pipelines require)
-SD_CONFIG = dict(
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+SD_CONFIG = STABLE_DIFFUSION_SCHEDULER_CONFIG
 PIPELINES = {
     "text2img": (StableDiffusionPipeline, {}),
     "img2img": (StableDiffusionImg2ImgPipeline, dict(strength=0.5)),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_stable_diffusion_components, make_tiny_unet
+from conftest import STABLE_DIFFUSION_SCHEDULER_CONFIG, make_tiny_stable_diffusion_components, make_tiny_unet
 
 import ddim_plus
 from ddim_plus import DDIMSchedulerPlus
@@ -140,15 +140,7 @@ def test_stopping_early_saves_calls_and_does_not_touch_the_scheduler():
 def tiny_stable_diffusion(folder: Path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    # Stable Diffusion's own scheduler settings
-    scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**STABLE_DIFFUSION_SCHEDULER_CONFIG)
     pipe = StableDiffusionPipeline(
         **make_tiny_stable_diffusion_components(folder),
         scheduler=scheduler,

@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_tiny_unet
+from conftest import make_tiny_unet, save_tiny_pipeline
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.cli import main
@@ -56,11 +56,7 @@ def launch(argv, num_processes, port, wait=True):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-pipeline")
-    DDIMPlusPipeline(unet=make_tiny_unet(channels=1, sample_size=8), scheduler=DDIMSchedulerPlus()).save_pretrained(
-        folder
-    )
-    return str(folder)
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-pipeline"), channels=1)
 
 
 def pngs(folder):
