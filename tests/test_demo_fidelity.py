@@ -76,3 +76,6 @@ def test_the_demo_trains_at_the_native_resolution_of_its_data():
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     assert train.parse_args([]).resolution == DIGITS_RESOLUTION
+    # The saved sampling config follows `--clip_sample` (measured: no difference beyond the spread on the demo model).
+    assert train.build_noise_scheduler(train.parse_args([])).config.clip_sample is True
+    assert train.build_noise_scheduler(train.parse_args(["--no-clip_sample"])).config.clip_sample is False
