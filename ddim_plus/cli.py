@@ -451,7 +451,7 @@ def run_evaluate(args) -> None:
 def run_tune_steps(args) -> None:
     import torch
 
-    from .model_card import TUNED_SCHEDULES_HEADING, set_card_section, tuned_schedules_markdown
+    from .hub import TUNED_SCHEDULES_HEADING, set_card_section, tuned_schedules_markdown
     from .timestep_tuning import (
         check_tuning_arguments,
         optimize_timesteps,

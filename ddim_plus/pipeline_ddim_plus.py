@@ -30,8 +30,9 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import ModelCard
 
+from . import hub
 from .scheduling_ddim_plus import DDIMSchedulerPlus
 
 logger = logging.get_logger(__name__)
@@ -41,26 +42,6 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # What model_index.json records for the scheduler: a class every diffusers install has, so the Hub download path and
 # stock `DDIMPipeline.from_pretrained` accept the repo. Our `__init__` upgrades it back to `DDIMSchedulerPlus`.
 _PORTABLE_SCHEDULER_ENTRY = ["diffusers", "DDIMScheduler"]
-
-_MODEL_CARD_BODY = """
-# {class_name}
-
-A DDIM pipeline ([Song, Meng & Ermon 2021](https://huggingface.co/papers/2010.02502)) saved by the `ddim_plus`
-package, a diffusers plugin.
-
-```python
-import ddim_plus  # registers {class_name} and DDIMSchedulerPlus on diffusers
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{repo_id}")
-images = pipe(num_inference_steps=50).images
-```
-
-Without `import ddim_plus`, `DiffusionPipeline.from_pretrained` fails with `AttributeError: module diffusers has no
-attribute {class_name}`: the fix is the import line above. Without ddim_plus installed,
-`diffusers.DDIMPipeline.from_pretrained("{repo_id}")` loads the same weights with the stock `DDIMScheduler`, which
-ignores `solver_order=2` and `sigma_type="sigma_hat"` and rejects the `quadratic` and `logsnr` spacings.
-"""
 
 
 @dataclass
@@ -157,19 +138,19 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
             logger.info(f"Loaded the UNet weights from {weights}.")
         return pipe
 
-    def model_card(self, repo_id: str) -> ModelCard:
-        """A model card saying how to load the pipeline, with and without ddim_plus.
+    def model_card(self, repo_id: str, **sections) -> ModelCard:
+        """The model card of this pipeline, from `ddim_plus.hub.make_model_card` with this class and scheduler config
+        (so it lists the scheduler's tuned timestep schedules, if it has any).
+
+        Args:
+            repo_id (`str`): the Hub repo id (or folder name) shown in the card.
+            sections: optional sections and metadata for `make_model_card` (`description`, `dataset_name`,
+                `sample_images`, `metrics`, `training_config`, `license`, ...).
 
         Returns:
             `huggingface_hub.ModelCard`
         """
-        data = ModelCardData(
-            library_name="diffusers",
-            pipeline_tag="unconditional-image-generation",
-            tags=["diffusers", "unconditional-image-generation", "ddim", "ddim_plus"],
-        )
-        body = _MODEL_CARD_BODY.format(class_name=self.__class__.__name__, repo_id=repo_id)
-        return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+        return hub.make_model_card(repo_id, self.scheduler.config, pipeline_class=self.__class__.__name__, **sections)
 
     def save_pretrained(
         self,
@@ -178,10 +159,11 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
         variant: Optional[str] = None,
         max_shard_size: Union[int, str, None] = None,
         push_to_hub: bool = False,
+        model_card: Optional[ModelCard] = None,
         **kwargs,
     ) -> None:
-        """Save the components (safetensors by default), model_index.json and a model card (README.md, unless the
-        folder has one), and with `push_to_hub=True` upload the folder.
+        """Save the components (safetensors by default), model_index.json and a model card (README.md), and with
+        `push_to_hub=True` upload the folder.
 
         Args:
             save_directory (`str` or `os.PathLike`): where to save; created if missing.
@@ -190,13 +172,17 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
             max_shard_size (`int` or `str`, *optional*): largest checkpoint shard.
             push_to_hub (`bool`, *optional*, defaults to `False`): also upload to the Hub; `kwargs` may hold
                 `repo_id` (defaults to the folder's name), `private`, `token`, `commit_message` and `create_pr`.
+            model_card (`huggingface_hub.ModelCard`, *optional*): the card to write (see `model_card`); by default
+                `self.model_card(repo_id)`, written only if the folder has no README.md yet (an edited card is kept).
         """
         super().save_pretrained(
             save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
         )
         repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
         card_path = os.path.join(save_directory, "README.md")
-        if not os.path.exists(card_path):
+        if model_card is not None:
+            model_card.save(card_path)
+        elif not os.path.exists(card_path):
             self.model_card(repo_id).save(card_path)
         if push_to_hub:
             self._upload(save_directory, repo_id, **kwargs)
@@ -229,15 +215,9 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
             self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant, repo_id=repo_id)
             return self._upload(folder, repo_id, commit_message, private, token, create_pr)
 
-    def _upload(self, folder, repo_id, commit_message=None, private=None, token=None, create_pr=False):
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        return upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            token=token,
-            commit_message=commit_message or f"Upload {self.__class__.__name__}",
-            create_pr=create_pr,
-        )
+    def _upload(self, folder, repo_id, commit_message=None, private=None, token=None, create_pr=False) -> str:
+        commit_message = commit_message or f"Upload {self.__class__.__name__}"
+        return hub.push_to_hub(folder, repo_id, commit_message, private=private, token=token, create_pr=create_pr)
 
     # ------------------------------------------------------------------------------------------------------------
     # Shapes and checks

@@ -123,3 +123,87 @@ def make_tiny_stable_diffusion_components(tokenizer_folder, image_size: int = 16
         str(tokenizer_folder / "vocab.json"), str(tokenizer_folder / "merges.txt"), model_max_length=prompt_length
     )
     return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer)
+
+
+class RecordedHub:
+    """The Hub calls of `ddim_plus.hub`, recorded instead of made (nothing in the tests may reach the network).
+
+    `calls` holds `(name, arguments)` in call order: `create_repo`, `upload_folder` (its `files` are those the Hub
+    client would send, after `ignore_patterns`, listed when the upload runs) and `wait` (a background upload waited
+    for). An upload with `run_as_future=True` returns a `Future` that runs only when `result()` is called, so a test
+    sees exactly when its caller waits, and that the folder was still intact then. Set `create_repo_error` to an
+    exception to make `create_repo` fail as with a bad token.
+    """
+
+    def __init__(self):
+        self.calls = []
+        self.create_repo_error = None
+
+    def names(self):
+        return [name for name, _ in self.calls]
+
+    def get(self, name):
+        return [arguments for call, arguments in self.calls if call == name]
+
+    def create_repo(self, repo_id, private=None, token=None, exist_ok=False, repo_type=None, **kwargs):
+        from huggingface_hub import RepoUrl
+
+        self.calls.append(
+            (
+                "create_repo",
+                dict(repo_id=repo_id, private=private, token=token, exist_ok=exist_ok, repo_type=repo_type),
+            )
+        )
+        if self.create_repo_error is not None:
+            raise self.create_repo_error
+        return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'someone/' + repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=None, run_as_future=False,
+                      **kwargs):  # fmt: skip
+        from concurrent.futures import Future
+
+        from huggingface_hub import CommitInfo
+        from huggingface_hub.utils import filter_repo_objects
+
+        arguments = dict(kwargs, repo_id=repo_id, folder_path=folder_path, commit_message=commit_message)
+        arguments.update(ignore_patterns=ignore_patterns, run_as_future=run_as_future)
+        self.calls.append(("upload_folder", arguments))
+
+        def upload():
+            names = [
+                os.path.relpath(os.path.join(root, name), folder_path).replace(os.sep, "/")
+                for root, _, files in os.walk(folder_path)
+                for name in files
+            ]
+            arguments["files"] = sorted(filter_repo_objects(names, ignore_patterns=ignore_patterns))
+            number = len(self.get("upload_folder"))
+            return CommitInfo(
+                commit_url=f"https://huggingface.co/{repo_id}/commit/{number}",
+                commit_message=commit_message,
+                commit_description="",
+                oid=str(number),
+            )
+
+        if not run_as_future:
+            return upload()
+        hub = self
+
+        class DeferredUpload(Future):
+            def result(self, timeout=None):
+                if not self.done():
+                    hub.calls.append(("wait", {"commit_message": commit_message}))
+                    self.set_result(upload())
+                return super().result(timeout)
+
+        return DeferredUpload()
+
+
+@pytest.fixture
+def recorded_hub(monkeypatch):
+    """A `RecordedHub` standing in for huggingface_hub's `create_repo` and `upload_folder` in `ddim_plus.hub`."""
+    import ddim_plus.hub
+
+    hub = RecordedHub()
+    monkeypatch.setattr(ddim_plus.hub, "create_repo", hub.create_repo)
+    monkeypatch.setattr(ddim_plus.hub, "upload_folder", hub.upload_folder)
+    return hub

@@ -15,7 +15,6 @@ from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus, optimize_timesteps
 from ddim_plus.cli import main
 from ddim_plus.evaluation.gmm import GaussianMixture, GaussianMixtureOracle
 from ddim_plus.evaluation.quality import quality_sweep
-from ddim_plus.model_card import set_card_section
 from ddim_plus.timestep_tuning import tuning_cost
 
 CONFIG = dict(clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon")
@@ -224,15 +223,6 @@ def test_evaluate_compares_tuned_with_fixed_spacings(tuned_dir):
     assert by_label[("tuned", 3, 0)] != by_label[("leading", 3, 1)]  # "leading" really ran leading
     with pytest.raises(ValueError, match="ddim-plus tune-steps MODEL --steps S --order 1"):
         quality_sweep(pipe, spacings=["tuned"], steps=[4], num_images=4)
-
-
-def test_set_card_section_replaces_or_appends():
-    card = "---\nx: 1\n---\n\n# m\n\n## Samples\n\nA\n\n## Results\n\nold\n\n## Training\n\nB\n"
-    replaced = set_card_section(card, "## Results", "new")
-    assert "old" not in replaced and replaced.index("new") < replaced.index("## Training")
-    assert replaced.count("## Results") == 1 and replaced.endswith("B\n")
-    appended = set_card_section(card, "## Tuned", "T")
-    assert appended.startswith(card.rstrip("\n")) and appended.endswith("## Tuned\n\nT\n")
 
 
 def test_sliced_wasserstein_distance_against_closed_forms():

@@ -1,0 +1,328 @@
+"""Hub publishing: the model card of every saved pipeline, and the upload of a folder to the Hub.
+
+`make_model_card` writes every README.md that ddim_plus produces (`save_pretrained`, `push_to_hub`, the trainer)
+with huggingface_hub's `ModelCard` / `ModelCardData`, one set of tags and a license; a trainer's card adds optional
+sections (samples, a results table whose scores become the Hub's model-index, the training configuration).
+`create_hub_repo` and `upload_to_hub` are the only two Hub calls; `push_to_hub` chains them.
+"""
+
+import os
+import re
+from concurrent.futures import Future
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from huggingface_hub import CommitInfo, EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .ddim_math import TIMESTEP_SPACINGS
+
+MODEL_CARD_TAGS = ("ddim-plus", "diffusers", "unconditional-image-generation", "ddim")
+DEFAULT_LICENSE = "apache-2.0"
+PIP_INSTALL = "pip install ddim-plus"
+TASK = "unconditional-image-generation"
+TUNED_SCHEDULES_HEADING = "## Tuned timestep schedules"
+# The spacings stock diffusers' DDIMScheduler has; it raises `ValueError` on ours at the first `set_timesteps`.
+STOCK_SPACINGS = ("leading", "trailing", "linspace")
+_OWN_SPACINGS = tuple(s for s in TIMESTEP_SPACINGS if s not in STOCK_SPACINGS)
+
+# How each pipeline is called in the card's snippet.
+_USAGE = {
+    "DDIMPlusPipeline": (
+        "images = pipeline(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images"
+    ),
+    "DDIMInversionPipeline": "latents = pipeline(images, num_inference_steps=50).latents  # images in [0, 1]",
+}
+
+
+def make_model_card(
+    repo_id: str,
+    scheduler_config: Mapping[str, object],
+    pipeline_class: str = "DDIMPlusPipeline",
+    description: Optional[str] = None,
+    dataset_name: Optional[str] = None,
+    sample_images: Sequence[str] = (),
+    metrics: Sequence[Dict[str, object]] = (),
+    metric_columns: Sequence[str] = (),
+    metrics_dataset: Optional[Tuple[str, str]] = None,
+    metrics_description: Optional[str] = None,
+    training_config: Optional[Dict[str, object]] = None,
+    license: str = DEFAULT_LICENSE,
+    extra_tags: Sequence[str] = (),
+) -> ModelCard:
+    """The model card (README.md) of a saved pipeline.
+
+    Its first lines say how to load the repo: `import ddim_plus` first (and what fails without it), and what stock
+    `DDIMPipeline` drops from this scheduler config. Then the how-to, the optional sections that are given, and the
+    tuned timestep schedules of the scheduler config if it has any.
+
+    Args:
+        repo_id (`str`): the Hub repo id, or the folder's name for a local pipeline; shown in the title and snippet.
+        scheduler_config (`Mapping[str, object]`): the pipeline's `scheduler.config`.
+        pipeline_class (`str`, defaults to `"DDIMPlusPipeline"`): the class model_index.json names.
+        description (`str`, *optional*): a sentence on what the model is (e.g. what it was trained on); no local
+            paths, since the card is published.
+        dataset_name (`str`, *optional*): the Hub dataset id of the training data, for the `datasets` metadata.
+        sample_images (`Sequence[str]`): sample grids, as paths relative to the card.
+        metrics (`Sequence[Dict[str, object]]`): rows of a results table, e.g. one per number of DDIM steps.
+        metric_columns (`Sequence[str]`): the columns of `metrics` that hold scores; each score becomes an
+            `EvalResult` (the Hub's model-index), the other columns of its row become its `config`.
+        metrics_dataset (`Tuple[str, str]`, *optional*): (type, name) of the data the scores were measured on;
+            required with `metric_columns`.
+        metrics_description (`str`, *optional*): how the metrics were measured.
+        training_config (`Dict[str, object]`, *optional*): the settings of the training run, shown as a table.
+        license (`str`, defaults to `"apache-2.0"`): the model's license.
+        extra_tags (`Sequence[str]`): tags added to ddim-plus, diffusers, unconditional-image-generation and ddim.
+
+    Returns:
+        `huggingface_hub.ModelCard`: call `.save(path)` to write it.
+
+    Raises:
+        `ValueError`: `dataset_name` is not a Hub dataset id (a local path, or not of the form `name` or
+        `user/name`), or `metric_columns` are given without `metrics_dataset`.
+    """
+    from . import __version__  # at call time: the package is fully imported by then
+
+    _check_hub_dataset_id(dataset_name)
+    eval_results = _eval_results(metrics, metric_columns, metrics_dataset)
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag=TASK,
+        license=license,
+        tags=list(dict.fromkeys([*MODEL_CARD_TAGS, *extra_tags])),
+        datasets=[dataset_name] if dataset_name else None,
+        model_name=repo_id if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    usage = _USAGE.get(pipeline_class, _USAGE["DDIMPlusPipeline"])
+    sections: List[str] = [
+        f"# {repo_id}",
+        _loading_note(repo_id, pipeline_class, scheduler_config),
+        (description or "A DDIM pipeline (Song, Meng & Ermon, ICLR 2021, https://huggingface.co/papers/2010.02502).")
+        + f" Saved with ddim_plus {__version__}, a diffusers plugin.",
+        "## How to use",
+        f"```bash\n{PIP_INSTALL}\n```",
+        "```python\n"
+        "import torch\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        f"import ddim_plus  # registers {pipeline_class} and DDIMSchedulerPlus with diffusers\n\n"
+        f'pipeline = DiffusionPipeline.from_pretrained("{repo_id}")\n'
+        f"{usage}\n"
+        "```",
+    ]
+    if sample_images:
+        sections += ["## Samples"]
+        sections += [f"![{os.path.splitext(os.path.basename(path))[0]}]({path})" for path in sample_images]
+    if metrics:
+        sections += ["## Results", *([metrics_description] if metrics_description else []), _markdown_table(metrics)]
+    if scheduler_config.get("tuned_timesteps"):
+        sections += [TUNED_SCHEDULES_HEADING, tuned_schedules_markdown(scheduler_config["tuned_timesteps"])]
+    if training_config:
+        sections += [
+            "## Training configuration",
+            _markdown_table([{"setting": key, "value": value} for key, value in training_config.items()]),
+        ]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def _loading_note(repo_id: str, pipeline_class: str, scheduler_config: Mapping[str, object]) -> str:
+    """The card's first lines: what fails without `import ddim_plus`, and what stock `DDIMPipeline` drops."""
+    dropped = []
+    if scheduler_config.get("ddim_solver_order", 1) == 2:
+        dropped.append("`ddim_solver_order=2` (it takes first-order steps)")
+    if scheduler_config.get("sigma_type", "eta") == "sigma_hat":
+        dropped.append('`sigma_type="sigma_hat"` (it adds eta noise instead)')
+    spacing = scheduler_config.get("timestep_spacing")
+    if spacing in _OWN_SPACINGS:
+        dropped.append(f"the `{spacing}` spacing (it raises `ValueError` at the first call)")
+    if spacing in ("trailing", "linspace"):
+        dropped.append(
+            f"the `{spacing}` spacing's steps (it steps from t to t - T // S, which is not always the next "
+            "scheduled timestep)"
+        )
+    if scheduler_config.get("tuned_timesteps"):
+        dropped.append("the tuned timestep schedules below (it spaces the steps by `timestep_spacing`)")
+    if dropped:
+        consequence = f"it drops this config's {'; '.join(dropped)}. Its images differ from {pipeline_class}'s"
+    else:
+        consequence = (
+            'this config uses none of what it drops (`ddim_solver_order=2`, `sigma_type="sigma_hat"`, the '
+            f"{' and '.join(f'`{s}`' for s in _OWN_SPACINGS)} spacings, tuned timesteps)"
+        )
+    return (
+        f"> **Load with `import ddim_plus` first** (`{PIP_INSTALL}`). Without it, "
+        f"`DiffusionPipeline.from_pretrained` fails with `AttributeError: module diffusers has no attribute "
+        f"{pipeline_class}`; the fix is the one line `import ddim_plus` before it.\n>\n"
+        f'> Stock `diffusers.DDIMPipeline.from_pretrained("{repo_id}")` loads the weights without ddim_plus but '
+        f"swaps in a stock `DDIMScheduler`: {consequence}. diffusers' only sign is its \"config attributes ... will "
+        'be ignored" warning.'
+    )
+
+
+def _check_hub_dataset_id(dataset_name: Optional[str]) -> None:
+    """`datasets:` holds Hub ids only: the Hub links each one, and a local path would be a broken link (and leak)."""
+    if dataset_name is None:
+        return
+    try:
+        validate_repo_id(dataset_name)
+        is_id = not os.path.exists(dataset_name)
+    except HFValidationError:
+        is_id = False
+    if not is_id:
+        raise ValueError(
+            f"`dataset_name`={dataset_name!r} is not a Hub dataset id (a local path, or not `name` or `user/name`); "
+            "leave `dataset_name` out and describe the data in `description`."
+        )
+
+
+def _eval_results(
+    metrics: Sequence[Dict[str, object]], metric_columns: Sequence[str], dataset: Optional[Tuple[str, str]]
+) -> List[EvalResult]:
+    """One `EvalResult` per score in `metrics`; the row's other columns (e.g. the number of steps) are its config."""
+    if metric_columns and dataset is None:
+        raise ValueError("`metric_columns` needs `metrics_dataset` (the type and name of the data scored on).")
+    results = []
+    for row in metrics:
+        setting = ", ".join(f"{key}={value}" for key, value in row.items() if key not in metric_columns)
+        for column in metric_columns:
+            if isinstance(row.get(column), (int, float)):
+                results.append(
+                    EvalResult(
+                        task_type=TASK,
+                        task_name="Unconditional image generation",
+                        dataset_type=dataset[0],
+                        dataset_name=dataset[1],
+                        metric_type=re.sub(r"[^a-z0-9]+", "_", column.lower()).strip("_"),
+                        metric_name=f"{column} ({setting})" if setting else column,
+                        metric_value=row[column],
+                        metric_config=setting or None,
+                    )
+                )
+    return results
+
+
+def _markdown_table(rows: Sequence[Dict[str, object]]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_format_cell(row.get(column, "")) for column in columns) + " |")
+    return "\n".join(lines)
+
+
+def _format_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def tuned_schedules_markdown(entries: Sequence[Dict[str, object]]) -> str:
+    """The model-card text listing the schedules stored in the scheduler config's `tuned_timesteps`.
+
+    Args:
+        entries (`Sequence[Dict[str, object]]`): the `tuned_timesteps` entries (see `DDIMSchedulerPlus`).
+
+    Returns:
+        `str`: a sentence and a table (steps, solver order, timesteps).
+    """
+    rows = [
+        {
+            "steps": entry["num_inference_steps"],
+            "solver_order": entry["solver_order"],
+            "timesteps": ", ".join(str(t) for t in entry["timesteps"]),
+        }
+        for entry in entries
+    ]
+    return (
+        "Timesteps tuned to this model by `ddim-plus tune-steps` (matching a many-step run of the model itself). "
+        "`pipeline(num_inference_steps=S)` uses them when the scheduler's `ddim_solver_order` matches; other "
+        "step counts use the `timestep_spacing`.\n\n" + _markdown_table(rows)
+    )
+
+
+def set_card_section(card_text: str, heading: str, body: str) -> str:
+    """Put `body` under the markdown `heading` (e.g. ``"## Results"``) of a card: the section is replaced if the
+    card has it (up to the next heading of the same level), appended otherwise.
+
+    Returns:
+        `str`: the new card text.
+    """
+    lines = card_text.rstrip("\n").split("\n")
+    level = heading.split(" ")[0] + " "
+    section = [heading, "", body.rstrip("\n"), ""]
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(level)), len(lines))
+        lines = lines[:start] + section + lines[end:]
+    else:
+        lines = lines + [""] + section
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def create_hub_repo(repo_id: str, private: Optional[bool] = None, token: Optional[str] = None) -> str:
+    """Create the model repo `repo_id`, or reuse it if it exists; a bad token or a missing permission raises here.
+
+    Args:
+        repo_id (`str`): `name` or `user/name`.
+        private (`bool`, *optional*): make a new repo private (an existing repo keeps its visibility).
+        token (`str`, *optional*): a Hub token; the logged-in one otherwise.
+
+    Returns:
+        `str`: the repo id the Hub resolved (with the user or organisation).
+    """
+    return create_repo(repo_id, private=private, token=token, exist_ok=True, repo_type="model").repo_id
+
+
+def upload_to_hub(
+    folder: Union[str, os.PathLike],
+    repo_id: str,
+    commit_message: str,
+    token: Optional[str] = None,
+    create_pr: bool = False,
+    ignore_patterns: Optional[Sequence[str]] = None,
+    run_as_future: bool = False,
+) -> Union[CommitInfo, "Future[CommitInfo]"]:
+    """Upload `folder` to the existing model repo `repo_id` (see `create_hub_repo`) in one commit.
+
+    Args:
+        folder (`str` or `os.PathLike`): the folder to upload; with `run_as_future=True` it must stay unchanged until
+            the future is done, since the upload reads it in the background.
+        repo_id (`str`): the repo, as `create_hub_repo` returned it.
+        commit_message (`str`): the commit's message.
+        token (`str`, *optional*): a Hub token; the logged-in one otherwise.
+        create_pr (`bool`, defaults to `False`): open a pull request instead of committing.
+        ignore_patterns (`Sequence[str]`, *optional*): files left out (e.g. checkpoints and logs).
+        run_as_future (`bool`, defaults to `False`): return at once with a `concurrent.futures.Future`;
+            huggingface_hub runs its background uploads one after another, in the order they were started.
+
+    Returns:
+        `huggingface_hub.CommitInfo` (its `str` is the commit URL), or a `Future` of it.
+    """
+    return upload_folder(
+        repo_id=repo_id,
+        folder_path=os.fspath(folder),
+        commit_message=commit_message,
+        token=token,
+        create_pr=create_pr,
+        ignore_patterns=list(ignore_patterns) if ignore_patterns else None,
+        repo_type="model",
+        run_as_future=run_as_future,
+    )
+
+
+def push_to_hub(
+    folder: Union[str, os.PathLike],
+    repo_id: str,
+    commit_message: str,
+    private: Optional[bool] = None,
+    token: Optional[str] = None,
+    create_pr: bool = False,
+    ignore_patterns: Optional[Sequence[str]] = None,
+) -> CommitInfo:
+    """`create_hub_repo` then `upload_to_hub`: publish a saved pipeline folder in one call.
+
+    Returns:
+        `huggingface_hub.CommitInfo`: the commit (its `str` is the commit URL, `.repo_url.repo_id` the repo).
+    """
+    repo_id = create_hub_repo(repo_id, private=private, token=token)
+    return upload_to_hub(
+        folder, repo_id, commit_message, token=token, create_pr=create_pr, ignore_patterns=ignore_patterns
+    )

@@ -1,0 +1,219 @@
+"""ddim_plus.hub: every model card and every Hub upload (offline: the Hub calls are recorded, not made)."""
+
+import os
+
+import pytest
+from conftest import make_tiny_unet
+from huggingface_hub import ModelCard
+
+import ddim_plus
+from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
+from ddim_plus.hub import make_model_card, set_card_section
+from ddim_plus.timestep_tuning import tuned_timesteps_entry
+
+TAGS = ["ddim-plus", "diffusers", "unconditional-image-generation", "ddim"]
+METRICS = [
+    {"DDIM steps": 10, "samples": 256, "recognisable fraction": 0.875, "FD [digits]": 1.5},
+    {"DDIM steps": 50, "samples": 256, "recognisable fraction": 0.9, "FD [digits]": 1.25},
+]
+
+
+def trainer_like_card(**overrides):
+    arguments = dict(
+        repo_id="me/digits-ddim",
+        scheduler_config=DDIMSchedulerPlus().config,
+        description="An unconditional image model trained on `ylecun/mnist`.",
+        dataset_name="ylecun/mnist",
+        sample_images=["samples_10steps.png", "samples_50steps.png"],
+        metrics=METRICS,
+        metric_columns=["recognisable fraction", "FD [digits]"],
+        metrics_dataset=("digits", "8x8 digits"),
+        metrics_description="Measured on 256 samples.",
+        training_config={"learning_rate": 0.001, "resolution": 16},
+    )
+    return make_model_card(**{**arguments, **overrides})
+
+
+def test_trainer_card_metadata_sections_and_model_index(tmp_path):
+    trainer_like_card().save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert loaded.data.library_name == "diffusers"
+    assert loaded.data.pipeline_tag == "unconditional-image-generation"
+    assert loaded.data.license == "apache-2.0"
+    assert loaded.data.datasets == ["ylecun/mnist"]
+    assert loaded.data.tags == TAGS
+    # every score is an EvalResult (the Hub's model-index), its row's other columns its config
+    results = {(r.metric_name, r.metric_value, r.metric_type) for r in loaded.data.eval_results}
+    assert results == {
+        ("recognisable fraction (DDIM steps=10, samples=256)", 0.875, "recognisable_fraction"),
+        ("FD [digits] (DDIM steps=10, samples=256)", 1.5, "fd_digits"),
+        ("recognisable fraction (DDIM steps=50, samples=256)", 0.9, "recognisable_fraction"),
+        ("FD [digits] (DDIM steps=50, samples=256)", 1.25, "fd_digits"),
+    }
+    assert {(r.task_type, r.dataset_type, r.dataset_name) for r in loaded.data.eval_results} == {
+        ("unconditional-image-generation", "digits", "8x8 digits")
+    }
+    assert loaded.data.model_name == "me/digits-ddim"
+    assert "model-index:" in (tmp_path / "README.md").read_text()
+    text = loaded.text
+    assert "pip install ddim-plus" in text and f"Saved with ddim_plus {ddim_plus.__version__}" in text
+    assert 'DiffusionPipeline.from_pretrained("me/digits-ddim")' in text
+    assert text.index("import ddim_plus") < text.index('DiffusionPipeline.from_pretrained("me/digits-ddim")')
+    assert "![samples_10steps](samples_10steps.png)" in text and "![samples_50steps](samples_50steps.png)" in text
+    assert "trained on `ylecun/mnist`" in text
+    assert (
+        "| DDIM steps | samples | recognisable fraction | FD [digits] |" in text
+        and "| 50 | 256 | 0.9 | 1.25 |" in text
+    )
+    assert "Measured on 256 samples." in text
+    assert "| learning_rate | 0.001 |" in text
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## How to use", "## Samples", "## Results", "## Training configuration"]
+
+
+def test_pipeline_card_is_the_minimal_card_with_the_same_metadata(tmp_path):
+    DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus()).save_pretrained(tmp_path / "tiny")
+    card = ModelCard.load(tmp_path / "tiny" / "README.md")
+    assert card.data.tags == TAGS and card.data.license == "apache-2.0"
+    assert card.data.datasets is None and card.data.eval_results is None
+    assert "pip install ddim-plus" in card.text and f"ddim_plus {ddim_plus.__version__}" in card.text
+    assert 'DiffusionPipeline.from_pretrained("tiny")' in card.text
+    assert [line for line in card.text.splitlines() if line.startswith("## ")] == ["## How to use"]
+
+
+@pytest.mark.parametrize("cls", [DDIMPlusPipeline, DDIMInversionPipeline])
+def test_card_opens_with_the_import_line_and_the_error_without_it(cls):
+    text = cls(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus()).model_card("me/m").text
+    first_lines = text.split("## How to use")[0]
+    # the message diffusers raises is checked against a real run in test_pipeline_loading's stock-loading test
+    assert f"fails with `AttributeError: module diffusers has no attribute {cls.__name__}`" in first_lines
+    assert "the fix is the one line `import ddim_plus`" in first_lines
+    assert "pip install ddim-plus" in first_lines
+    assert f"registers {cls.__name__}" in text
+
+
+@pytest.mark.parametrize(
+    "config, dropped",
+    [
+        (dict(), []),
+        (dict(ddim_solver_order=2), ["`ddim_solver_order=2`"]),
+        (dict(sigma_type="sigma_hat"), ['`sigma_type="sigma_hat"`']),
+        (dict(timestep_spacing="quadratic"), ["the `quadratic` spacing (it raises `ValueError`"]),
+        (dict(timestep_spacing="logsnr"), ["the `logsnr` spacing (it raises `ValueError`"]),
+        (dict(timestep_spacing="trailing"), ["the `trailing` spacing's steps"]),
+        (dict(timestep_spacing="linspace"), ["the `linspace` spacing's steps"]),
+        (dict(timestep_spacing="leading"), []),
+    ],
+)
+def test_card_says_what_stock_ddim_pipeline_drops(config, dropped):
+    first_lines = make_model_card("me/m", DDIMSchedulerPlus(**config).config).text.split("## How to use")[0]
+    assert 'Stock `diffusers.DDIMPipeline.from_pretrained("me/m")`' in first_lines
+    if dropped:
+        assert all(f"it drops this config's {item}" in first_lines or f"; {item}" in first_lines for item in dropped)
+        assert "Its images differ from DDIMPlusPipeline's" in first_lines
+    else:
+        assert "this config uses none of what it drops" in first_lines
+
+
+def test_save_pretrained_card_lists_the_tuned_schedules(tmp_path):
+    """The card `save_pretrained` writes shows the scheduler's `tuned_timesteps` (and says stock DDIM drops them)."""
+    plain = DDIMSchedulerPlus()
+    entries = [tuned_timesteps_entry(plain, [900, 400, 0], 1), tuned_timesteps_entry(plain, [800, 0], 2)]
+    scheduler = DDIMSchedulerPlus(tuned_timesteps=entries)
+    DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=scheduler).save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert text.count("## Tuned timestep schedules") == 1
+    assert "| 3 | 1 | 900, 400, 0 |" in text and "| 2 | 2 | 800, 0 |" in text
+    assert "the tuned timestep schedules below" in text.split("## How to use")[0]
+
+
+def test_save_pretrained_keeps_an_edited_card_and_writes_a_given_one(tmp_path):
+    pipe = DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus())
+    (tmp_path / "README.md").write_text("my notes\n")
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "my notes\n"
+    pipe.save_pretrained(tmp_path, model_card=pipe.model_card("me/m", training_config={"seed": 3}))
+    assert "| seed | 3 |" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", [None, "ylecun/mnist", "mnist"])
+def test_datasets_holds_hub_ids(name):
+    card = make_model_card("m", DDIMSchedulerPlus().config, dataset_name=name)
+    assert card.data.datasets == ([name] if name else None)
+
+
+def test_datasets_refuses_local_paths_and_non_ids(tmp_path):
+    """The Hub links each `datasets:` entry: a local path would be a broken link (and leak the path)."""
+    for name in (str(tmp_path), "my data/images", "../images"):
+        with pytest.raises(ValueError, match="is not a Hub dataset id"):
+            make_model_card("m", DDIMSchedulerPlus().config, dataset_name=name)
+
+
+def test_scores_need_the_data_they_were_measured_on():
+    with pytest.raises(ValueError, match="`metric_columns` needs `metrics_dataset`"):
+        trainer_like_card(metrics_dataset=None)
+    card = trainer_like_card(metric_columns=[], metrics_dataset=None)  # a table without scores: no model-index
+    assert card.data.eval_results is None and "## Results" in card.text
+
+
+def test_set_card_section_replaces_or_appends():
+    card = "---\nx: 1\n---\n\n# m\n\n## Samples\n\nA\n\n## Results\n\nold\n\n## Training\n\nB\n"
+    replaced = set_card_section(card, "## Results", "new")
+    assert "old" not in replaced and replaced.index("new") < replaced.index("## Training")
+    assert replaced.count("## Results") == 1 and replaced.endswith("B\n")
+    appended = set_card_section(card, "## Tuned", "T")
+    assert appended.startswith(card.rstrip("\n")) and appended.endswith("## Tuned\n\nT\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Uploads
+# ----------------------------------------------------------------------------------------------------------------
+PIPELINE_FILES = [
+    "README.md",
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+]
+
+
+def test_push_to_hub_creates_a_private_repo_and_uploads_the_pipeline(recorded_hub, offline_hf_home):
+    pipe = DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus())
+    url = pipe.push_to_hub("someone/tiny-ddim", private=True, commit_message="first", token="hf_test")
+    assert url == "https://huggingface.co/someone/tiny-ddim/commit/1"
+    assert recorded_hub.names() == ["create_repo", "upload_folder"]
+    (create,), (upload,) = recorded_hub.get("create_repo"), recorded_hub.get("upload_folder")
+    assert create == dict(repo_id="someone/tiny-ddim", private=True, token="hf_test", exist_ok=True, repo_type="model")
+    assert upload["repo_id"] == "someone/tiny-ddim" and upload["token"] == "hf_test"
+    assert upload["files"] == PIPELINE_FILES and upload["commit_message"] == "first"
+    assert upload["run_as_future"] is False
+
+
+def test_save_pretrained_with_push_to_hub(tmp_path, recorded_hub, offline_hf_home):
+    pipe = DDIMInversionPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus())
+    pipe.save_pretrained(tmp_path / "tiny", push_to_hub=True, repo_id="org/tiny-inversion", private=False)
+    (create,), (upload,) = recorded_hub.get("create_repo"), recorded_hub.get("upload_folder")
+    assert create["repo_id"] == "org/tiny-inversion" and create["private"] is False
+    assert upload["files"] == PIPELINE_FILES and upload["folder_path"] == str(tmp_path / "tiny")
+    assert upload["commit_message"] == "Upload DDIMInversionPipeline"
+    assert 'DiffusionPipeline.from_pretrained("org/tiny-inversion")' in (tmp_path / "tiny" / "README.md").read_text()
+
+
+def test_a_bad_token_fails_at_create_repo_before_any_upload(recorded_hub, offline_hf_home):
+    recorded_hub.create_repo_error = PermissionError("401 Unauthorized")
+    pipe = DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus())
+    with pytest.raises(PermissionError, match="401"):
+        pipe.push_to_hub("someone/tiny-ddim")
+    assert recorded_hub.names() == ["create_repo"]
+
+
+def test_recorded_background_upload_runs_when_waited_for(tmp_path, recorded_hub):
+    from ddim_plus.hub import upload_to_hub
+
+    (tmp_path / "model_index.json").write_text("{}")
+    future = upload_to_hub(tmp_path, "me/m", "epoch 1", run_as_future=True)
+    assert recorded_hub.names() == ["upload_folder"] and not future.done()
+    assert str(future.result()) == "https://huggingface.co/me/m/commit/1"
+    assert recorded_hub.names() == ["upload_folder", "wait"]
+    assert recorded_hub.get("upload_folder")[0]["files"] == ["model_index.json"]
+    assert os.path.isdir(tmp_path)
