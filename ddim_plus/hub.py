@@ -3,18 +3,24 @@
 `make_model_card` writes every README.md that ddim_plus produces (`save_pretrained`, `push_to_hub`, the trainer)
 with huggingface_hub's `ModelCard` / `ModelCardData`, one set of tags and a license; a trainer's card adds optional
 sections (samples, a results table whose scores become the Hub's model-index, the training configuration).
-`create_hub_repo` and `upload_to_hub` are the only two Hub calls; `push_to_hub` chains them.
+`create_hub_repo` and `upload_to_hub` are the only two Hub calls; `push_to_hub` chains them, and `HubPublisher`
+publishes a training run as it goes (repo created at start-up, snapshots uploaded in the background).
 """
 
+import logging
 import os
 import re
+import shutil
+import tempfile
 from concurrent.futures import Future
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from huggingface_hub import CommitInfo, EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .ddim_math import TIMESTEP_SPACINGS
+
+logger = logging.getLogger(__name__)
 
 MODEL_CARD_TAGS = ("ddim-plus", "diffusers", "unconditional-image-generation", "ddim")
 DEFAULT_LICENSE = "apache-2.0"
@@ -326,3 +332,57 @@ def push_to_hub(
     return upload_to_hub(
         folder, repo_id, commit_message, token=token, create_pr=create_pr, ignore_patterns=ignore_patterns
     )
+
+
+class HubPublisher:
+    """Publish a training run to the Hub as it goes.
+
+    The repo is created when the publisher is, so a bad token or a missing permission fails before any training.
+    `upload_snapshot` saves a snapshot into a temporary folder and uploads it in the background (huggingface_hub's
+    `run_as_future`), so training goes on meanwhile; the folder is deleted once its upload is done. `finish` waits
+    for the pending uploads, then uploads the final folder. The token is kept in memory only.
+
+    Args:
+        repo_id (`str`): `name` or `user/name`.
+        private (`bool`, *optional*): make a new repo private (an existing repo keeps its visibility).
+        token (`str`, *optional*): a Hub token; the logged-in one otherwise.
+    """
+
+    def __init__(self, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None):
+        self._token = token
+        self.repo_id = create_hub_repo(repo_id, private=private, token=token)
+        self._pending: List[Future] = []
+
+    def upload_snapshot(self, save: Callable[[str], None], commit_message: str) -> Future:
+        """Call `save(folder)` now (e.g. a pipeline's `save_pretrained`) and upload `folder` in the background.
+
+        Returns:
+            `concurrent.futures.Future`: the upload.
+        """
+        folder = tempfile.mkdtemp(prefix="ddim-plus-upload-")
+        save(folder)
+        future = upload_to_hub(folder, self.repo_id, commit_message, token=self._token, run_as_future=True)
+        future.add_done_callback(lambda _: shutil.rmtree(folder, ignore_errors=True))
+        self._pending.append(future)
+        return future
+
+    def wait(self) -> None:
+        """Wait for the pending uploads. One that failed is logged, not raised: a network hiccup must not end a
+        run, and the final upload sends the whole pipeline again."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            try:
+                future.result()
+            except Exception as error:  # whatever failed, the final upload sends everything again
+                logger.warning(f"A background upload to {self.repo_id} failed ({error}); the final upload resends.")
+
+    def finish(
+        self, folder: Union[str, os.PathLike], commit_message: str, ignore_patterns: Optional[Sequence[str]] = None
+    ) -> CommitInfo:
+        """Wait for the pending uploads, then upload `folder` (and wait for that too).
+
+        Returns:
+            `huggingface_hub.CommitInfo`: the final commit.
+        """
+        self.wait()
+        return upload_to_hub(folder, self.repo_id, commit_message, token=self._token, ignore_patterns=ignore_patterns)

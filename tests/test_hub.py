@@ -217,3 +217,37 @@ def test_recorded_background_upload_runs_when_waited_for(tmp_path, recorded_hub)
     assert recorded_hub.names() == ["upload_folder", "wait"]
     assert recorded_hub.get("upload_folder")[0]["files"] == ["model_index.json"]
     assert os.path.isdir(tmp_path)
+
+
+def test_publisher_creates_the_repo_first_uploads_in_the_background_and_waits_before_the_final_upload(
+    tmp_path, recorded_hub
+):
+    from ddim_plus.hub import HubPublisher
+
+    publisher = HubPublisher("digits-ddim", private=True, token="hf_test")
+    assert recorded_hub.names() == ["create_repo"] and publisher.repo_id == "someone/digits-ddim"
+    snapshots = []
+
+    def save(folder):
+        snapshots.append(folder)
+        with open(os.path.join(folder, "model_index.json"), "w") as handle:
+            handle.write("{}")
+
+    publisher.upload_snapshot(save, "Epoch 1")
+    publisher.upload_snapshot(save, "Epoch 2")
+    # nothing waited for yet: the caller went on while both uploads were pending
+    assert recorded_hub.names() == ["create_repo", "upload_folder", "upload_folder"]
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model_index.json").write_text("{}")
+    (tmp_path / "final" / "checkpoint-2").mkdir()
+    (tmp_path / "final" / "checkpoint-2" / "optimizer.bin").write_text("x")
+    commit = publisher.finish(tmp_path / "final", "Final", ignore_patterns=["checkpoint-*", "checkpoint-*/**"])
+    assert recorded_hub.names() == ["create_repo", "upload_folder", "upload_folder", "wait", "wait", "upload_folder"]
+    uploads = recorded_hub.get("upload_folder")
+    assert [u["commit_message"] for u in uploads] == ["Epoch 1", "Epoch 2", "Final"]
+    assert [u["run_as_future"] for u in uploads] == [True, True, False]
+    assert all(u["repo_id"] == "someone/digits-ddim" and u["token"] == "hf_test" for u in uploads)
+    # each snapshot was intact when its upload ran, and removed after it
+    assert uploads[0]["files"] == uploads[1]["files"] == ["model_index.json"] == uploads[2]["files"]
+    assert not any(os.path.exists(folder) for folder in snapshots)
+    assert str(commit) == "https://huggingface.co/someone/digits-ddim/commit/3"
