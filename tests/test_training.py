@@ -1,10 +1,10 @@
-"""training/train.py end to end: exact resume, checkpoint rotation, two processes, bad input, a short real run.
+"""ddim_plus.train (and training/train.py, the script that runs it) end to end: exact resume, checkpoint rotation,
+two processes, bad input, a short real run.
 
 Runs launch the script in a subprocess (as users do) with a tiny UNet; bad-input checks call it in-process, since
 they must fail before anything is trained or written.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,18 +19,10 @@ from conftest import make_tiny_unet
 from PIL import Image
 from safetensors.torch import load_file
 
+from ddim_plus import train
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
-
-
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("ddim_plus_train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = load_train_module()
 
 
 def subprocess_env(hf_home):
@@ -46,7 +38,7 @@ def run_train(argv, hf_home, num_processes=1, port=29731):
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port), str(TRAIN_SCRIPT), *argv,
+            str(port), "-m", "ddim_plus.train", *argv,
         ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(hf_home), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -335,7 +327,7 @@ def test_bad_checkpoints_fail_before_training(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Building blocks in ddim_plus.training_utils
+# Building blocks in ddim_plus.training
 # ---------------------------------------------------------------------------------------------------------------
 class EchoUNet(torch.nn.Module):
     """Returns a fixed output whatever the input, so the loss has a closed form."""
@@ -352,7 +344,7 @@ class EchoUNet(torch.nn.Module):
 
 def test_min_snr_weights_closed_forms():
     from ddim_plus import DDIMSchedulerPlus
-    from ddim_plus.training_utils import min_snr_loss_weights
+    from ddim_plus.training.loss import min_snr_loss_weights
 
     abar = DDIMSchedulerPlus().alphas_cumprod
     snr = abar / (1 - abar)
@@ -372,7 +364,7 @@ def test_min_snr_weights_closed_forms():
 
 def test_diffusion_loss_targets_and_weights():
     from ddim_plus import DDIMSchedulerPlus
-    from ddim_plus.training_utils import diffusion_loss
+    from ddim_plus.training.loss import diffusion_loss
 
     scheduler = DDIMSchedulerPlus()
     generator = torch.Generator().manual_seed(0)
@@ -397,7 +389,7 @@ def test_diffusion_loss_targets_and_weights():
 
 
 def test_noise_is_keyed_and_offset_is_per_channel():
-    from ddim_plus.training_utils import sample_noise_and_timesteps, step_generator
+    from ddim_plus.training.loss import sample_noise_and_timesteps, step_generator
 
     clean = torch.zeros(256, 3, 4, 4)
     noise_a, t_a = sample_noise_and_timesteps(clean, 1000, step_generator(0, 7, 1))
@@ -412,7 +404,7 @@ def test_noise_is_keyed_and_offset_is_per_channel():
 
 
 def test_checkpoint_resolution_rotation_and_publishing(tmp_path):
-    from ddim_plus.training_utils import (
+    from ddim_plus.training.checkpoints import (
         list_checkpoints,
         publish_directory,
         resolve_checkpoint,
@@ -551,7 +543,7 @@ def test_resuming_another_run_or_a_finished_one_is_refused(reference_run, workdi
     expect_error_without_output(
         [*argv, *resume, "--learning_rate", "3e-4", "--seed", "1"],
         output_dir,
-        r"other settings \(--seed: checkpoint 0, now 1; --learning_rate: checkpoint 0.001, now 0.0003\)",
+        r"other settings \(`--seed`: checkpoint 0, now 1; `--learning_rate`: checkpoint 0.001, now 0.0003\)",
     )
     # The same run, but checkpoint-6 is at the end of a 6-step run.
     expect_error_without_output([*argv, *resume, "--max_train_steps", "6"], output_dir, "at step 6, at or past")
@@ -564,7 +556,7 @@ def test_resuming_another_run_or_a_finished_one_is_refused(reference_run, workdi
 
 
 def test_check_resume_warns_about_a_new_length_and_an_unrecorded_checkpoint(tmp_path):
-    from ddim_plus.training_utils import check_resume
+    from ddim_plus.training.checkpoints import check_resume
 
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
@@ -573,7 +565,7 @@ def test_check_resume_warns_about_a_new_length_and_an_unrecorded_checkpoint(tmp_
     (checkpoint / "training_run.json").write_text(json.dumps(record))
     assert check_resume(str(checkpoint), record) is None
     warning = check_resume(str(checkpoint), dict(record, max_train_steps=20))
-    assert "`--max_train_steps` changed from 10 to 20" in warning and "learning-rate schedule is rebuilt" in warning
+    assert "`max_train_steps` changed from 10 to 20" in warning and "learning-rate schedule is rebuilt" in warning
 
 
 def test_a_user_mistake_prints_the_message_not_a_traceback(tmp_path, monkeypatch):
