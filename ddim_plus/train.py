@@ -39,15 +39,15 @@ from tqdm.auto import tqdm
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus, ddim_math
 from ddim_plus.evaluation.sampling import generate_images
-from ddim_plus.model_card import make_model_card
+from ddim_plus.hub import HubPublisher, make_model_card
 from ddim_plus.training.checkpoints import (
+    HUB_IGNORE_PATTERNS,
     STAGING_PREFIX,
     check_checkpoint_compatible,
     check_resume,
     checkpoint_step,
     find_run_outputs,
     publish_directory,
-    push_to_hub,
     remove_run_outputs,
     resolve_checkpoint,
     save_checkpoint,
@@ -72,6 +72,8 @@ SAMPLING_CONFIG_REASON = (
     "grows, reaching the DDPM sampler's quality, and 50 steps are within the spread of 1000 (clipping on or off, "
     "leading or trailing spacing: no difference beyond the spread)."
 )
+# What the model-index names as the data the digits scores were measured on (not a Hub dataset: no `datasets:`).
+DIGITS_EVAL_DATASET = ("digits", "8x8 handwritten digits (UCI, bundled with ddim_plus)")
 # Each sample is drawn at least this many pixels wide in the saved grids, so 8x8 digits stay readable.
 GRID_TILE_PIXELS = 64
 # Samples shown in each final grid; only data with a quality metric (the bundled digits) needs more.
@@ -188,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume_from_checkpoint", default=None, help="'latest', a checkpoint folder, or its name in output_dir")
     add("--logger", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="experiment tracker")
     add("--logging_dir", default="logs", help="tracker folder, inside output_dir")
+    add(
+        "--save_model_epochs",
+        type=int,
+        default=None,
+        help="also export the EMA pipeline into output_dir every this many epochs (with --push_to_hub: and upload it)",
+    )
     add("--push_to_hub", action="store_true", help="upload the pipeline and model card (no checkpoints or logs)")
     add("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name)")
     add("--hub_private_repo", action="store_true", help="create the Hub repo private")
@@ -236,7 +244,7 @@ def validate_args(args: argparse.Namespace) -> None:
     ):  # fmt: skip
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
-    for name in ("max_train_steps", "checkpoints_total_limit", "save_images_steps"):
+    for name in ("max_train_steps", "checkpoints_total_limit", "save_images_steps", "save_model_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1 (or left out), got {getattr(args, name)}.")
     for name in ("learning_rate", "checkpointing_steps", "num_eval_samples", "ema_inv_gamma", "ema_power"):
@@ -562,6 +570,11 @@ def main(argv=None) -> str:
             "most of the run trains below the peak learning rate. Shorten the warm-up or train longer."
         )
 
+    publisher = None
+    if args.push_to_hub and accelerator.is_main_process:
+        # Before anything is trained or written: a bad token or a missing permission fails here.
+        publisher = start_publishing(args)
+
     # Nothing has been written so far; from here on the run owns output_dir.
     if args.overwrite_output_dir and accelerator.is_main_process:
         removed = remove_run_outputs(args.output_dir, args.logging_dir)
@@ -689,6 +702,12 @@ def main(argv=None) -> str:
                         tracker.writer.add_images("samples", images, global_step, dataformats="NHWC")
             if global_step >= max_train_steps:
                 break
+        last_epoch = global_step >= max_train_steps  # its pipeline is the final one, written below
+        if args.save_model_epochs and (epoch + 1) % args.save_model_epochs == 0 and not last_epoch:
+            if accelerator.is_main_process:
+                card = model_card(args, sampling_scheduler, len(train_dataset), total_batch_size, global_step)
+                unwrapped = accelerator.unwrap_model(unet)
+                export_pipeline(args, unwrapped, ema_model, sampling_scheduler, card, publisher, f"Epoch {epoch + 1}")
     progress_bar.close()
     training_seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
@@ -709,6 +728,7 @@ def main(argv=None) -> str:
             total_batch_size,
             global_step,
             len(train_dataset),
+            publisher,
         )
         logger.info(f"Trained {global_step} steps in {training_seconds:.1f} s; outputs in {args.output_dir}")
     accelerator.wait_for_everyone()
@@ -716,18 +736,72 @@ def main(argv=None) -> str:
     return args.output_dir
 
 
-def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_size, global_step, num_images) -> None:
-    """Write the EMA pipeline, sample grids, scores and model card atomically into `output_dir`; maybe push."""
-    staging_dir = os.path.join(args.output_dir, f"{STAGING_PREFIX}pipeline")
-    if os.path.exists(staging_dir):
-        shutil.rmtree(staging_dir)
+def start_publishing(args: argparse.Namespace) -> HubPublisher:
+    """Create (or reuse) the Hub repo of `--push_to_hub` and return the publisher that uploads to it."""
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    try:
+        return HubPublisher(repo_id, private=args.hub_private_repo, token=args.hub_token)
+    except Exception as error:  # whatever the Hub answered, the run must stop before training, with the fix
+        raise InputError(
+            f"`--push_to_hub`: cannot create or use the Hub repo {repo_id!r} ({type(error).__name__}: {error}). "
+            "Check `--hub_token` (or `hf auth login`), that the token may write to that user or organisation, and "
+            "`--hub_model_id`."
+        ) from error
+
+
+def model_card(args, scheduler, num_images: int, total_batch_size: int, global_step: int, **sections):
+    """The run's model card (`ddim_plus.hub.make_model_card`): data, training configuration, license, and the
+    `sections` given (samples, metrics)."""
+    data = card_data(args, num_images)
+    data_words = data["description"] or f"`{data['hub_dataset_id']}`"
+    description = (
+        f"An unconditional image model trained on {data_words} with ddim_plus's trainer (`ddim_plus.train`), for "
+        "sampling with DDIM (Song, Meng & Ermon, ICLR 2021)."
+    )
+    return make_model_card(
+        args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)),
+        scheduler.config,
+        description=description,
+        dataset_name=data["hub_dataset_id"],
+        training_config=training_config_for_card(args, total_batch_size, global_step, data["settings"]),
+        license=args.license,
+        **sections,
+    )
+
+
+def save_ema_pipeline(unet, ema_model, scheduler, folder: str, card) -> None:
+    """Save the pipeline with the EMA weights into `folder`; `unet` gets its raw weights back for training."""
     if ema_model is not None:
         ema_model.store(unet.parameters())
         ema_model.copy_to(unet.parameters())
-    pipeline = DDIMPlusPipeline(unet=unet, scheduler=scheduler)
-    pipeline.save_pretrained(staging_dir)
+    DDIMPlusPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder, model_card=card)
     if ema_model is not None:
         ema_model.restore(unet.parameters())
+
+
+def export_pipeline(args, unet, ema_model, scheduler, card, publisher, commit_message: str) -> None:
+    """`--save_model_epochs`: the EMA pipeline into `output_dir` (atomically), and with `--push_to_hub` a copy of it
+    uploaded in the background while training goes on."""
+    staging_dir = os.path.join(args.output_dir, f"{STAGING_PREFIX}pipeline")
+    if os.path.exists(staging_dir):
+        shutil.rmtree(staging_dir)
+    save_ema_pipeline(unet, ema_model, scheduler, staging_dir, card)
+    if publisher is not None:
+        publisher.upload_snapshot(
+            lambda folder: shutil.copytree(staging_dir, folder, dirs_exist_ok=True), commit_message
+        )
+    publish_directory(staging_dir, args.output_dir)
+
+
+def write_outputs(
+    args, accelerator, unet, ema_model, scheduler, total_batch_size, global_step, num_images, publisher=None
+) -> None:
+    """Write the EMA pipeline, sample grids, scores and model card atomically into `output_dir`; with `publisher`
+    (`--push_to_hub`), upload it once the background uploads are done."""
+    staging_dir = os.path.join(args.output_dir, f"{STAGING_PREFIX}pipeline")
+    if os.path.exists(staging_dir):
+        shutil.rmtree(staging_dir)
+    os.makedirs(staging_dir)
 
     is_digits = args.train_data_dir is None and args.dataset_name == DIGITS_DATASET_NAME
     if is_digits:
@@ -781,14 +855,17 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
     with open(os.path.join(staging_dir, "metrics.json"), "w", encoding="utf-8") as file:
         json.dump(metrics, file, indent=2)
 
-    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    data = card_data(args, num_images)
-    card = make_model_card(
-        repo_id,
-        data["hub_dataset_id"],
-        training_config_for_card(args, total_batch_size, global_step, data["settings"]),
+    fd_columns = [key for key in metrics[0] if key.startswith("FD [")] if metrics and is_digits else []
+    card = model_card(
+        args,
+        scheduler,
+        num_images,
+        total_batch_size,
+        global_step,
         sample_images=sample_images,
         metrics=metrics,
+        metric_columns=["recognisable fraction", "class balance", *fd_columns] if is_digits else [],
+        metrics_dataset=DIGITS_EVAL_DATASET if is_digits else None,
         metrics_description=(
             f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing. Recognisable fraction: share "
             "of samples a digits classifier trained on the bundled data (`ddim_plus.evaluation.digits`) labels with "
@@ -798,10 +875,8 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
             if is_digits
             else f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing."
         ),
-        dataset_description=data["description"],
-        license=args.license,
     )
-    card.save(os.path.join(staging_dir, "README.md"))
+    save_ema_pipeline(unet, ema_model, scheduler, staging_dir, card)
     # Grids of an earlier run (other step counts, or the old `samples.png`) would otherwise stay and be pushed.
     for name in os.listdir(args.output_dir):
         if fnmatch.fnmatch(name, "samples*.png") and name not in sample_images:
@@ -813,9 +888,9 @@ def write_outputs(args, accelerator, unet, ema_model, scheduler, total_batch_siz
         f"Samples: {', '.join(os.path.join(args.output_dir, name) for name in sample_images)}\n"
         f"Model card: {os.path.join(args.output_dir, 'README.md')}"
     )
-    if args.push_to_hub:
-        pushed = push_to_hub(args.output_dir, repo_id, private=args.hub_private_repo, token=args.hub_token)
-        accelerator.print(f"Pushed to https://huggingface.co/{pushed}")
+    if publisher is not None:
+        commit = publisher.finish(args.output_dir, "Upload DDIM pipeline trained with ddim_plus", HUB_IGNORE_PATTERNS)
+        accelerator.print(f"Pushed to https://huggingface.co/{publisher.repo_id} ({commit})")
 
 
 def cli(argv=None) -> None:

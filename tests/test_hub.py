@@ -251,3 +251,66 @@ def test_publisher_creates_the_repo_first_uploads_in_the_background_and_waits_be
     assert uploads[0]["files"] == uploads[1]["files"] == ["model_index.json"] == uploads[2]["files"]
     assert not any(os.path.exists(folder) for folder in snapshots)
     assert str(commit) == "https://huggingface.co/someone/digits-ddim/commit/3"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer's Hub flow (`--push_to_hub`), in-process so that the recorded Hub stands in for the real one
+# ----------------------------------------------------------------------------------------------------------------
+SECRET = "hf_secret_marker"
+
+
+def tiny_run_args(tmp_path, *extra):
+    import numpy as np
+    from PIL import Image
+
+    data_dir = tmp_path / "images"
+    data_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(8):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(data_dir / f"image_{index}.png")
+    make_tiny_unet(channels=1, sample_size=8).save_config(tmp_path / "tiny_unet")
+    return [
+        "--output_dir", str(tmp_path / "run"), "--train_data_dir", str(data_dir), "--resolution", "8",
+        "--model_config_name_or_path", str(tmp_path / "tiny_unet"), "--train_batch_size", "4", "--num_epochs", "3",
+        "--lr_warmup_steps", "1", "--eval_inference_steps", "2", "--ddim_num_inference_steps", "2",
+        "--num_eval_samples", "4", "--logger", "none", "--push_to_hub", "--hub_model_id", "me/tiny-ddim",
+        "--hub_private_repo", "--hub_token", SECRET, *extra,
+    ]  # fmt: skip
+
+
+def test_trainer_creates_the_repo_first_uploads_each_export_in_the_background_and_waits_before_the_final_upload(
+    tmp_path, recorded_hub, offline_hf_home
+):
+    from ddim_plus import train
+
+    # 8 images in batches of 4: 2 steps an epoch; exports after epochs 1 and 2, the final pipeline after epoch 3
+    train.main(tiny_run_args(tmp_path, "--save_model_epochs", "1", "--checkpointing_steps", "4"))
+    assert recorded_hub.names() == ["create_repo", "upload_folder", "upload_folder", "wait", "wait", "upload_folder"]
+    (create,) = recorded_hub.get("create_repo")
+    assert create == dict(repo_id="me/tiny-ddim", private=True, token=SECRET, exist_ok=True, repo_type="model")
+    epoch_1, epoch_2, final = recorded_hub.get("upload_folder")
+    assert [epoch_1["commit_message"], epoch_2["commit_message"]] == ["Epoch 1", "Epoch 2"]
+    assert [u["run_as_future"] for u in (epoch_1, epoch_2, final)] == [True, True, False]
+    assert all(u["token"] == SECRET and u["repo_id"] == "me/tiny-ddim" for u in (epoch_1, epoch_2, final))
+    # each export was intact when its upload ran, and is gone after it
+    assert epoch_1["files"] == epoch_2["files"] == PIPELINE_FILES
+    assert not os.path.exists(epoch_1["folder_path"]) and not os.path.exists(epoch_2["folder_path"])
+    # the final upload: the output folder without checkpoints, logs or staging folders
+    output_dir = tmp_path / "run"
+    assert final["folder_path"] == str(output_dir) and (output_dir / "checkpoint-4").is_dir()
+    assert final["files"] == sorted([*PIPELINE_FILES, "metrics.json", "samples_2steps.png"])
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.tags == TAGS and card.data.datasets is None  # local data: named in words only
+    assert "a folder of 8 images" in card.text and "## Training configuration" in card.text
+    assert [path for path in output_dir.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()] == []
+
+
+def test_trainer_with_a_bad_token_stops_before_training(tmp_path, recorded_hub, offline_hf_home):
+    from ddim_plus import train
+
+    recorded_hub.create_repo_error = PermissionError("401 Client Error: Unauthorized")
+    with pytest.raises(train.InputError, match=r"`--push_to_hub`: cannot create or use the Hub repo 'me/tiny-ddim'.*"
+                       r"401.*`--hub_token`"):  # fmt: skip
+        train.main(tiny_run_args(tmp_path))
+    assert recorded_hub.names() == ["create_repo"]
+    assert not (tmp_path / "run").exists()

@@ -221,6 +221,11 @@ def test_short_digits_run_learns_and_loads(workdir):
     (fd_key,) = [key for key in metrics[0] if key.startswith("FD [")]
     assert "digits" in fd_key and 0 < metrics[0][fd_key] < float("inf")
     assert fd_key in card.text
+    # the bundled digits are no Hub dataset: not in `datasets:`; their scores are the card's model-index
+    assert card.data.datasets is None
+    scores = {(r.metric_type, r.metric_value) for r in card.data.eval_results}
+    assert ("recognisable_fraction", metrics[0]["recognisable fraction"]) in scores
+    assert any(value == metrics[0][fd_key] for _, value in scores)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,14 +6,14 @@ import json
 import os
 import re
 import shutil
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Folders being written are named like this; `latest` and the Hub upload never see them.
 STAGING_PREFIX = ".staging-"
 LOGS_DIRNAME = "logs"
-# What `push_to_hub` leaves out: training state, logs and unfinished writes.
+# What the trainer's Hub upload leaves out: training state, logs and unfinished writes.
 HUB_IGNORE_PATTERNS = (
     f"{CHECKPOINT_PREFIX}*",
     f"{CHECKPOINT_PREFIX}*/**",
@@ -257,38 +257,3 @@ def publish_directory(staging_dir: str, output_dir: str, commit_file: str = "mod
         else:
             os.replace(os.path.join(staging_dir, name), target)
     shutil.rmtree(staging_dir)
-
-
-def push_to_hub(
-    output_dir: str,
-    repo_id: str,
-    private: bool = False,
-    token: Optional[str] = None,
-    commit_message: str = "Upload DDIM pipeline trained with ddim_plus",
-    ignore_patterns: Sequence[str] = HUB_IGNORE_PATTERNS,
-) -> str:
-    """Create (or reuse) the model repo `repo_id` and upload `output_dir` without checkpoints and logs.
-
-    Args:
-        output_dir (`str`): the trained pipeline, its samples and `README.md`.
-        repo_id (`str`): `name` or `user/name`.
-        private (`bool`, defaults to `False`): create the repo private (an existing repo keeps its visibility).
-        token (`str`, *optional*): a Hub token; the logged-in one otherwise.
-        commit_message (`str`): the commit's message.
-        ignore_patterns (`Sequence[str]`): what stays local (defaults to checkpoints, logs and unfinished writes).
-
-    Returns:
-        `str`: the repo id the Hub resolved (with the user or organisation).
-    """
-    from huggingface_hub import create_repo, upload_folder
-
-    resolved_id = create_repo(repo_id, private=private, token=token, exist_ok=True, repo_type="model").repo_id
-    upload_folder(
-        repo_id=resolved_id,
-        folder_path=output_dir,
-        commit_message=commit_message,
-        ignore_patterns=list(ignore_patterns),
-        token=token,
-        repo_type="model",
-    )
-    return resolved_id
