@@ -4,7 +4,8 @@
     python -m ddim_plus.train                                             # the same, one process, no launcher
     accelerate launch training/train.py ...                               # the same from a checkout
     accelerate launch -m ddim_plus.train --dataset_name huggan/flowers-102-categories --resolution 64 \\
-        --model_config_name_or_path my_unet_config.json --output_dir flowers
+        --output_dir flowers                                              # with train_unconditional's UNet
+    accelerate launch -m ddim_plus.train --pretrained_model_name_or_path google/ddpm-cifar10-32 ...   # fine-tune
     accelerate launch --multi_gpu --num_processes 2 -m ddim_plus.train ...        # several processes (GPUs or CPU)
     accelerate launch -m ddim_plus.train ... --resume_from_checkpoint latest        # continue, bit-exact on CPU
 
@@ -16,6 +17,7 @@ Flags follow diffusers' `examples/unconditional_image_generation/train_unconditi
 import argparse
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
@@ -25,15 +27,17 @@ import re
 import shutil
 import sys
 import time
+from datetime import timedelta
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.utils import make_image_grid
+from diffusers.utils.import_utils import is_xformers_available
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
@@ -86,6 +90,7 @@ RUN_FLAGS = (
     "rescale_betas_zero_snr", "snr_gamma", "noise_offset", "seed", "train_batch_size", "gradient_accumulation_steps",
     "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "max_grad_norm", "use_ema", "ema_inv_gamma", "ema_power", "ema_max_decay",
+    "pretrained_model_name_or_path", "revision", "variant",
 )  # fmt: skip
 
 
@@ -110,9 +115,16 @@ def input_errors():
         raise InputError(as_flags(str(error))) from error
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` with each flag's default (an unset default is said in the help's words, not as `None`)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (diffusers' train_unconditional flag names, plus DDIM sampling and the digits defaults)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     # Data
     add("--dataset_name", default=DIGITS_DATASET_NAME, help="'digits' (bundled, offline), a Hub id or a local path")
@@ -130,7 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--random_flip", action="store_true", help="flip images left-right at random (not for digits!)")
     add("--dataloader_num_workers", type=int, default=0, help="data-loading subprocesses (0: in the main one)")
     # Model and diffusion
-    add("--model_config_name_or_path", default=None, help="UNet2DModel config (default: a small UNet for the data)")
+    add(
+        "--model_config_name_or_path",
+        default=None,
+        help="UNet2DModel config (default: a small UNet below 32 pixels, train_unconditional's UNet from 32)",
+    )
+    add(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="fine-tune the UNet of this DDPM/DDIM pipeline (folder or Hub id), keeping its noise schedule",
+    )
+    add("--revision", default=None, help="Hub revision of --pretrained_model_name_or_path")
+    add("--variant", default=None, help="weights variant of --pretrained_model_name_or_path, e.g. fp16")
+    add(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="use xformers' attention if installed; without it PyTorch's scaled_dot_product_attention (diffusers' "
+        "default) is already memory-efficient",
+    )
     add("--prediction_type", default="epsilon", choices=ddim_math.PREDICTION_TYPES, help="what the UNet predicts")
     add("--ddpm_num_steps", type=int, default=1000, help="diffusion steps T of the training noise schedule")
     add("--ddpm_beta_schedule", default="linear", choices=ddim_math.BETA_SCHEDULES, help="betas of the noise schedule")
@@ -138,7 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--snr_gamma", type=float, default=None, help="min-SNR loss weighting with this gamma (5.0 is usual)")
     add("--noise_offset", type=float, default=0.0, help="scale of the per-channel offset added to the noise")
     # Sampling with DDIM
-    add("--ddim_num_inference_steps", type=int, default=50, help="DDIM steps of the grids drawn during training")
+    add(
+        "--ddim_num_inference_steps",
+        "--ddpm_num_inference_steps",
+        type=int,
+        default=50,
+        help="DDIM steps of the grids drawn during training (--ddpm_num_inference_steps: train_unconditional's name)",
+    )
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta of the samples (0: deterministic DDIM)")
     add(
         "--clip_sample",
@@ -160,7 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help=f"samples drawn and scored per final grid on digits; other data, unscored, draws at most {GRID_SAMPLES}",
     )
+    add(
+        "--save_images_epochs",
+        type=int,
+        default=10,
+        help="sample a grid to samples/ and the trackers every this many epochs, and after the last (0: never)",
+    )
     add("--save_images_steps", type=int, default=None, help="also sample a grid every this many optimiser steps")
+    add(
+        "--save_model_epochs",
+        type=int,
+        default=10,
+        help="export the pipeline (EMA weights) to output_dir every this many epochs (0: only at the end)",
+    )
     add("--eval_batch_size", type=int, default=64, help="samples per grid drawn during training")
     # Optimisation
     add("--output_dir", default="ddim-plus-digits", help="where the pipeline, checkpoints and logs go")
@@ -188,19 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpointing_steps", type=int, default=500, help="save a checkpoint every this many optimiser steps")
     add("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
     add("--resume_from_checkpoint", default=None, help="'latest', a checkpoint folder, or its name in output_dir")
-    add("--logger", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="experiment tracker")
-    add("--logging_dir", default="logs", help="tracker folder, inside output_dir")
     add(
-        "--save_model_epochs",
-        type=int,
-        default=None,
-        help="also export the EMA pipeline into output_dir every this many epochs (with --push_to_hub: and upload it)",
+        "--report_to",
+        "--logger",
+        default="tensorboard",
+        choices=["tensorboard", "wandb", "none"],
+        help="experiment tracker (--logger: train_unconditional's name)",
     )
+    add("--tracker_project_name", default="ddim_plus", help="project (run group) name given to the tracker")
+    add("--logging_dir", default="logs", help="tracker folder, inside output_dir")
     add("--push_to_hub", action="store_true", help="upload the pipeline and model card (no checkpoints or logs)")
     add("--hub_model_id", default=None, help="Hub repo id (default: the output folder's name)")
     add("--hub_private_repo", action="store_true", help="create the Hub repo private")
     add("--hub_token", default=None, help="Hub token (default: the logged-in one); never written to disk")
     add("--license", default="apache-2.0", help="license in the model card")
+    add(
+        "--nccl_timeout",
+        type=int,
+        default=7200,
+        help="seconds a process waits for the others (e.g. while the main process samples) before the run fails",
+    )
     add("--debug_log", action="store_true", help="write per-process sample indices, loss and LR to *.debug.jsonl")
     return parser
 
@@ -244,10 +298,17 @@ def validate_args(args: argparse.Namespace) -> None:
     ):  # fmt: skip
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
-    for name in ("max_train_steps", "checkpoints_total_limit", "save_images_steps", "save_model_epochs"):
+    for name in ("max_train_steps", "checkpoints_total_limit", "save_images_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be >= 1 (or left out), got {getattr(args, name)}.")
-    for name in ("learning_rate", "checkpointing_steps", "num_eval_samples", "ema_inv_gamma", "ema_power"):
+    for name in (
+        "learning_rate",
+        "checkpointing_steps",
+        "num_eval_samples",
+        "ema_inv_gamma",
+        "ema_power",
+        "nccl_timeout",
+    ):
         check_positive(name, getattr(args, name))
     check_positive("adam_epsilon", args.adam_epsilon)
     check_positive("snr_gamma", args.snr_gamma, allow_none=True)
@@ -258,11 +319,16 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--ema_max_decay` must be in (0, 1], got {args.ema_max_decay}; 0.9999 is usual.")
     if args.ddim_eta < 0:
         raise ValueError(f"`--ddim_eta` must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {args.ddim_eta}.")
-    if args.hub_token is not None and args.logger == "wandb":
+    if args.hub_token is not None and args.report_to == "wandb":
         # As diffusers' examples: wandb uploads the run's config, and with it the token.
         raise ValueError(
-            "`--hub_token` cannot be used with `--logger wandb`: the token would be uploaded with the run's config. "
-            "Log in with `hf auth login` instead and leave out `--hub_token`."
+            "`--hub_token` cannot be used with `--report_to wandb`: the token would be uploaded with the run's "
+            "config. Log in with `hf auth login` instead and leave out `--hub_token`."
+        )
+    if args.pretrained_model_name_or_path is not None and args.model_config_name_or_path is not None:
+        raise ValueError(
+            "Both `--pretrained_model_name_or_path` (a model to fine-tune) and `--model_config_name_or_path` (a new "
+            "model) were given; pass only one."
         )
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         raise ValueError(
@@ -275,7 +341,10 @@ def validate_args(args: argparse.Namespace) -> None:
                 f"DDIM steps must be between 1 and `--ddpm_num_steps`={args.ddpm_num_steps}, got {steps} "
                 "(`--ddim_num_inference_steps` / `--eval_inference_steps`)."
             )
-    for name in ("noise_offset", "lr_warmup_steps", "max_grad_norm", "adam_weight_decay", "dataloader_num_workers"):
+    for name in (
+        "noise_offset", "lr_warmup_steps", "max_grad_norm", "adam_weight_decay", "dataloader_num_workers",
+        "save_images_epochs", "save_model_epochs",
+    ):  # fmt: skip
         if getattr(args, name) < 0:
             raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
     if args.train_data_dir is not None and args.dataset_name not in (None, DIGITS_DATASET_NAME):
@@ -303,27 +372,68 @@ def default_unet_config(resolution: int, num_channels: int) -> dict:
     }
 
 
+def anchor_unet_config(resolution: int, num_channels: int) -> dict:
+    """train_unconditional's UNet: 6 levels of 128/128/256/256/512/512 channels, attention at the fifth (~114M
+    parameters for RGB), for images of 32 pixels and more."""
+    return {
+        "sample_size": resolution,
+        "in_channels": num_channels,
+        "out_channels": num_channels,
+        "layers_per_block": 2,
+        "block_out_channels": (128, 128, 256, 256, 512, 512),
+        "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    }
+
+
 def build_unet_config(args: argparse.Namespace, num_channels: int) -> dict:
-    """The UNet's config: `--model_config_name_or_path` or the default, sized to the data's resolution/channels."""
-    if args.model_config_name_or_path is None:
-        config = default_unet_config(args.resolution, num_channels)
-    else:
+    """The UNet's config, sized to the data's resolution and channels: `--pretrained_model_name_or_path`'s,
+    `--model_config_name_or_path`, or the default (`default_unet_config` below 32 pixels, `anchor_unet_config` from
+    32)."""
+    if args.pretrained_model_name_or_path is not None:
+        config = dict(
+            UNet2DModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision)
+        )
+        if config["in_channels"] != num_channels:
+            raise ValueError(
+                f"The UNet of `--pretrained_model_name_or_path`={args.pretrained_model_name_or_path!r} takes "
+                f"{config['in_channels']} channels, the training images have {num_channels}; fine-tune it on "
+                f"{'grayscale' if config['in_channels'] == 1 else 'RGB'} images."
+            )
+        config.update(sample_size=args.resolution)
+    elif args.model_config_name_or_path is not None:
         config = dict(UNet2DModel.load_config(args.model_config_name_or_path))
         config.update(sample_size=args.resolution, in_channels=num_channels, out_channels=num_channels)
+    elif args.resolution < 32:
+        config = default_unet_config(args.resolution, num_channels)
+    else:
+        config = anchor_unet_config(args.resolution, num_channels)
     check_resolution(args.resolution, config)
-    return dict(UNet2DModel.from_config(config).config)
+    # Built on the meta device only to fill in the defaults: no memory, no time, even for train_unconditional's UNet.
+    with torch.device("meta"):
+        return dict(UNet2DModel.from_config(config).config)
 
 
 def build_noise_scheduler(args: argparse.Namespace) -> DDIMSchedulerPlus:
-    """The training noise schedule (also the sampler, with `--timestep_spacing`); raises on settings it rejects."""
-    scheduler = DDIMSchedulerPlus(
-        num_train_timesteps=args.ddpm_num_steps,
-        beta_schedule=args.ddpm_beta_schedule,
-        prediction_type=args.prediction_type,
-        timestep_spacing=args.timestep_spacing,
-        rescale_betas_zero_snr=args.rescale_betas_zero_snr,
-        clip_sample=args.clip_sample,
-    )
+    """The training noise schedule (also the sampler, with `--timestep_spacing` and `--clip_sample`): the flags', or
+    with `--pretrained_model_name_or_path` the pretrained pipeline's (its betas, T and prediction type); raises on
+    settings it rejects."""
+    if args.pretrained_model_name_or_path is None:
+        scheduler = DDIMSchedulerPlus(
+            num_train_timesteps=args.ddpm_num_steps,
+            beta_schedule=args.ddpm_beta_schedule,
+            prediction_type=args.prediction_type,
+            timestep_spacing=args.timestep_spacing,
+            rescale_betas_zero_snr=args.rescale_betas_zero_snr,
+            clip_sample=args.clip_sample,
+        )
+    else:
+        config = DDIMSchedulerPlus.load_config(
+            args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
+        )
+        scheduler = DDIMSchedulerPlus.from_config(
+            config, timestep_spacing=args.timestep_spacing, clip_sample=args.clip_sample
+        )
     sampler = DDIMSchedulerPlus.from_config(scheduler.config)
     for steps in dict.fromkeys([args.ddim_num_inference_steps, *args.eval_inference_steps]):
         try:
@@ -341,6 +451,23 @@ def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
         folder or `None`).
     """
     noise_scheduler = build_noise_scheduler(args)
+    if args.pretrained_model_name_or_path is not None:
+        # The flags of the noise schedule take the pretrained model's values, so that the loss, the checkpoints'
+        # record of the run and the model card all say what is trained.
+        config = noise_scheduler.config
+        kept = {
+            "ddpm_num_steps": config.num_train_timesteps,
+            "ddpm_beta_schedule": config.beta_schedule,
+            "prediction_type": config.prediction_type,
+            "rescale_betas_zero_snr": config.rescale_betas_zero_snr,
+        }
+        replaced = [f"--{flag} {getattr(args, flag)}" for flag, value in kept.items() if getattr(args, flag) != value]
+        vars(args).update(kept)
+        logger.info(
+            f"Fine-tuning {args.pretrained_model_name_or_path} with its noise schedule: T="
+            f"{config.num_train_timesteps}, {config.beta_schedule} betas {config.beta_start}..{config.beta_end}, "
+            f"prediction_type {config.prediction_type}" + (f" (instead of {', '.join(replaced)})" if replaced else "")
+        )
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint == "latest" and checkpoint is None:
         accelerator.print(f"No checkpoint in {args.output_dir}, starting from scratch.")
@@ -407,10 +534,11 @@ def save_grid(images: np.ndarray, path: str, resolution: int) -> Image.Image:
 
 
 def generate_with_ema(
-    accelerator, unet, ema_model, scheduler, num_samples, num_inference_steps, eta, seed, batch, metric=None
+    accelerator, unet, ema_model, scheduler, num_samples, num_inference_steps, eta, seed, batch, metric=None, desc=None
 ):
     """`generate_images` (image i from seed + i, as `ddim-plus sample`/`evaluate` draw it) with the EMA weights
-    swapped in, then the raw weights put back so training goes on with them."""
+    swapped in, then the raw weights put back so training goes on with them. With `desc`, the pipeline shows a
+    progress bar so described."""
     model = accelerator.unwrap_model(unet)
     if ema_model is not None:
         ema_model.store(model.parameters())
@@ -418,7 +546,7 @@ def generate_with_ema(
     was_training = model.training
     model.eval()
     pipeline = DDIMPlusPipeline(unet=model, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline.set_progress_bar_config(disable=desc is None, desc=desc)
     generated = generate_images(
         pipeline, num_samples, num_inference_steps, eta, seed=seed, batch_size=batch, metric=metric
     )
@@ -426,6 +554,34 @@ def generate_with_ema(
     if ema_model is not None:
         ema_model.restore(model.parameters())
     return generated
+
+
+def log_grid(accelerator, grid: Image.Image, name: str, step: int) -> None:
+    """Send a sample grid to every tracker that takes images, through accelerate's tracker API."""
+    pixels = np.asarray(grid.convert("RGB"))[None]  # one image, NHWC
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: pixels}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({name: pixels}, step=step)
+
+
+def sample_grid(args, accelerator, unet, ema_model, scheduler, name: str, step: int) -> None:
+    """`--eval_batch_size` samples from the EMA weights as a grid, into samples/<name>.png and to the trackers."""
+    images = generate_with_ema(
+        accelerator,
+        unet,
+        ema_model,
+        scheduler,
+        args.eval_batch_size,
+        args.ddim_num_inference_steps,
+        args.ddim_eta,
+        args.seed,
+        args.eval_batch_size,
+    ).images
+    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    grid = save_grid(images, os.path.join(args.output_dir, "samples", f"{name}.png"), args.resolution)
+    log_grid(accelerator, grid, "samples", step)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -506,10 +662,12 @@ def main(argv=None) -> str:
         cpu=launched_without_accelerator_devices(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.logger == "none" else args.logger,
+        log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         # A sampler seeded per epoch is what makes the data order after a resume the same as without one.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # The other processes wait at the next collective while the main process samples, evaluates or saves.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.nccl_timeout))],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     # accelerate reports every file of every checkpoint at INFO; our own line per checkpoint is enough.
@@ -519,7 +677,22 @@ def main(argv=None) -> str:
     set_seed(args.seed)
 
     # Model, EMA, noise schedule, optimiser
-    unet = UNet2DModel.from_config(run["unet_config"])
+    if args.pretrained_model_name_or_path is None:
+        unet = UNet2DModel.from_config(run["unet_config"])
+    else:
+        unet = UNet2DModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
+        )
+        unet.register_to_config(sample_size=args.resolution)
+    logger.info(f"UNet: {sum(p.numel() for p in unet.parameters()):,} parameters")
+    if args.enable_xformers_memory_efficient_attention:
+        if is_xformers_available():
+            unet.enable_xformers_memory_efficient_attention()
+        else:
+            logger.info(
+                "`--enable_xformers_memory_efficient_attention`: xformers is not installed; PyTorch's "
+                "scaled_dot_product_attention, which diffusers uses by default, is already memory-efficient."
+            )
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     ema_model = None
@@ -611,7 +784,7 @@ def main(argv=None) -> str:
             for key, value in vars(args).items()
             if key != "hub_token" and isinstance(value, (int, float, str, bool))
         }
-        accelerator.init_trackers("ddim_plus", config=tracked)
+        accelerator.init_trackers(args.tracker_project_name, config=tracked)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         f"{len(train_dataset)} images, {num_epochs} epochs, {max_train_steps} optimiser steps of {total_batch_size} "
@@ -684,30 +857,31 @@ def main(argv=None) -> str:
                 )
                 logger.info(f"Saved {path}")
             if args.save_images_steps and global_step % args.save_images_steps == 0 and accelerator.is_main_process:
-                images = generate_with_ema(
-                    accelerator,
-                    unet,
-                    ema_model,
-                    sampling_scheduler,
-                    args.eval_batch_size,
-                    args.ddim_num_inference_steps,
-                    args.ddim_eta,
-                    args.seed,
-                    args.eval_batch_size,
-                ).images
-                os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-                save_grid(images, os.path.join(args.output_dir, "samples", f"step-{global_step}.png"), args.resolution)
-                for tracker in accelerator.trackers:
-                    if tracker.name == "tensorboard":
-                        tracker.writer.add_images("samples", images, global_step, dataformats="NHWC")
+                sample_grid(args, accelerator, unet, ema_model, sampling_scheduler, f"step-{global_step}", global_step)
             if global_step >= max_train_steps:
                 break
-        last_epoch = global_step >= max_train_steps  # its pipeline is the final one, written below
-        if args.save_model_epochs and (epoch + 1) % args.save_model_epochs == 0 and not last_epoch:
-            if accelerator.is_main_process:
-                card = model_card(args, sampling_scheduler, len(train_dataset), total_batch_size, global_step)
-                unwrapped = accelerator.unwrap_model(unet)
-                export_pipeline(args, unwrapped, ema_model, sampling_scheduler, card, publisher, f"Epoch {epoch + 1}")
+
+        # The end of an epoch, as in train_unconditional: grids and a pipeline export on the main process only (the
+        # others wait for it at their next collective, for up to `--nccl_timeout`). The final ones follow training.
+        last_epoch = global_step >= max_train_steps
+        if accelerator.is_main_process and args.save_images_epochs and epoch % args.save_images_epochs == 0:
+            sample_grid(args, accelerator, unet, ema_model, sampling_scheduler, f"epoch-{epoch}", global_step)
+        if (
+            accelerator.is_main_process
+            and args.save_model_epochs
+            and epoch % args.save_model_epochs == 0
+            and not last_epoch
+        ):
+            staging_dir = fresh_staging_dir(args.output_dir)
+            card = model_card(args, sampling_scheduler, len(train_dataset), total_batch_size, global_step)
+            export_pipeline(accelerator.unwrap_model(unet), ema_model, sampling_scheduler, staging_dir, card)
+            if publisher is not None:
+                # A copy, uploaded in the background while training goes on; the upload reads it later.
+                publisher.upload_snapshot(
+                    functools.partial(shutil.copytree, staging_dir, dirs_exist_ok=True), f"Epoch {epoch}"
+                )
+            publish_directory(staging_dir, args.output_dir)
+            logger.info(f"Epoch {epoch}: exported the pipeline to {args.output_dir}")
     progress_bar.close()
     training_seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
@@ -769,8 +943,18 @@ def model_card(args, scheduler, num_images: int, total_batch_size: int, global_s
     )
 
 
-def save_ema_pipeline(unet, ema_model, scheduler, folder: str, card) -> None:
-    """Save the pipeline with the EMA weights into `folder`; `unet` gets its raw weights back for training."""
+def fresh_staging_dir(output_dir: str) -> str:
+    """An empty staging folder in `output_dir`, where a pipeline is written before `publish_directory` moves it."""
+    staging_dir = os.path.join(output_dir, f"{STAGING_PREFIX}pipeline")
+    if os.path.exists(staging_dir):
+        shutil.rmtree(staging_dir)
+    os.makedirs(staging_dir)
+    return staging_dir
+
+
+def export_pipeline(unet, ema_model, scheduler, folder: str, card) -> None:
+    """Save the pipeline with the EMA weights (the raw ones without EMA) and its model card `card` into `folder`,
+    then put the raw weights back for training."""
     if ema_model is not None:
         ema_model.store(unet.parameters())
         ema_model.copy_to(unet.parameters())
@@ -779,29 +963,12 @@ def save_ema_pipeline(unet, ema_model, scheduler, folder: str, card) -> None:
         ema_model.restore(unet.parameters())
 
 
-def export_pipeline(args, unet, ema_model, scheduler, card, publisher, commit_message: str) -> None:
-    """`--save_model_epochs`: the EMA pipeline into `output_dir` (atomically), and with `--push_to_hub` a copy of it
-    uploaded in the background while training goes on."""
-    staging_dir = os.path.join(args.output_dir, f"{STAGING_PREFIX}pipeline")
-    if os.path.exists(staging_dir):
-        shutil.rmtree(staging_dir)
-    save_ema_pipeline(unet, ema_model, scheduler, staging_dir, card)
-    if publisher is not None:
-        publisher.upload_snapshot(
-            lambda folder: shutil.copytree(staging_dir, folder, dirs_exist_ok=True), commit_message
-        )
-    publish_directory(staging_dir, args.output_dir)
-
-
 def write_outputs(
     args, accelerator, unet, ema_model, scheduler, total_batch_size, global_step, num_images, publisher=None
 ) -> None:
     """Write the EMA pipeline, sample grids, scores and model card atomically into `output_dir`; with `publisher`
     (`--push_to_hub`), upload it once the background uploads are done."""
-    staging_dir = os.path.join(args.output_dir, f"{STAGING_PREFIX}pipeline")
-    if os.path.exists(staging_dir):
-        shutil.rmtree(staging_dir)
-    os.makedirs(staging_dir)
+    staging_dir = fresh_staging_dir(args.output_dir)
 
     is_digits = args.train_data_dir is None and args.dataset_name == DIGITS_DATASET_NAME
     if is_digits:
@@ -832,11 +999,13 @@ def write_outputs(
             args.seed,
             256,
             metric=digits_metric if is_digits else None,
+            desc=f"Final samples, {num_steps} DDIM steps",
         )
         images = generated.images
         grid_name = f"samples_{num_steps}steps.png"
         # The grids show the first GRID_SAMPLES samples; the scores use all of them.
-        save_grid(images[:GRID_SAMPLES], os.path.join(staging_dir, grid_name), args.resolution)
+        grid = save_grid(images[:GRID_SAMPLES], os.path.join(staging_dir, grid_name), args.resolution)
+        log_grid(accelerator, grid, f"final/samples_{num_steps}steps", global_step)
         sample_images.append(grid_name)
         row = {"DDIM steps": num_steps, "eta": args.ddim_eta, "samples": len(images)}
         if is_digits:
@@ -852,6 +1021,8 @@ def write_outputs(
             )
         metrics.append(row)
         accelerator.print("  " + ", ".join(f"{key}: {value}" for key, value in row.items()))
+        scores = {key: value for key, value in row.items() if isinstance(value, float) and key != "eta"}
+        accelerator.log({f"final/{num_steps}steps/{key}": value for key, value in scores.items()}, step=global_step)
     with open(os.path.join(staging_dir, "metrics.json"), "w", encoding="utf-8") as file:
         json.dump(metrics, file, indent=2)
 
@@ -876,7 +1047,7 @@ def write_outputs(
             else f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing."
         ),
     )
-    save_ema_pipeline(unet, ema_model, scheduler, staging_dir, card)
+    export_pipeline(unet, ema_model, scheduler, staging_dir, card)
     # Grids of an earlier run (other step counts, or the old `samples.png`) would otherwise stay and be pushed.
     for name in os.listdir(args.output_dir):
         if fnmatch.fnmatch(name, "samples*.png") and name not in sample_images:

@@ -283,13 +283,13 @@ def test_trainer_creates_the_repo_first_uploads_each_export_in_the_background_an
 ):
     from ddim_plus import train
 
-    # 8 images in batches of 4: 2 steps an epoch; exports after epochs 1 and 2, the final pipeline after epoch 3
+    # 8 images in batches of 4: 2 steps an epoch; exports after epochs 0 and 1, the final pipeline after epoch 2
     train.main(tiny_run_args(tmp_path, "--save_model_epochs", "1", "--checkpointing_steps", "4"))
     assert recorded_hub.names() == ["create_repo", "upload_folder", "upload_folder", "wait", "wait", "upload_folder"]
     (create,) = recorded_hub.get("create_repo")
     assert create == dict(repo_id="me/tiny-ddim", private=True, token=SECRET, exist_ok=True, repo_type="model")
     epoch_1, epoch_2, final = recorded_hub.get("upload_folder")
-    assert [epoch_1["commit_message"], epoch_2["commit_message"]] == ["Epoch 1", "Epoch 2"]
+    assert [epoch_1["commit_message"], epoch_2["commit_message"]] == ["Epoch 0", "Epoch 1"]
     assert [u["run_as_future"] for u in (epoch_1, epoch_2, final)] == [True, True, False]
     assert all(u["token"] == SECRET and u["repo_id"] == "me/tiny-ddim" for u in (epoch_1, epoch_2, final))
     # each export was intact when its upload ran, and is gone after it
@@ -298,7 +298,8 @@ def test_trainer_creates_the_repo_first_uploads_each_export_in_the_background_an
     # the final upload: the output folder without checkpoints, logs or staging folders
     output_dir = tmp_path / "run"
     assert final["folder_path"] == str(output_dir) and (output_dir / "checkpoint-4").is_dir()
-    assert final["files"] == sorted([*PIPELINE_FILES, "metrics.json", "samples_2steps.png"])
+    grids = ["samples/epoch-0.png", "samples_2steps.png"]  # --save_images_epochs 10: epoch 0's grid, and the final
+    assert final["files"] == sorted([*PIPELINE_FILES, "metrics.json", *grids])
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.tags == TAGS and card.data.datasets is None  # local data: named in words only
     assert "a folder of 8 images" in card.text and "## Training configuration" in card.text

@@ -7,6 +7,7 @@ they must fail before anything is trained or written.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,22 @@ def run_train(argv, hf_home, num_processes=1, port=29731):
     result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(hf_home), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
+
+
+def read_tensorboard(logging_dir):
+    """The scalars and images of every tensorboard event file under `logging_dir`, as {tag: [(step, value)]} (an
+    image's value is its encoded size)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = {}, {}
+    for path in Path(logging_dir).rglob("events.out.tfevents.*"):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((event.step, event.value) for event in events.Scalars(tag))
+        for tag in events.Tags()["images"]:
+            images.setdefault(tag, []).extend((event.step, event.width) for event in events.Images(tag))
+    return scalars, images
 
 
 def read_debug_log(output_dir, process=0):
@@ -200,8 +217,30 @@ def test_short_digits_run_learns_and_loads(workdir):
     steps, _ = read_debug_log(output_dir)
     losses = [record["loss"] for record in steps]
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
-    assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
-    assert sorted(p.name for p in (output_dir / "samples").iterdir()) == ["step-20.png", "step-40.png"]
+    # Grids every --save_images_steps and every --save_images_epochs (10: here only after epoch 0, as 40 steps of 32
+    # of the 1,797 digits are less than one epoch).
+    assert sorted(p.name for p in (output_dir / "samples").iterdir()) == ["epoch-0.png", "step-20.png", "step-40.png"]
+    scalars, images = read_tensorboard(output_dir / "logs")
+    assert {"loss", "lr", "ema_decay"} <= scalars.keys() and len(scalars["loss"]) == 40
+    assert images.keys() == {"samples", "final/samples_5steps"} and [step for step, _ in images["samples"]] == [
+        20,
+        40,
+        40,
+    ]
+    # The final scores reach the tracker, equal to those in metrics.json.
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    fd_key = next(key for key in metrics[0] if key.startswith("FD ["))
+    for key in ("recognisable fraction", "class balance", fd_key):
+        assert scalars[f"final/5steps/{key}"] == [(40, pytest.approx(metrics[0][key], rel=1e-6))]
+    # ... and the FD is the one `ddim-plus evaluate` gives for the saved pipeline with the same seeds and count.
+    from ddim_plus.cli import main as cli_main
+
+    evaluated = workdir / "short_demo_evaluate.json"
+    argv = ["evaluate", str(output_dir), "--steps", "5", "--eta", "0", "--num", "16", "--seed", "0"]
+    assert cli_main([*argv, "--batch-size", "256", "--out", str(evaluated), "--quiet"]) == 0
+    (result,) = json.loads(evaluated.read_text())
+    assert fd_key == f"FD [{result['features']}]"
+    assert metrics[0][fd_key] == round(result["frechet_distance"], 4)
 
     pipeline = DiffusionPipeline.from_pretrained(output_dir)
     assert isinstance(pipeline, ddim_plus.DDIMPlusPipeline)
@@ -254,8 +293,8 @@ def expect_error_without_output(argv, output_dir, match):
         (["--adam_beta2", "1"], "`--adam_beta2` must be in \\[0, 1\\)"),
         (["--dataloader_num_workers", "-1"], "`--dataloader_num_workers` must be >= 0"),
         (
-            ["--hub_token", "hf_x", "--logger", "wandb"],
-            "`--hub_token` cannot be used with `--logger wandb`.*hf auth login",
+            ["--hub_token", "hf_x", "--logger", "wandb"],  # train_unconditional's name for --report_to
+            "`--hub_token` cannot be used with `--report_to wandb`.*hf auth login",
         ),
         (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "pass only one of them"),
     ],
@@ -584,3 +623,121 @@ def test_a_user_mistake_prints_the_message_not_a_traceback(tmp_path, monkeypatch
     assert isinstance(exit_info.value.code, str)
     assert exit_info.value.code.startswith("train.py: error: `--train_data_dir`=")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers users' habits: the anchor's flags, fine-tuning, --help, the documented flag table
+# ---------------------------------------------------------------------------------------------------------------
+def test_the_anchor_command_parses_with_the_anchors_meaning_and_unet():
+    # train_unconditional's README command and the flags its scripts pass.
+    args = train.parse_args(
+        [
+            "--dataset_name", "huggan/flowers-102-categories", "--resolution", "64", "--center_crop", "--random_flip",
+            "--output_dir", "ddpm-ema-flowers-64", "--train_batch_size", "16", "--num_epochs", "100",
+            "--gradient_accumulation_steps", "1", "--use_ema", "--learning_rate", "1e-4", "--lr_warmup_steps", "500",
+            "--mixed_precision", "no", "--ddpm_num_inference_steps", "100", "--save_images_epochs", "5",
+            "--save_model_epochs", "5", "--preserve_input_precision", "--enable_xformers_memory_efficient_attention",
+            "--logger", "wandb",
+        ]
+    )  # fmt: skip
+    assert args.ddim_num_inference_steps == 100 and args.report_to == "wandb"
+    assert (args.save_images_epochs, args.save_model_epochs) == (5, 5)
+    train.validate_args(args)
+    # Without --model_config_name_or_path, 64 pixels get train_unconditional's UNet (its source's values).
+    config = train.build_unet_config(args, 3)
+    assert config["block_out_channels"] == (128, 128, 256, 256, 512, 512) and config["layers_per_block"] == 2
+    assert config["down_block_types"] == ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D")
+    assert config["up_block_types"] == ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4
+    assert config["sample_size"] == 64 and config["in_channels"] == config["out_channels"] == 3
+    # Below 32 pixels the small default stays (the digits' 8x8).
+    assert train.build_unet_config(train.parse_args([]), 1)["block_out_channels"] == (16, 32, 32)
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: trailing)", "(default: 50)", "(default: 7200)", "(default: tensorboard)"):
+        assert default in usage
+    assert "(default: None)" not in usage
+
+
+def test_every_flag_is_in_the_documented_table():
+    table = {}
+    for line in (REPO_ROOT / "docs" / "training.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`--"):
+            for flag in re.findall(r"`(--[\w-]+)`", cells[0]):
+                table[flag] = cells[1].strip("`")
+    for action in train.build_parser()._actions:
+        if action.dest == "help":
+            continue
+        for flag in action.option_strings:
+            assert flag in table, f"{flag} is missing from docs/training.md's flag table"
+            default = action.default
+            expected = "" if default is None else " ".join(map(str, default)) if isinstance(default, list) else default
+            assert table[flag] == str(expected), flag
+
+
+@pytest.fixture(scope="module")
+def stock_ddpm_folder(workdir):
+    """A stock `DDPMPipeline` with a tiny 1-channel UNet saved as the `fp16` variant only, and a noise schedule
+    unlike the trainer's defaults."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    folder = workdir / "stock_ddpm"
+    scheduler = DDPMScheduler(
+        num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
+    DDPMPipeline(unet=make_tiny_unet(channels=1, seed=3), scheduler=scheduler).save_pretrained(folder, variant="fp16")
+    return folder
+
+
+def test_fine_tuning_starts_from_the_pretrained_unet_and_keeps_its_noise_schedule(
+    workdir, reference_run, stock_ddpm_folder
+):
+    output_dir = workdir / "fine_tuned"
+    argv = [
+        "--output_dir", str(output_dir), "--pretrained_model_name_or_path", str(stock_ddpm_folder), "--variant",
+        "fp16", "--train_data_dir", str(reference_run["data_dir"]), "--train_batch_size", "4", "--max_train_steps",
+        "2", "--learning_rate", "1e-12", "--lr_warmup_steps", "0", "--no-use_ema", "--eval_inference_steps", "2",
+        "--ddim_num_inference_steps", "2", "--num_eval_samples", "4", "--report_to", "none",
+    ]  # fmt: skip
+    result = run_train(argv, workdir / "hf_home")
+    assert "with its noise schedule: T=100, squaredcos_cap_v2" in result.stderr
+    assert (
+        "(instead of --ddpm_num_steps 1000, --ddpm_beta_schedule linear, --prediction_type epsilon)" in result.stderr
+    )
+    scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMSchedulerPlus"
+    assert (scheduler["num_train_timesteps"], scheduler["beta_schedule"], scheduler["prediction_type"]) == (
+        100,
+        "squaredcos_cap_v2",
+        "v_prediction",
+    )
+    # Two steps at a learning rate of 1e-12 leave the pretrained weights (a fresh UNet would differ everywhere).
+    pretrained = load_file(stock_ddpm_folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    tuned = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert pretrained.keys() == tuned.keys()
+    assert all(torch.allclose(pretrained[key], tuned[key], atol=1e-6) for key in pretrained)
+
+
+def test_fine_tuning_refuses_data_with_other_channels_or_a_second_model(tmp_path, workdir, stock_ddpm_folder):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    rgb = tmp_path / "rgb_ddpm"
+    DDPMPipeline(unet=make_tiny_unet(channels=3), scheduler=DDPMScheduler()).save_pretrained(rgb)
+    output_dir = tmp_path / "out"
+    expect_error_without_output(
+        ["--output_dir", str(output_dir), "--pretrained_model_name_or_path", str(rgb)],
+        output_dir,
+        "takes 3 channels, the training images have 1",
+    )
+    expect_error_without_output(
+        [
+            "--output_dir", str(output_dir), "--pretrained_model_name_or_path", str(stock_ddpm_folder),
+            "--model_config_name_or_path", str(workdir / "tiny_unet"),
+        ],
+        output_dir,
+        "pass only one",
+    )  # fmt: skip
