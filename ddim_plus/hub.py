@@ -53,7 +53,6 @@ def make_model_card(
     metrics_description: Optional[str] = None,
     training_config: Optional[Dict[str, object]] = None,
     license: str = DEFAULT_LICENSE,
-    extra_tags: Sequence[str] = (),
 ) -> ModelCard:
     """The model card (README.md) of a saved pipeline.
 
@@ -77,7 +76,6 @@ def make_model_card(
         metrics_description (`str`, *optional*): how the metrics were measured.
         training_config (`Dict[str, object]`, *optional*): the settings of the training run, shown as a table.
         license (`str`, defaults to `"apache-2.0"`): the model's license.
-        extra_tags (`Sequence[str]`): tags added to ddim-plus, diffusers, unconditional-image-generation and ddim.
 
     Returns:
         `huggingface_hub.ModelCard`: call `.save(path)` to write it.
@@ -94,7 +92,7 @@ def make_model_card(
         library_name="diffusers",
         pipeline_tag=TASK,
         license=license,
-        tags=list(dict.fromkeys([*MODEL_CARD_TAGS, *extra_tags])),
+        tags=list(MODEL_CARD_TAGS),
         datasets=[dataset_name] if dataset_name else None,
         model_name=repo_id if eval_results else None,
         eval_results=eval_results or None,
