@@ -4,7 +4,7 @@ loop, in the same run.
 All three train a copy of the same UNet (the trainer's default digits UNet, 16x16x1, ~0.27M parameters, or
 `--resolution`/`--batch_size` to change the work) on the same fixed batch with AdamW:
 
-- ours: `ddim_plus.training_utils.training_step` inside `accelerator.accumulate`, as `training/train.py` runs it:
+- ours: the loop body of `ddim_plus.train` (which `training/train.py` runs):
   noise and timesteps from a per-step keyed generator, `DDIMSchedulerPlus.add_noise`, the loss, backward, gradient
   clipping, optimiser and LR-scheduler steps, then the EMA update (`EMAModel`, fused `foreach`);
 - bare: forward, MSE against the noise, backward, `optimizer.step()`, `zero_grad()` (no clipping, no EMA);
@@ -29,8 +29,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from ddim_plus import DDIMSchedulerPlus
-from ddim_plus.training_utils import create_ema_model, step_generator, training_step
+from ddim_plus import DDIMSchedulerPlus, train
+from ddim_plus.training.ema import create_ema_model
+from ddim_plus.training.loss import diffusion_loss, sample_noise_and_timesteps, step_generator
 
 
 def make_optimizer(model):
@@ -47,19 +48,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from importlib.util import module_from_spec, spec_from_file_location
-    from pathlib import Path
-
-    spec = spec_from_file_location("train", Path(__file__).resolve().parents[1] / "training" / "train.py")
-    train = module_from_spec(spec)
-    spec.loader.exec_module(train)
     torch.manual_seed(0)
     initial = UNet2DModel.from_config(train.default_unet_config(args.resolution, 1)).train()
     clean_images = torch.rand(args.batch_size, 1, args.resolution, args.resolution) * 2 - 1
     accelerator = Accelerator(cpu=True)
     total_steps = 10**6
 
-    # Ours, exactly as training/train.py runs a step.
+    # Ours, exactly as ddim_plus.train runs a step.
     ours_unet = copy.deepcopy(initial)
     ours_optimizer = make_optimizer(ours_unet)
     ours_lr = get_scheduler("cosine", optimizer=ours_optimizer, num_warmup_steps=0, num_training_steps=total_steps)
@@ -71,9 +66,15 @@ def main() -> None:
     def ours_step():
         generator = step_generator(0, next(ours_counter), 0)
         with accelerator.accumulate(ours_unet):
-            training_step(
-                accelerator, ours_unet, ours_optimizer, ours_lr, ours_scheduler, clean_images, generator, "epsilon"
-            )
+            noise, timesteps = sample_noise_and_timesteps(clean_images, 1000, generator)
+            with accelerator.autocast():
+                loss = diffusion_loss(ours_unet, ours_scheduler, clean_images, noise, timesteps)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(ours_unet.parameters(), 1.0)
+            ours_optimizer.step()
+            ours_lr.step()
+            ours_optimizer.zero_grad(set_to_none=True)
         ours_ema.step(ours_unet.parameters())
 
     # Bare PyTorch.

@@ -224,7 +224,7 @@ def _load_images(paths: Sequence[str], channels: int, size: int):
     import numpy as np
     import PIL.Image
 
-    from .data import preprocess_image
+    from .training.data import preprocess_image
 
     arrays = []
     for path in paths:

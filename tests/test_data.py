@@ -1,11 +1,12 @@
-"""ddim_plus.data: the bundled digits, image folders, column and channel detection, reproducible augmentation."""
+"""ddim_plus.training.data: the bundled digits, image folders, column and channel detection, reproducible
+augmentation."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ddim_plus.data import (
+from ddim_plus.training.data import (
     TrainingImages,
     check_image_folder,
     check_images,
@@ -39,7 +40,7 @@ def test_bundled_digits_are_resized_grayscale_images(digits16):
 def test_image_column_and_channels_are_detected(digits16, tmp_path):
     assert find_image_column(digits16) == "image"
     assert find_image_column(digits16, "image") == "image"
-    with pytest.raises(ValueError, match="`--image_column`='img' is not a column"):
+    with pytest.raises(ValueError, match="`image_column`='img' is not a column"):
         find_image_column(digits16, "img")
     with pytest.raises(ValueError, match="No image column found among \\['label'\\]"):
         find_image_column(digits16.select_columns(["label"]))
@@ -85,7 +86,7 @@ def test_preprocess_resizes_crops_and_scales():
 
 
 def test_augmentation_is_keyed_by_seed_epoch_and_index():
-    from ddim_plus.training_utils import augmentation_rng
+    from ddim_plus.training.data import augmentation_rng
 
     pixels = np.zeros((8, 16), dtype=np.uint8)
     pixels[:, :3] = 255  # a bar on the left: flips and crops both show

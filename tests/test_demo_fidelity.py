@@ -69,12 +69,8 @@ def test_clipped_deterministic_ddim_converges_as_steps_grow():
 def test_the_demo_trains_at_the_native_resolution_of_its_data():
     # Upsampled digits lie on a 64-dimensional subspace of 16x16 pixels; there the ODE kept 10% of the energy off the
     # data's subspace at every S (docs/results.md). The trainer's default resolution is the data's own.
-    import importlib.util
-    from pathlib import Path
+    from ddim_plus import train
 
-    spec = importlib.util.spec_from_file_location("train", Path(__file__).parents[1] / "training" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     assert train.parse_args([]).resolution == DIGITS_RESOLUTION
     # The saved sampling config follows `--clip_sample` (measured: no difference beyond the spread on the demo model).
     assert train.build_noise_scheduler(train.parse_args([])).config.clip_sample is True

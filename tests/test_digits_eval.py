@@ -17,7 +17,7 @@ from ddim_plus.evaluation.digits import (
 @pytest.fixture(scope="module")
 def real_digits_16():
     """The bundled digits as the trainer sees them (16x16), scaled back to [0, 1] images (B, H, W, 1)."""
-    from ddim_plus.data import load_digits_dataset
+    from ddim_plus.training.data import load_digits_dataset
 
     dataset = load_digits_dataset(16).select(range(300))
     return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in dataset["image"]])[..., None]

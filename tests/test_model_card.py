@@ -6,7 +6,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 
 from ddim_plus.model_card import make_model_card
-from ddim_plus.training_utils import HUB_IGNORE_PATTERNS, push_to_hub
+from ddim_plus.training.checkpoints import HUB_IGNORE_PATTERNS, push_to_hub
 
 
 def test_card_metadata_and_sections(tmp_path):

@@ -1,12 +1,13 @@
-"""training/train.py end to end: exact resume, checkpoint rotation, two processes, bad input, a short real run.
+"""ddim_plus.train (and training/train.py, the script that runs it) end to end: exact resume, checkpoint rotation,
+two processes, bad input, a short real run.
 
 Runs launch the script in a subprocess (as users do) with a tiny UNet; bad-input checks call it in-process, since
 they must fail before anything is trained or written.
 """
 
-import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,18 +20,10 @@ from conftest import make_tiny_unet
 from PIL import Image
 from safetensors.torch import load_file
 
+from ddim_plus import train
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
-
-
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("ddim_plus_train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = load_train_module()
 
 
 def subprocess_env(hf_home):
@@ -46,11 +39,27 @@ def run_train(argv, hf_home, num_processes=1, port=29731):
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port), str(TRAIN_SCRIPT), *argv,
+            str(port), "-m", "ddim_plus.train", *argv,
         ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(hf_home), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
+
+
+def read_tensorboard(logging_dir):
+    """The scalars and images of every tensorboard event file under `logging_dir`, as {tag: [(step, value)]} (an
+    image's value is its encoded size)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = {}, {}
+    for path in Path(logging_dir).rglob("events.out.tfevents.*"):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((event.step, event.value) for event in events.Scalars(tag))
+        for tag in events.Tags()["images"]:
+            images.setdefault(tag, []).extend((event.step, event.width) for event in events.Images(tag))
+    return scalars, images
 
 
 def read_debug_log(output_dir, process=0):
@@ -208,8 +217,30 @@ def test_short_digits_run_learns_and_loads(workdir):
     steps, _ = read_debug_log(output_dir)
     losses = [record["loss"] for record in steps]
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
-    assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
-    assert sorted(p.name for p in (output_dir / "samples").iterdir()) == ["step-20.png", "step-40.png"]
+    # Grids every --save_images_steps and every --save_images_epochs (10: here only after epoch 0, as 40 steps of 32
+    # of the 1,797 digits are less than one epoch).
+    assert sorted(p.name for p in (output_dir / "samples").iterdir()) == ["epoch-0.png", "step-20.png", "step-40.png"]
+    scalars, images = read_tensorboard(output_dir / "logs")
+    assert {"loss", "lr", "ema_decay"} <= scalars.keys() and len(scalars["loss"]) == 40
+    assert images.keys() == {"samples", "final/samples_5steps"} and [step for step, _ in images["samples"]] == [
+        20,
+        40,
+        40,
+    ]
+    # The final scores reach the tracker, equal to those in metrics.json.
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    fd_key = next(key for key in metrics[0] if key.startswith("FD ["))
+    for key in ("recognisable fraction", "class balance", fd_key):
+        assert scalars[f"final/5steps/{key}"] == [(40, pytest.approx(metrics[0][key], rel=1e-6))]
+    # ... and the FD is the one `ddim-plus evaluate` gives for the saved pipeline with the same seeds and count.
+    from ddim_plus.cli import main as cli_main
+
+    evaluated = workdir / "short_demo_evaluate.json"
+    argv = ["evaluate", str(output_dir), "--steps", "5", "--eta", "0", "--num", "16", "--seed", "0"]
+    assert cli_main([*argv, "--batch-size", "256", "--out", str(evaluated), "--quiet"]) == 0
+    (result,) = json.loads(evaluated.read_text())
+    assert fd_key == f"FD [{result['features']}]"
+    assert metrics[0][fd_key] == round(result["frechet_distance"], 4)
 
     pipeline = DiffusionPipeline.from_pretrained(output_dir)
     assert isinstance(pipeline, ddim_plus.DDIMPlusPipeline)
@@ -257,8 +288,8 @@ def expect_error_without_output(argv, output_dir, match):
         (["--adam_beta2", "1"], "`--adam_beta2` must be in \\[0, 1\\)"),
         (["--dataloader_num_workers", "-1"], "`--dataloader_num_workers` must be >= 0"),
         (
-            ["--hub_token", "hf_x", "--logger", "wandb"],
-            "`--hub_token` cannot be used with `--logger wandb`.*hf auth login",
+            ["--hub_token", "hf_x", "--logger", "wandb"],  # train_unconditional's name for --report_to
+            "`--hub_token` cannot be used with `--report_to wandb`.*hf auth login",
         ),
         (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "pass only one of them"),
     ],
@@ -335,7 +366,7 @@ def test_bad_checkpoints_fail_before_training(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Building blocks in ddim_plus.training_utils
+# Building blocks in ddim_plus.training
 # ---------------------------------------------------------------------------------------------------------------
 class EchoUNet(torch.nn.Module):
     """Returns a fixed output whatever the input, so the loss has a closed form."""
@@ -352,7 +383,7 @@ class EchoUNet(torch.nn.Module):
 
 def test_min_snr_weights_closed_forms():
     from ddim_plus import DDIMSchedulerPlus
-    from ddim_plus.training_utils import min_snr_loss_weights
+    from ddim_plus.training.loss import min_snr_loss_weights
 
     abar = DDIMSchedulerPlus().alphas_cumprod
     snr = abar / (1 - abar)
@@ -372,7 +403,7 @@ def test_min_snr_weights_closed_forms():
 
 def test_diffusion_loss_targets_and_weights():
     from ddim_plus import DDIMSchedulerPlus
-    from ddim_plus.training_utils import diffusion_loss
+    from ddim_plus.training.loss import diffusion_loss
 
     scheduler = DDIMSchedulerPlus()
     generator = torch.Generator().manual_seed(0)
@@ -397,7 +428,7 @@ def test_diffusion_loss_targets_and_weights():
 
 
 def test_noise_is_keyed_and_offset_is_per_channel():
-    from ddim_plus.training_utils import sample_noise_and_timesteps, step_generator
+    from ddim_plus.training.loss import sample_noise_and_timesteps, step_generator
 
     clean = torch.zeros(256, 3, 4, 4)
     noise_a, t_a = sample_noise_and_timesteps(clean, 1000, step_generator(0, 7, 1))
@@ -412,7 +443,7 @@ def test_noise_is_keyed_and_offset_is_per_channel():
 
 
 def test_checkpoint_resolution_rotation_and_publishing(tmp_path):
-    from ddim_plus.training_utils import (
+    from ddim_plus.training.checkpoints import (
         list_checkpoints,
         publish_directory,
         resolve_checkpoint,
@@ -551,7 +582,7 @@ def test_resuming_another_run_or_a_finished_one_is_refused(reference_run, workdi
     expect_error_without_output(
         [*argv, *resume, "--learning_rate", "3e-4", "--seed", "1"],
         output_dir,
-        r"other settings \(--seed: checkpoint 0, now 1; --learning_rate: checkpoint 0.001, now 0.0003\)",
+        r"other settings \(`--seed`: checkpoint 0, now 1; `--learning_rate`: checkpoint 0.001, now 0.0003\)",
     )
     # The same run, but checkpoint-6 is at the end of a 6-step run.
     expect_error_without_output([*argv, *resume, "--max_train_steps", "6"], output_dir, "at step 6, at or past")
@@ -564,7 +595,7 @@ def test_resuming_another_run_or_a_finished_one_is_refused(reference_run, workdi
 
 
 def test_check_resume_warns_about_a_new_length_and_an_unrecorded_checkpoint(tmp_path):
-    from ddim_plus.training_utils import check_resume
+    from ddim_plus.training.checkpoints import check_resume
 
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
@@ -573,7 +604,7 @@ def test_check_resume_warns_about_a_new_length_and_an_unrecorded_checkpoint(tmp_
     (checkpoint / "training_run.json").write_text(json.dumps(record))
     assert check_resume(str(checkpoint), record) is None
     warning = check_resume(str(checkpoint), dict(record, max_train_steps=20))
-    assert "`--max_train_steps` changed from 10 to 20" in warning and "learning-rate schedule is rebuilt" in warning
+    assert "`max_train_steps` changed from 10 to 20" in warning and "learning-rate schedule is rebuilt" in warning
 
 
 def test_a_user_mistake_prints_the_message_not_a_traceback(tmp_path, monkeypatch):
@@ -587,3 +618,121 @@ def test_a_user_mistake_prints_the_message_not_a_traceback(tmp_path, monkeypatch
     assert isinstance(exit_info.value.code, str)
     assert exit_info.value.code.startswith("train.py: error: `--train_data_dir`=")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers users' habits: the anchor's flags, fine-tuning, --help, the documented flag table
+# ---------------------------------------------------------------------------------------------------------------
+def test_the_anchor_command_parses_with_the_anchors_meaning_and_unet():
+    # train_unconditional's README command and the flags its scripts pass.
+    args = train.parse_args(
+        [
+            "--dataset_name", "huggan/flowers-102-categories", "--resolution", "64", "--center_crop", "--random_flip",
+            "--output_dir", "ddpm-ema-flowers-64", "--train_batch_size", "16", "--num_epochs", "100",
+            "--gradient_accumulation_steps", "1", "--use_ema", "--learning_rate", "1e-4", "--lr_warmup_steps", "500",
+            "--mixed_precision", "no", "--ddpm_num_inference_steps", "100", "--save_images_epochs", "5",
+            "--save_model_epochs", "5", "--preserve_input_precision", "--enable_xformers_memory_efficient_attention",
+            "--logger", "wandb",
+        ]
+    )  # fmt: skip
+    assert args.ddim_num_inference_steps == 100 and args.report_to == "wandb"
+    assert (args.save_images_epochs, args.save_model_epochs) == (5, 5)
+    train.validate_args(args)
+    # Without --model_config_name_or_path, 64 pixels get train_unconditional's UNet (its source's values).
+    config = train.build_unet_config(args, 3)
+    assert config["block_out_channels"] == (128, 128, 256, 256, 512, 512) and config["layers_per_block"] == 2
+    assert config["down_block_types"] == ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D")
+    assert config["up_block_types"] == ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4
+    assert config["sample_size"] == 64 and config["in_channels"] == config["out_channels"] == 3
+    # Below 32 pixels the small default stays (the digits' 8x8).
+    assert train.build_unet_config(train.parse_args([]), 1)["block_out_channels"] == (16, 32, 32)
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: trailing)", "(default: 50)", "(default: 7200)", "(default: tensorboard)"):
+        assert default in usage
+    assert "(default: None)" not in usage
+
+
+def test_every_flag_is_in_the_documented_table():
+    table = {}
+    for line in (REPO_ROOT / "docs" / "training.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`--"):
+            for flag in re.findall(r"`(--[\w-]+)`", cells[0]):
+                table[flag] = cells[1].strip("`")
+    for action in train.build_parser()._actions:
+        if action.dest == "help":
+            continue
+        for flag in action.option_strings:
+            assert flag in table, f"{flag} is missing from docs/training.md's flag table"
+            default = action.default
+            expected = "" if default is None else " ".join(map(str, default)) if isinstance(default, list) else default
+            assert table[flag] == str(expected), flag
+
+
+@pytest.fixture(scope="module")
+def stock_ddpm_folder(workdir):
+    """A stock `DDPMPipeline` with a tiny 1-channel UNet saved as the `fp16` variant only, and a noise schedule
+    unlike the trainer's defaults."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    folder = workdir / "stock_ddpm"
+    scheduler = DDPMScheduler(
+        num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
+    DDPMPipeline(unet=make_tiny_unet(channels=1, seed=3), scheduler=scheduler).save_pretrained(folder, variant="fp16")
+    return folder
+
+
+def test_fine_tuning_starts_from_the_pretrained_unet_and_keeps_its_noise_schedule(
+    workdir, reference_run, stock_ddpm_folder
+):
+    output_dir = workdir / "fine_tuned"
+    argv = [
+        "--output_dir", str(output_dir), "--pretrained_model_name_or_path", str(stock_ddpm_folder), "--variant",
+        "fp16", "--train_data_dir", str(reference_run["data_dir"]), "--train_batch_size", "4", "--max_train_steps",
+        "2", "--learning_rate", "1e-12", "--lr_warmup_steps", "0", "--no-use_ema", "--eval_inference_steps", "2",
+        "--ddim_num_inference_steps", "2", "--num_eval_samples", "4", "--report_to", "none",
+    ]  # fmt: skip
+    result = run_train(argv, workdir / "hf_home")
+    assert "with its noise schedule: T=100, squaredcos_cap_v2" in result.stderr
+    assert (
+        "(instead of --ddpm_num_steps 1000, --ddpm_beta_schedule linear, --prediction_type epsilon)" in result.stderr
+    )
+    scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMSchedulerPlus"
+    assert (scheduler["num_train_timesteps"], scheduler["beta_schedule"], scheduler["prediction_type"]) == (
+        100,
+        "squaredcos_cap_v2",
+        "v_prediction",
+    )
+    # Two steps at a learning rate of 1e-12 leave the pretrained weights (a fresh UNet would differ everywhere).
+    pretrained = load_file(stock_ddpm_folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    tuned = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert pretrained.keys() == tuned.keys()
+    assert all(torch.allclose(pretrained[key], tuned[key], atol=1e-6) for key in pretrained)
+
+
+def test_fine_tuning_refuses_data_with_other_channels_or_a_second_model(tmp_path, workdir, stock_ddpm_folder):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    rgb = tmp_path / "rgb_ddpm"
+    DDPMPipeline(unet=make_tiny_unet(channels=3), scheduler=DDPMScheduler()).save_pretrained(rgb)
+    output_dir = tmp_path / "out"
+    expect_error_without_output(
+        ["--output_dir", str(output_dir), "--pretrained_model_name_or_path", str(rgb)],
+        output_dir,
+        "takes 3 channels, the training images have 1",
+    )
+    expect_error_without_output(
+        [
+            "--output_dir", str(output_dir), "--pretrained_model_name_or_path", str(stock_ddpm_folder),
+            "--model_config_name_or_path", str(workdir / "tiny_unet"),
+        ],
+        output_dir,
+        "pass only one",
+    )  # fmt: skip

@@ -7,7 +7,7 @@ calls half of all uniform-noise images a confident digit. About 92% accurate on 
 fitted on the first 1,400; no noise image gets a digit probability above 0.5.
 
 Samples of any resolution and channel count are averaged to grey and area-resized to 8x8 first, which undoes the
-upsampling of `ddim_plus.data.load_digits_dataset`.
+upsampling of `ddim_plus.training.data.load_digits_dataset`.
 """
 
 from functools import lru_cache

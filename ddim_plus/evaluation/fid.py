@@ -461,8 +461,8 @@ def frechet_distance(
 def digits_reference_images(resolution: int = DIGITS_RESOLUTION, channels: int = 1) -> torch.Tensor:
     """All 1,797 images of scikit-learn's bundled digits as a (N, C, H, W) tensor in [0, 1] (no download).
 
-    Prepared exactly as `ddim_plus.data.load_digits_dataset` prepares the training set (8-bit pixels, PIL bicubic
-    resize), so a digits model that learnt its data perfectly scores near zero.
+    Prepared exactly as `ddim_plus.training.data.load_digits_dataset` prepares the training set (8-bit pixels, PIL
+    bicubic resize), so a digits model that learnt its data perfectly scores near zero.
 
     Args:
         resolution (`int`, defaults to 8): side of the images; 8 keeps the originals.

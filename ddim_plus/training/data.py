@@ -1,4 +1,4 @@
-"""Training data for `training/train.py`: the bundled digits, Hub or local datasets, and image folders.
+"""Training data for `ddim_plus.train`: the bundled digits, Hub or local datasets, and image folders.
 
 Only `datasets`, PIL and numpy are used (no torchvision). Augmentation draws its randomness from a generator keyed
 by (seed, epoch, sample index), never from a global RNG, so the data a run sees does not depend on when the data
@@ -14,14 +14,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .training_utils import augmentation_rng
-
 DIGITS_DATASET_NAME = "digits"
 # PIL's high-bit-depth grayscale modes, with the value that stands for white: 16-bit PNG and TIFF files load as
 # `I;16*` (or `I` in older Pillow), and float images are taken to hold values in [0, 1].
 HIGH_PRECISION_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 # Grayscale modes: everything else is converted to RGB.
 GRAYSCALE_MODES = ("1", "L", "LA", *HIGH_PRECISION_MODES)
+
+
+def keyed_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integer keys (numpy's `SeedSequence`, so nearby keys give unrelated streams)."""
+    low, high = np.random.SeedSequence([int(key) for key in keys]).generate_state(2, dtype=np.uint32)
+    return int(high & 0x7FFFFFFF) << 32 | int(low)
+
+
+def augmentation_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one sample's augmentation in one epoch, the same whenever and wherever it is drawn."""
+    return np.random.default_rng(keyed_seed(seed, epoch, index))
 
 
 def load_digits_dataset(resolution: int = 8):
@@ -65,7 +74,7 @@ def check_image_folder(train_data_dir: str) -> List[str]:
         `ValueError`: the folder is missing or empty, or holds no image files.
     """
     if not os.path.isdir(train_data_dir):
-        raise ValueError(f"`--train_data_dir`={train_data_dir!r} is not a folder; pass a folder of images.")
+        raise ValueError(f"`train_data_dir`={train_data_dir!r} is not a folder; pass a folder of images.")
     extensions = _image_folder_extensions()
     all_files, image_files = [], []
     for root, dirs, files in os.walk(train_data_dir):
@@ -78,11 +87,11 @@ def check_image_folder(train_data_dir: str) -> List[str]:
             if os.path.splitext(name)[1].lower() in extensions:
                 image_files.append(path)
     if not all_files:
-        raise ValueError(f"`--train_data_dir`={train_data_dir!r} is empty; put training images in it.")
+        raise ValueError(f"`train_data_dir`={train_data_dir!r} is empty; put training images in it.")
     if not image_files:
         examples = ", ".join(os.path.relpath(path, train_data_dir) for path in all_files[:5])
         raise ValueError(
-            f"`--train_data_dir`={train_data_dir!r} holds no image files (found {len(all_files)} other files, e.g. "
+            f"`train_data_dir`={train_data_dir!r} holds no image files (found {len(all_files)} other files, e.g. "
             f"{examples}); supported extensions include .png, .jpg, .bmp and .webp."
         )
     return image_files
@@ -129,7 +138,7 @@ def find_image_column(dataset, image_column: Optional[str] = None) -> str:
     if image_column is not None:
         if image_column not in dataset.column_names:
             raise ValueError(
-                f"`--image_column`={image_column!r} is not a column of the dataset; its columns are "
+                f"`image_column`={image_column!r} is not a column of the dataset; its columns are "
                 f"{dataset.column_names}."
             )
         return image_column
@@ -137,7 +146,7 @@ def find_image_column(dataset, image_column: Optional[str] = None) -> str:
         if isinstance(feature, datasets.Image):
             return name
     raise ValueError(
-        f"No image column found among {dataset.column_names}; name the one holding images with `--image_column`."
+        f"No image column found among {dataset.column_names}; name the one holding images with `image_column`."
     )
 
 
