@@ -284,8 +284,8 @@ def recorded_hub(monkeypatch):
         calls.append(("upload_folder", {"repo_id": repo_id, "files": files, **kwargs}))
         return f"https://huggingface.co/{repo_id}/commit/0"
 
-    monkeypatch.setattr(ddim_plus.pipeline_ddim_plus, "create_repo", fake_create_repo)
-    monkeypatch.setattr(ddim_plus.pipeline_ddim_plus, "upload_folder", fake_upload_folder)
+    monkeypatch.setattr(ddim_plus.pipeline_utils, "create_repo", fake_create_repo)
+    monkeypatch.setattr(ddim_plus.pipeline_utils, "upload_folder", fake_upload_folder)
     return calls
 
 
