@@ -294,34 +294,26 @@ def _load_latents_pair(path: str):
 
 
 def run_interpolate(args) -> None:
-    import torch
-
-    from . import DDIMInversionPipeline, slerp
+    from . import DDIMInversionPipeline
     from .evaluation.grids import make_grid
 
     pipe = load_pipeline(args.model, args.spacing, device=args.device or "cpu", quiet=args.quiet)
-    _set_progress(pipe, args.quiet)
+    interpolation = DDIMInversionPipeline(**pipe.components)
+    _set_progress(interpolation, args.quiet)
     if args.latents is not None:
-        # Inverted latents: decode with the inversion pipeline's ODE (no clipping), so the end frames reproduce the
-        # reconstructions of the inverted images.
         latents_a, latents_b = _load_latents_pair(args.latents)
-        interpolation = DDIMInversionPipeline(**pipe.components)
-        _set_progress(interpolation, args.quiet)
-        images = interpolation.interpolate(
-            latents_a.to(pipe.unet.dtype),
-            latents_b.to(pipe.unet.dtype),
-            num_frames=args.frames,
-            num_inference_steps=args.steps,
-            output_type="np",
-        ).images
+        latents_a, latents_b = latents_a.to(pipe.unet.dtype), latents_b.to(pipe.unet.dtype)
         source = f"the first two latents of {args.latents}"
     else:
-        # Fresh x_T: this is generation, so decode with the model's own sampler (its clipping included), as `sample`.
+        # x_T drawn as `sample` draws it from a seed
         latents_a = pipe.prepare_latents(1, _generators([args.seed_a]), None)
         latents_b = pipe.prepare_latents(1, _generators([args.seed_b]), None)
-        frames = torch.cat([slerp(latents_a, latents_b, f / (args.frames - 1)) for f in range(args.frames)])
-        images = pipe(batch_size=args.frames, latents=frames, num_inference_steps=args.steps, output_type="np").images
         source = f"seeds {args.seed_a} and {args.seed_b}"
+    # Both decode with the inversion pipeline's unclipped ODE (section 5.3 runs the paper's eta = 0 DDIM, which does
+    # not clip), so the end frames of inverted latents reproduce their reconstructions.
+    images = interpolation.interpolate(
+        latents_a, latents_b, num_frames=args.frames, num_inference_steps=args.steps, output_type="np"
+    ).images
     _write_image(make_grid(images, num_columns=args.frames, scale=args.scale), args.out)
     print(f"wrote a {args.frames}-frame slerp between {source} ({args.steps} steps) to {args.out}")
 
@@ -589,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
         "interpolate",
         help="decode a spherical interpolation between two x_T",
         description="Decode a spherical interpolation (slerp, paper section 5.3) between two latents x_T: drawn "
-        "from two seeds, or the first two latents of a file written by `ddim-plus invert`.",
+        "from two seeds, or the first two latents of a file written by `ddim-plus invert`. Decoding is "
+        "DDIMInversionPipeline.interpolate: eta = 0 DDIM without clipping.",
     )
     _add_common(interpolate)
     interpolate.add_argument("--seed-a", type=int, default=1, help="seed of the first x_T (default: 1)")
