@@ -27,7 +27,13 @@ import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
+# diffusers' own spacings (all that stock DDIMScheduler takes), then the paper's quadratic and a log-SNR-uniform one
+DIFFUSERS_TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+TIMESTEP_SPACINGS = DIFFUSERS_TIMESTEP_SPACINGS + ("quadratic", "logsnr")
+# The noise of stochastic steps: eq. 16 scaled by eta, or section 5.1's sigma-hat. "sigma_hat" is the one spelling,
+# as saved in scheduler_config.json (`sigma_type`) and as an eta value of `ddim-plus evaluate` and `quality_sweep`.
+SIGMA_HAT = "sigma_hat"
+SIGMA_TYPES = ("eta", SIGMA_HAT)
 
 # Stands in for abar = 0 (zero terminal SNR), where eq. 9 divides by zero and the log-SNR is -inf; only there: a
 # small positive abar (2.4e-9 at t = 999 of squaredcos_cap_v2) is used as it is. 2**-24 is the value diffusers'

@@ -28,8 +28,6 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import ddim_math as dm
 
-SIGMA_TYPES = ("eta", "sigma_hat")
-
 logger = logging.get_logger(__name__)
 
 
@@ -139,8 +137,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"`timestep_spacing`={timestep_spacing!r} is not supported; choose one of {dm.TIMESTEP_SPACINGS}."
             )
-        if sigma_type not in SIGMA_TYPES:
-            raise ValueError(f"`sigma_type`={sigma_type!r} is not supported; choose one of {SIGMA_TYPES}.")
+        if sigma_type not in dm.SIGMA_TYPES:
+            raise ValueError(f"`sigma_type`={sigma_type!r} is not supported; choose one of {dm.SIGMA_TYPES}.")
         if ddim_solver_order not in (1, 2):
             raise ValueError(
                 f"`ddim_solver_order` must be 1 (DDIM) or 2 (multistep second order), got {ddim_solver_order}."

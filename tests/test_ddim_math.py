@@ -212,7 +212,7 @@ def test_dpm_solver_2m_correction():
 # --------------------------------------------------------------------------------------------------------------
 # Timestep subsequences
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("spacing", dm.DIFFUSERS_TIMESTEP_SPACINGS)
 @pytest.mark.parametrize("S, T, offset", [(10, 1000, 0), (10, 1000, 1), (50, 1000, 0), (7, 100, 0), (1000, 1000, 0)])
 def test_diffusers_spacings_equal_diffusers(spacing, S, T, offset):
     stock = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset)
