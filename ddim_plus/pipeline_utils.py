@@ -93,10 +93,8 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
 
     Args:
         unet ([`UNet2DModel`]): the denoiser.
-        scheduler ([`SchedulerMixin`]): a `DDIMSchedulerPlus`; a stock `DDIMScheduler` or `DDPMScheduler` is
-            converted with `DDIMSchedulerPlus.from_config(scheduler.config)`; any other diffusers scheduler (e.g.
-            `DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`) is sampled with as it is. To sample with a stock
-            `DDIMScheduler` or `DDPMScheduler` itself, assign it afterwards: `pipe.scheduler = DDPMScheduler(...)`.
+        scheduler ([`SchedulerMixin`]): a stock `DDIMScheduler` or `DDPMScheduler` becomes a `DDIMSchedulerPlus`
+            with the same config; any other scheduler is kept (see `DDIMPlusPipeline`).
     """
 
     model_cpu_offload_seq = "unet"
