@@ -28,6 +28,7 @@ import ddim_plus
 from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.evaluation.gmm import GaussianMixtureOracle
 from ddim_plus.evaluation.reconstruction import digits_mixture
+from ddim_plus.pipeline_utils import sample_shape
 
 PAPER_TABLE_2 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009, 200: 0.0004, 500: 0.0001, 1000: 0.0001}
 
@@ -205,7 +206,7 @@ def main() -> None:
             from ddim_plus.evaluation.fid import digits_reference_images
 
             pipe = DDIMPlusPipeline.from_pretrained(args.model)
-            channels, size, _ = pipe.sample_shape
+            channels, size, _ = sample_shape(pipe.unet)
             images = digits_reference_images(size, channels)[-args.num_images :]
             source = f"{args.model}: the last {len(images)} bundled digits at {size}x{size}"
         else:

@@ -28,6 +28,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from ddim_plus import DDIMSchedulerPlus
+from ddim_plus.ddim_math import DIFFUSERS_TIMESTEP_SPACINGS, TIMESTEP_SPACINGS
 from ddim_plus.evaluation.gmm import (
     GaussianMixture,
     GaussianMixtureOracle,
@@ -36,7 +37,6 @@ from ddim_plus.evaluation.gmm import (
 )
 
 STEPS = (5, 10, 20, 50)
-SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
 COMMON_CONFIG = dict(clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon")
 
 
@@ -80,11 +80,11 @@ def main() -> None:
         return frechet_distance_to_mixture(samples, mixture), component_mass_error(samples, mixture), rmse
 
     rows = {}  # label -> {S: (fd, mass, rmse)}
-    for spacing in SPACINGS:
+    for spacing in TIMESTEP_SPACINGS:
         for order in (1, 2):
             scheduler = DDIMSchedulerPlus(timestep_spacing=spacing, ddim_solver_order=order, **COMMON_CONFIG)
             rows[f"ours {spacing} order {order}"] = {s: measure(run_sampler(scheduler, oracle, x_T, s)) for s in STEPS}
-    for spacing in ("leading", "trailing", "linspace"):
+    for spacing in DIFFUSERS_TIMESTEP_SPACINGS:
         stock = DDIMScheduler(timestep_spacing=spacing, **COMMON_CONFIG)
         rows[f"stock DDIMScheduler {spacing}"] = {s: measure(run_sampler(stock, oracle, x_T, s)) for s in STEPS}
 
@@ -127,7 +127,7 @@ def plot(rows: dict, limit_fd: float, floor: float, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    colors = dict(zip(SPACINGS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+    colors = dict(zip(TIMESTEP_SPACINGS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
     for label, by_steps in rows.items():
         fds = [by_steps[s][0] for s in STEPS]
         if label.startswith("stock"):

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
+from .ddim_math import DIFFUSERS_TIMESTEP_SPACINGS, SIGMA_HAT, TIMESTEP_SPACINGS
 
 
 class CommandError(Exception):
@@ -67,12 +67,12 @@ def _int_list(text: str) -> List[int]:
 
 
 def _eta_list(text: str) -> list:
-    from .evaluation.quality import SIGMA_HAT
-
     parts = [part.strip() for part in text.split(",") if part.strip()]
     if not parts:
         raise argparse.ArgumentTypeError("expected a comma-separated list such as 0,0.2,0.5,1")
-    return [SIGMA_HAT if part in (SIGMA_HAT, "sigma_hat") else _non_negative_float(part) for part in parts]
+    if "sigma-hat" in parts:
+        raise argparse.ArgumentTypeError(f"write the sigma-hat value as {SIGMA_HAT!r} (as `sigma_type` spells it)")
+    return [SIGMA_HAT if part == SIGMA_HAT else _non_negative_float(part) for part in parts]
 
 
 def _image_file(text: str) -> str:
@@ -89,17 +89,19 @@ def _image_file(text: str) -> str:
 
 
 def _spacing_list(text: str) -> List[str]:
+    from .evaluation.quality import STOCK_PREFIX, TUNED
+
     spacings = [part.strip() for part in text.split(",") if part.strip()]
     for spacing in spacings:
-        if spacing == "tuned":
+        if spacing == TUNED:
             continue
-        name = spacing[len("stock:") :] if spacing.startswith("stock:") else spacing
-        allowed = ("leading", "trailing", "linspace") if spacing.startswith("stock:") else SPACINGS
-        if name not in allowed:
+        stock = spacing.startswith(STOCK_PREFIX)
+        name = spacing[len(STOCK_PREFIX) :] if stock else spacing
+        if name not in (DIFFUSERS_TIMESTEP_SPACINGS if stock else TIMESTEP_SPACINGS):
+            stock_names = ", ".join(STOCK_PREFIX + s for s in DIFFUSERS_TIMESTEP_SPACINGS)
             raise argparse.ArgumentTypeError(
-                f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}, tuned (the schedules of "
-                "`ddim-plus tune-steps`) or stock:leading, stock:trailing, stock:linspace (diffusers' own "
-                "DDIMScheduler)"
+                f"unknown spacing {spacing!r}; choose from {', '.join(TIMESTEP_SPACINGS)}, {TUNED} (the schedules "
+                f"of `ddim-plus tune-steps`) or {stock_names} (diffusers' own DDIMScheduler)"
             )
     if not spacings:
         raise argparse.ArgumentTypeError("expected a comma-separated list of spacings")
@@ -129,7 +131,7 @@ def load_pipeline(
         # an explicit spacing is what the user asked for, even where a tuned schedule is stored for the same S
         overrides.update(timestep_spacing=spacing, tuned_timesteps=None)
     if sigma_hat:
-        overrides["sigma_type"] = "sigma_hat"
+        overrides["sigma_type"] = SIGMA_HAT
     if overrides:
         pipe.scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, **overrides)
     return pipe.to(device)
@@ -294,34 +296,26 @@ def _load_latents_pair(path: str):
 
 
 def run_interpolate(args) -> None:
-    import torch
-
-    from . import DDIMInversionPipeline, slerp
+    from . import DDIMInversionPipeline
     from .evaluation.grids import make_grid
 
     pipe = load_pipeline(args.model, args.spacing, device=args.device or "cpu", quiet=args.quiet)
-    _set_progress(pipe, args.quiet)
+    interpolation = DDIMInversionPipeline(**pipe.components)
+    _set_progress(interpolation, args.quiet)
     if args.latents is not None:
-        # Inverted latents: decode with the inversion pipeline's ODE (no clipping), so the end frames reproduce the
-        # reconstructions of the inverted images.
         latents_a, latents_b = _load_latents_pair(args.latents)
-        interpolation = DDIMInversionPipeline(**pipe.components)
-        _set_progress(interpolation, args.quiet)
-        images = interpolation.interpolate(
-            latents_a.to(pipe.unet.dtype),
-            latents_b.to(pipe.unet.dtype),
-            num_frames=args.frames,
-            num_inference_steps=args.steps,
-            output_type="np",
-        ).images
+        latents_a, latents_b = latents_a.to(pipe.unet.dtype), latents_b.to(pipe.unet.dtype)
         source = f"the first two latents of {args.latents}"
     else:
-        # Fresh x_T: this is generation, so decode with the model's own sampler (its clipping included), as `sample`.
+        # x_T drawn as `sample` draws it from a seed
         latents_a = pipe.prepare_latents(1, _generators([args.seed_a]), None)
         latents_b = pipe.prepare_latents(1, _generators([args.seed_b]), None)
-        frames = torch.cat([slerp(latents_a, latents_b, f / (args.frames - 1)) for f in range(args.frames)])
-        images = pipe(batch_size=args.frames, latents=frames, num_inference_steps=args.steps, output_type="np").images
         source = f"seeds {args.seed_a} and {args.seed_b}"
+    # Both decode with the inversion pipeline's unclipped ODE (section 5.3 runs the paper's eta = 0 DDIM, which does
+    # not clip), so the end frames of inverted latents reproduce their reconstructions.
+    images = interpolation.interpolate(
+        latents_a, latents_b, num_frames=args.frames, num_inference_steps=args.steps, output_type="np"
+    ).images
     _write_image(make_grid(images, num_columns=args.frames, scale=args.scale), args.out)
     print(f"wrote a {args.frames}-frame slerp between {source} ({args.steps} steps) to {args.out}")
 
@@ -388,7 +382,7 @@ def run_evaluate(args) -> None:
 
     from .evaluation.fid import FeatureWeightsUnavailableError
     from .evaluation.quality import (
-        SIGMA_HAT,
+        STOCK_PREFIX,
         ReferenceSetTooSmallError,
         plot_results,
         quality_sweep,
@@ -403,7 +397,7 @@ def run_evaluate(args) -> None:
     etas = list(args.eta) + ([SIGMA_HAT] if args.sigma_hat and SIGMA_HAT not in args.eta else [])
     spacings = args.spacings or [None]
     # diffusers' stock scheduler has no sigma-hat: those cells are skipped.
-    runnable = [(s, e) for s in spacings for e in etas if not (s and s.startswith("stock:") and e == SIGMA_HAT)]
+    runnable = [(s, e) for s in spacings for e in etas if not (s and s.startswith(STOCK_PREFIX) and e == SIGMA_HAT)]
     total = len(runnable) * len(args.steps)
     with tqdm(total=total, desc="configurations", disable=args.quiet or not state.is_main_process) as bar:
         try:
@@ -503,7 +497,7 @@ def _add_common(parser: argparse.ArgumentParser, spacing: bool = True) -> None:
     if spacing:
         parser.add_argument(
             "--spacing",
-            choices=SPACINGS,
+            choices=TIMESTEP_SPACINGS,
             default=None,
             help="timestep spacing of the S steps (default: the model's scheduler config)",
         )
@@ -589,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
         "interpolate",
         help="decode a spherical interpolation between two x_T",
         description="Decode a spherical interpolation (slerp, paper section 5.3) between two latents x_T: drawn "
-        "from two seeds, or the first two latents of a file written by `ddim-plus invert`.",
+        "from two seeds, or the first two latents of a file written by `ddim-plus invert`. Decoding is "
+        "DDIMInversionPipeline.interpolate: eta = 0 DDIM without clipping.",
     )
     _add_common(interpolate)
     interpolate.add_argument("--seed-a", type=int, default=1, help="seed of the first x_T (default: 1)")
@@ -617,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eta",
         type=_eta_list,
         default=[0.0],
-        help="comma-separated eta values; 'sigma-hat' is accepted as a value too (default: 0)",
+        help=f"comma-separated eta values; {SIGMA_HAT!r} is accepted as a value too (default: 0)",
     )
     evaluate.add_argument("--sigma-hat", action="store_true", help="add the paper's sigma-hat column")
     evaluate.add_argument(

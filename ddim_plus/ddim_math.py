@@ -1,13 +1,15 @@
 """The DDIM equations as small pure functions (Song, Meng & Ermon, ICLR 2021, arXiv 2010.02502).
 
 Notation: ``abar_t`` is the paper's alpha_t (the cumulative product of 1 - beta, DDPM's alpha-bar),
-``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (eq. 4). Every function here is stateless: the scheduler and the
-pipelines are thin layers that precompute coefficients with these functions and apply them.
+``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (eq. 4). Every function here is stateless, and each equation is
+written here once: `DDIMSchedulerPlus` keeps the state diffusers expects (betas, the schedule, per-step coefficients
+in float64) and calls these functions for every formula, including in `step`.
 
 Equation map (see docs/theory.md):
-- eq. 4   forward marginal ...................... :func:`add_noise`
+- eq. 4   forward marginal (and the v target) ... :func:`add_noise`, :func:`velocity`
 - eq. 9   x_0 from eps (and v, sample conversions) :func:`model_output_to_x0_eps`
 - eq. 12  the generalized (DDIM) step ........... :func:`ddim_step_coefficients`, :func:`ddim_step`
+- log-SNR (log-SNR spacing, second order) ....... :func:`log_snr`
 - eq. 13  the ODE form, run forward = inversion . :func:`ddim_inverse_step`
 - eq. 16  sigma_t(eta) .......................... :func:`ddim_sigma`
 - sec. 5.1 sigma-hat (DDPM's "large" variance) .. :func:`ddim_sigma_hat`
@@ -25,7 +27,13 @@ import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
+# diffusers' own spacings (all that stock DDIMScheduler takes), then the paper's quadratic and a log-SNR-uniform one
+DIFFUSERS_TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+TIMESTEP_SPACINGS = DIFFUSERS_TIMESTEP_SPACINGS + ("quadratic", "logsnr")
+# The noise of stochastic steps: eq. 16 scaled by eta, or section 5.1's sigma-hat. "sigma_hat" is the one spelling,
+# as saved in scheduler_config.json (`sigma_type`) and as an eta value of `ddim-plus evaluate` and `quality_sweep`.
+SIGMA_HAT = "sigma_hat"
+SIGMA_TYPES = ("eta", SIGMA_HAT)
 
 # Stands in for abar = 0 (zero terminal SNR), where eq. 9 divides by zero and the log-SNR is -inf; only there: a
 # small positive abar (2.4e-9 at t = 999 of squaredcos_cap_v2) is used as it is. 2**-24 is the value diffusers'
@@ -113,22 +121,31 @@ def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
 
 def log_snr(alphas_cumprod) -> np.ndarray:
     """lambda_t = log(abar_t / (1 - abar_t)) in float64, twice DPM-Solver's half-log-SNR. abar = 0 (zero terminal
-    SNR) counts as ``ZERO_SNR_ABAR_FLOOR``, so lambda stays finite."""
+    SNR) counts as ``ZERO_SNR_ABAR_FLOOR``, so lambda stays finite; abar = 1 (the clean level) gives +inf."""
     abar = np.asarray(alphas_cumprod, dtype=np.float64)
-    return np.log(np.where(abar > 0, abar, ZERO_SNR_ABAR_FLOOR)) - np.log1p(-abar)
+    with np.errstate(divide="ignore"):  # log1p(-1) = -inf is the intended limit at abar = 1
+        return np.log(np.where(abar > 0, abar, ZERO_SNR_ABAR_FLOOR)) - np.log1p(-abar)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Forward process and parameterisations
 # ----------------------------------------------------------------------------------------------------------------
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps; ``abar`` broadcasts against ``x0``."""
-    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+def add_noise(
+    x0: torch.Tensor, noise: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+
+    Takes the two square roots (broadcasting against ``x0``) rather than abar, so that a caller computes them once
+    per noise level in float64 and rounds once to the sample's dtype (the scheduler caches them per timestep)."""
+    return sqrt_abar * x0 + sqrt_one_minus_abar * noise
 
 
-def velocity(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022), the target of v-prediction."""
-    return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+def velocity(
+    x0: torch.Tensor, noise: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor
+) -> torch.Tensor:
+    """v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022), the target of v-prediction; the square roots
+    are given as in :func:`add_noise`."""
+    return sqrt_abar * noise - sqrt_one_minus_abar * x0
 
 
 def model_output_to_x0_eps(
@@ -223,13 +240,15 @@ def ddim_step(
     noise: Optional[torch.Tensor] = None,
     direction_sigma: Optional[float] = None,
 ) -> torch.Tensor:
-    """Eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z."""
+    """Eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, z = ``noise`` (needed only
+    when sigma > 0); ``direction_sigma`` as in :func:`ddim_step_coefficients`."""
     c_x0, c_eps, c_noise = ddim_step_coefficients(abar_prev, sigma, direction_sigma)
-    x_prev = c_x0 * x0 + c_eps * eps
+    # torch.add(..., alpha=) and add_ fuse the scaling into the addition: two tensor passes fewer in the sampling loop
+    x_prev = torch.add(x0 * c_x0, eps, alpha=c_eps)
     if c_noise > 0:
         if noise is None:
             raise ValueError("`noise` is required when `sigma` > 0.")
-        x_prev = x_prev + c_noise * noise
+        x_prev = x_prev.add_(noise, alpha=c_noise)
     return x_prev
 
 

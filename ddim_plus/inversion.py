@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from diffusers import SchedulerMixin
 
-from .pipeline_ddim_plus import DDIMPlusPipelineBase, _as_ddim_scheduler_plus
+from .pipeline_utils import _as_ddim_scheduler_plus
 from .scheduling_ddim_plus import DDIMSchedulerPlus
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -271,7 +271,7 @@ def invert(
     ):
         raise ValueError(f"`refine_tolerance` must be a finite number >= 0, got {refine_tolerance!r}.")
     scheduler = inversion_scheduler(scheduler)
-    DDIMPlusPipelineBase._set_schedule(scheduler, num_inference_steps, timesteps)
+    scheduler.set_timesteps(num_inference_steps if timesteps is None else None, timesteps=timesteps)
 
     iterations = refine_iterations if refine else 0
     timestep_list = scheduler.timesteps.tolist()

@@ -19,7 +19,7 @@ from diffusers.utils import BaseOutput
 
 from .ddim_math import slerp
 from .inversion import inversion_scheduler, invert, make_denoiser
-from .pipeline_ddim_plus import DDIMPlusPipelineBase
+from .pipeline_utils import DDIMPlusPipelineBase, check_latents, check_output_type, postprocess, sample_shape
 from .scheduling_ddim_plus import DDIMSchedulerPlus
 
 ImageInput = Union[
@@ -80,7 +80,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         Returns:
             `torch.Tensor`: `(B, C, H, W)` on the execution device in the UNet's dtype.
         """
-        channels, height, width = self.sample_shape
+        channels, height, width = sample_shape(self.unet)
         if isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)) and not (
             isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4
         ):
@@ -191,8 +191,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
             [`DDIMInversionPipelineOutput`] or `tuple`: `(latents, images)`; `images` is `None` without
             `return_reconstruction`.
         """
-        self._check_num_inference_steps(num_inference_steps, timesteps)
-        self._check_output_type(output_type)
+        check_output_type(output_type)
         sample = self.preprocess(image)
         latents = invert(
             make_denoiser(self.unet),
@@ -208,11 +207,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         )
         images = None
         if return_reconstruction:
-            scheduler = self.inversion_scheduler()
-            self._set_schedule(scheduler, num_inference_steps, timesteps)
-            self._interrupt = False
-            reconstruction, _, _ = self._denoise(latents, scheduler)
-            images = self.postprocess(reconstruction, output_type)
+            images = postprocess(self.decode(latents, num_inference_steps, timesteps), output_type)
         self.maybe_free_model_hooks()
 
         if not return_dict:
@@ -222,6 +217,30 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
     # ------------------------------------------------------------------------------------------------------------
     # Decoding and interpolation
     # ------------------------------------------------------------------------------------------------------------
+    def decode(
+        self, latents: torch.Tensor, num_inference_steps: int = 50, timesteps: Optional[List[int]] = None
+    ) -> torch.Tensor:
+        r"""Decode latents x_T with `inversion_scheduler()`: the deterministic, unclipped DDIM ODE that inversion
+        runs backwards, so decoding what `__call__` returns with the same schedule gives back its images.
+
+        Args:
+            latents (`torch.Tensor`): x_T, `(B, C, H, W)`, on the execution device in the UNet's dtype.
+            num_inference_steps (`int`, *optional*, defaults to 50): number of steps S; checked by the scheduler.
+            timesteps (`List[int]`, *optional*): a custom schedule; replaces `num_inference_steps`.
+
+        Returns:
+            `torch.Tensor`: x_0 in the model's [-1, 1] scale (see `ddim_plus.pipeline_utils.postprocess`).
+        """
+        scheduler = self.inversion_scheduler()
+        scheduler.set_timesteps(num_inference_steps if timesteps is None else None, timesteps=timesteps)
+        timesteps_on_device = scheduler.timesteps.to(latents.device)
+        if latents.device.type == "cpu":
+            latents = latents.contiguous(memory_format=torch.channels_last)  # faster convolutions, as in generation
+        for i, t in enumerate(self.progress_bar(scheduler.timesteps.tolist())):
+            model_output = self.unet(latents, timesteps_on_device[i]).sample
+            latents = scheduler.step(model_output, t, latents).prev_sample
+        return latents
+
     @torch.inference_mode()
     def interpolate(
         self,
@@ -259,22 +278,17 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
             latents_b = latents_b[None]
         if not isinstance(latents_a, torch.Tensor):
             raise ValueError(f"`latents_a` must be a torch.Tensor, got {type(latents_a).__name__}.")
-        self._check_latents(latents_a, latents_a.shape[0], name="latents_a")
-        self._check_latents(latents_b, latents_a.shape[0], name="latents_b")
+        check_latents(latents_a, self.unet, latents_a.shape[0], name="latents_a")
+        check_latents(latents_b, self.unet, latents_a.shape[0], name="latents_b")
         if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 2:
             raise ValueError(f"`num_frames` must be an int >= 2 (both ends are included), got {num_frames!r}.")
-        self._check_num_inference_steps(num_inference_steps, timesteps)
-        self._check_output_type(output_type)
-        scheduler = self.inversion_scheduler()
-        self._set_schedule(scheduler, num_inference_steps, timesteps)
-        self._interrupt = False
+        check_output_type(output_type)
 
         device = self._execution_device
         latents_a, latents_b = latents_a.to(device), latents_b.to(device)
         fractions = np.linspace(0.0, 1.0, num_frames)
         frames = torch.stack([slerp(latents_a, latents_b, float(a)) for a in fractions], dim=1)  # (B, F, C, H, W)
-        sample, _, _ = self._denoise(frames.flatten(0, 1), scheduler)
-        images = self.postprocess(sample, output_type)
+        images = postprocess(self.decode(frames.flatten(0, 1), num_inference_steps, timesteps), output_type)
         self.maybe_free_model_hooks()
 
         if not return_dict:

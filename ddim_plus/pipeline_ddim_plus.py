@@ -1,47 +1,25 @@
 """`DDIMPlusPipeline`: DDIM generation (x_T -> image) over a `UNet2DModel` and a `DDIMSchedulerPlus`.
 
-Saved pipelines load three ways (see docs/pipelines.md):
-- `DiffusionPipeline.from_pretrained(path_or_repo_id)` after `import ddim_plus` returns this class, because
-  model_index.json names `"_class_name": "DDIMPlusPipeline"` and importing the package sets
-  `diffusers.DDIMPlusPipeline`;
-- stock `DDIMPipeline.from_pretrained(...)` still works without our package, because model_index.json lists the
-  scheduler as `["diffusers", "DDIMScheduler"]` (scheduler_config.json keeps `"_class_name": "DDIMSchedulerPlus"`,
-  which stock loaders ignore, and our extra config keys ride along as hidden config);
-- `DDIMPlusPipeline.from_pretrained(<a DDPMPipeline or DDIMPipeline folder>)`: a stock `DDPMScheduler` or
-  `DDIMScheduler` handed to `__init__` is upgraded to `DDIMSchedulerPlus` with the same config, so DDPM checkpoints
-  sample with DDIM unchanged. Any other diffusers scheduler is kept as it is and sampled with.
-
-Loading is diffusers' own `DiffusionPipeline.from_pretrained`: safetensors first, else pickled `.bin` weights through
-`torch.load(weights_only=True)` (which refuses pickles that would run code), `variant`, `torch_dtype` / `dtype`.
+Loading and saving (`from_pretrained`, the portable model_index.json, `save_pretrained`, `push_to_hub`) are
+`DDIMPlusPipelineBase`'s, in ddim_plus/pipeline_utils.py.
 """
 
 import inspect
-import json
-import os
-import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
-import PIL.Image
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import ImagePipelineOutput
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import ModelCard
 
-from . import hub
+from .pipeline_utils import DDIMPlusPipelineBase, check_latents, check_output_type, postprocess, sample_shape
 from .scheduling_ddim_plus import DDIMSchedulerPlus
 
 logger = logging.get_logger(__name__)
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-# What model_index.json records for the scheduler: a class every diffusers install has, so the Hub download path and
-# stock `DDIMPipeline.from_pretrained` accept the repo. Our `__init__` upgrades it back to `DDIMSchedulerPlus`.
-_PORTABLE_SCHEDULER_ENTRY = ["diffusers", "DDIMScheduler"]
 
 
 @dataclass
@@ -57,320 +35,6 @@ class DDIMPlusPipelineOutput(ImagePipelineOutput):
 
     trajectory: Optional[torch.Tensor] = None
     pred_original_samples: Optional[torch.Tensor] = None
-
-
-def _as_ddim_scheduler_plus(scheduler: SchedulerMixin) -> SchedulerMixin:
-    """Upgrade a stock `DDPMScheduler` / `DDIMScheduler` (how model_index.json records ours, and what DDPM checkpoints
-    hold) to `DDIMSchedulerPlus` with the same config; keep every other scheduler as the user chose it."""
-    if type(scheduler) in (DDIMScheduler, DDPMScheduler):
-        logger.info(f"Sampling with DDIMSchedulerPlus built from the {type(scheduler).__name__} config.")
-        return DDIMSchedulerPlus.from_config(scheduler.config)
-    if not isinstance(scheduler, SchedulerMixin) or not callable(getattr(scheduler, "step", None)):
-        raise ValueError(
-            f"`scheduler` must be a diffusers scheduler (DDIMSchedulerPlus, or any SchedulerMixin such as "
-            f"DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler or EulerDiscreteScheduler), got "
-            f"{type(scheduler).__name__}."
-        )
-    return scheduler
-
-
-def _weights_file_used(component_folder: str, variant: Optional[str], use_safetensors: Optional[bool]) -> str:
-    """The weights file diffusers read in `component_folder`, by its own order: safetensors unless
-    `use_safetensors=False`, else the pickled `.bin`."""
-    extensions = {True: ("safetensors",), False: ("bin",), None: ("safetensors", "bin")}[use_safetensors]
-    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
-    for extension in extensions:
-        for name in (f"{stem}.{extension}", f"{stem}.{extension}.index.json"):
-            if os.path.isfile(os.path.join(component_folder, name)):
-                return os.path.join(component_folder, name)
-    return component_folder
-
-
-class DDIMPlusPipelineBase(DiffusionPipeline):
-    """What the generation and the inversion pipelines share: the components, the portable model_index.json, input
-    checks, the denoising loop and the conversion of samples to images.
-
-    Args:
-        unet ([`UNet2DModel`]): the denoiser.
-        scheduler ([`SchedulerMixin`]): a `DDIMSchedulerPlus`; a stock `DDIMScheduler` or `DDPMScheduler` is
-            converted with `DDIMSchedulerPlus.from_config(scheduler.config)`; any other diffusers scheduler (e.g.
-            `DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`) is sampled with as it is. To sample with a stock
-            `DDIMScheduler` or `DDPMScheduler` itself, assign it afterwards: `pipe.scheduler = DDPMScheduler(...)`.
-    """
-
-    model_cpu_offload_seq = "unet"
-
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
-        super().__init__()
-        self.register_modules(unet=unet, scheduler=_as_ddim_scheduler_plus(scheduler))
-
-    def to_json_string(self) -> str:
-        """model_index.json with a `DDIMSchedulerPlus` recorded as `["diffusers", "DDIMScheduler"]` (see the module
-        docstring); any other scheduler keeps its own entry, so it loads back as itself.
-
-        Returns:
-            `str`: the JSON text.
-        """
-        config = json.loads(super().to_json_string())
-        if isinstance(self.components.get("scheduler"), DDIMSchedulerPlus):
-            config["scheduler"] = list(_PORTABLE_SCHEDULER_ENTRY)
-        return json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Loading and publishing
-    # ------------------------------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs):
-        r"""Load a saved pipeline (ours, or a stock `DDPMPipeline` / `DDIMPipeline`) as this class.
-
-        This is [`DiffusionPipeline.from_pretrained`] with all its arguments (`variant`, `torch_dtype` or `dtype` as a
-        dtype or a dict per component, `use_safetensors`, `revision`, ...). Safetensors are preferred; a folder or
-        repo with only pickled `.bin` weights loads through `torch.load(weights_only=True)`, which refuses a pickle
-        that would run code. The weights file read is logged (at info level).
-
-        Returns:
-            The pipeline; a stock `DDPMScheduler` or `DDIMScheduler` becomes a `DDIMSchedulerPlus`.
-        """
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        unet_folder = pipe.unet.config.get("_name_or_path", "")
-        if os.path.isdir(unet_folder):
-            weights = _weights_file_used(unet_folder, kwargs.get("variant"), kwargs.get("use_safetensors"))
-            logger.info(f"Loaded the UNet weights from {weights}.")
-        return pipe
-
-    def model_card(self, repo_id: str, **sections) -> ModelCard:
-        """The model card of this pipeline, from `ddim_plus.hub.make_model_card` with this class and scheduler config
-        (so it lists the scheduler's tuned timestep schedules, if it has any).
-
-        Args:
-            repo_id (`str`): the Hub repo id (or folder name) shown in the card.
-            sections: optional sections and metadata for `make_model_card` (`description`, `dataset_name`,
-                `sample_images`, `metrics`, `training_config`, `license`, ...).
-
-        Returns:
-            `huggingface_hub.ModelCard`
-        """
-        return hub.make_model_card(repo_id, self.scheduler.config, pipeline_class=self.__class__.__name__, **sections)
-
-    def save_pretrained(
-        self,
-        save_directory: Union[str, os.PathLike],
-        safe_serialization: bool = True,
-        variant: Optional[str] = None,
-        max_shard_size: Union[int, str, None] = None,
-        push_to_hub: bool = False,
-        model_card: Optional[ModelCard] = None,
-        **kwargs,
-    ) -> None:
-        """Save the components (safetensors by default), model_index.json and a model card (README.md), and with
-        `push_to_hub=True` upload the folder.
-
-        Args:
-            save_directory (`str` or `os.PathLike`): where to save; created if missing.
-            safe_serialization (`bool`, *optional*, defaults to `True`): write safetensors (not pickle).
-            variant (`str`, *optional*): weights variant, e.g. `"fp16"`.
-            max_shard_size (`int` or `str`, *optional*): largest checkpoint shard.
-            push_to_hub (`bool`, *optional*, defaults to `False`): also upload to the Hub; `kwargs` may hold
-                `repo_id` (defaults to the folder's name), `private`, `token`, `commit_message` and `create_pr`.
-            model_card (`huggingface_hub.ModelCard`, *optional*): the card to write (see `model_card`); by default
-                `self.model_card(repo_id)`, written only if the folder has no README.md yet (an edited card is kept).
-        """
-        super().save_pretrained(
-            save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
-        )
-        repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-        card_path = os.path.join(save_directory, "README.md")
-        if model_card is not None:
-            model_card.save(card_path)
-        elif not os.path.exists(card_path):
-            self.model_card(repo_id).save(card_path)
-        if push_to_hub:
-            self._upload(save_directory, repo_id, **kwargs)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: Optional[str] = None,
-        private: Optional[bool] = None,
-        token: Optional[str] = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-        variant: Optional[str] = None,
-    ) -> str:
-        """Create (or reuse) the Hub repo `repo_id` and upload the saved pipeline and its model card to it.
-
-        Args:
-            repo_id (`str`): `"user/name"` or `"org/name"`.
-            commit_message (`str`, *optional*): defaults to `"Upload <class name>"`.
-            private (`bool`, *optional*): make a new repo private (an existing repo keeps its visibility).
-            token (`str`, *optional*): Hub token; defaults to the stored login.
-            create_pr (`bool`, *optional*, defaults to `False`): open a pull request instead of committing.
-            safe_serialization (`bool`, *optional*, defaults to `True`): upload safetensors.
-            variant (`str`, *optional*): weights variant.
-
-        Returns:
-            `str`: the URL of the commit.
-        """
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant, repo_id=repo_id)
-            return self._upload(folder, repo_id, commit_message, private, token, create_pr)
-
-    def _upload(self, folder, repo_id, commit_message=None, private=None, token=None, create_pr=False) -> str:
-        commit_message = commit_message or f"Upload {self.__class__.__name__}"
-        return hub.push_to_hub(folder, repo_id, commit_message, private=private, token=token, create_pr=create_pr)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Shapes and checks
-    # ------------------------------------------------------------------------------------------------------------
-    @property
-    def sample_shape(self) -> Tuple[int, int, int]:
-        """(channels, height, width) of the UNet's samples."""
-        size = self.unet.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.unet.config.in_channels, height, width)
-
-    @staticmethod
-    def _set_schedule(
-        scheduler: DDIMSchedulerPlus, num_inference_steps: int, timesteps: Optional[Sequence[int]]
-    ) -> None:
-        """A custom `timesteps` list wins over `num_inference_steps`, which always has a default."""
-        if timesteps is not None:
-            scheduler.set_timesteps(timesteps=timesteps)
-        else:
-            scheduler.set_timesteps(num_inference_steps)
-
-    def _check_num_inference_steps(self, num_inference_steps: int, timesteps: Optional[Sequence[int]]) -> None:
-        if timesteps is not None:
-            return  # the scheduler validates custom timesteps before touching its state
-        num_train_timesteps = self.scheduler.config.num_train_timesteps
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-            raise ValueError(f"`num_inference_steps` must be an int, got {num_inference_steps!r}.")
-        if not 1 <= num_inference_steps <= num_train_timesteps:
-            raise ValueError(
-                f"`num_inference_steps` must be between 1 and the scheduler's `num_train_timesteps` "
-                f"({num_train_timesteps}), got {num_inference_steps}."
-            )
-
-    @staticmethod
-    def _check_output_type(output_type: str) -> None:
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-
-    def _check_latents(self, latents: torch.Tensor, batch_size: int, name: str = "latents") -> None:
-        expected = (batch_size, *self.sample_shape)
-        if not isinstance(latents, torch.Tensor):
-            raise ValueError(f"`{name}` must be a torch.Tensor of shape {expected}, got {type(latents).__name__}.")
-        if tuple(latents.shape) != expected:
-            raise ValueError(
-                f"`{name}` must have shape {expected} (batch, unet.in_channels, sample height, sample width), "
-                f"got {tuple(latents.shape)}."
-            )
-        if latents.dtype != self.unet.dtype:
-            raise ValueError(
-                f"`{name}` has dtype {latents.dtype} but the UNet runs in {self.unet.dtype}; pass "
-                f"`{name}.to({self.unet.dtype})`."
-            )
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Denoising loop and output conversion
-    # ------------------------------------------------------------------------------------------------------------
-    def _denoise(
-        self,
-        latents: torch.Tensor,
-        scheduler: SchedulerMixin,
-        eta: float = 0.0,
-        generator: Union[torch.Generator, List[torch.Generator], None] = None,
-        use_clipped_model_output: Optional[bool] = None,
-        callback_on_step_end: Optional[Callable] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        return_trajectory: bool = False,
-    ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]], Optional[List[torch.Tensor]]]:
-        """Run `scheduler` (already `set_timesteps`) from `latents` down to x_0.
-
-        Returns:
-            `tuple`: (x_0, the latents visited or None, the x_0 previews or None).
-        """
-        # Plain ints for the scheduler and one device tensor for the UNet: no host<->device sync inside the loop.
-        timestep_list = scheduler.timesteps.tolist()
-        timesteps_on_device = scheduler.timesteps.to(latents.device)
-        if latents.device.type == "cpu":
-            # PyTorch's CPU convolutions run about 7% faster on channels-last inputs (benchmarks/bench_pipeline.py);
-            # the scheduler's elementwise steps keep the layout. Values are unchanged up to float rounding.
-            latents = latents.contiguous(memory_format=torch.channels_last)
-        trajectory = [latents] if return_trajectory else None
-        previews = [] if return_trajectory else None
-        extra_step_kwargs = self.prepare_extra_step_kwargs(
-            scheduler, generator=generator, eta=eta, use_clipped_model_output=use_clipped_model_output
-        )
-        needs_preview = "pred_original_sample" in callback_on_step_end_tensor_inputs
-        self._num_timesteps = len(timestep_list)
-        for i, t in enumerate(self.progress_bar(timestep_list)):
-            if self.interrupt:
-                break
-            # scale_model_input is the identity for DDIM; Euler-type schedulers divide by sqrt(sigma^2 + 1) here
-            model_input = scheduler.scale_model_input(latents, t)
-            model_output = self.unet(model_input, timesteps_on_device[i]).sample
-            step = scheduler.step(model_output, t, latents, **extra_step_kwargs)
-            latents = step.prev_sample
-            pred_original_sample = getattr(step, "pred_original_sample", None)
-            if pred_original_sample is None and (return_trajectory or needs_preview):
-                raise ValueError(
-                    f"{type(scheduler).__name__}.step returns no `pred_original_sample`, so `return_trajectory` and "
-                    "`callback_on_step_end_tensor_inputs=['pred_original_sample']` are unavailable with it; use "
-                    "DDIMSchedulerPlus, DDIMScheduler, DDPMScheduler or EulerDiscreteScheduler."
-                )
-            if callback_on_step_end is not None:
-                local_tensors = {"latents": latents, "pred_original_sample": pred_original_sample}
-                callback_kwargs = {k: local_tensors[k] for k in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                latents = callback_outputs.pop("latents", latents)
-            if return_trajectory:
-                trajectory.append(latents)
-                previews.append(pred_original_sample)
-        return latents, trajectory, previews
-
-    @staticmethod
-    def prepare_extra_step_kwargs(scheduler: SchedulerMixin, **kwargs) -> Dict[str, Any]:
-        """The keyword arguments of `kwargs` that `scheduler.step` takes, as diffusers' pipelines pass `eta` and
-        `generator` only to schedulers that accept them.
-
-        Returns:
-            `dict`
-        """
-        accepted = inspect.signature(scheduler.step).parameters
-        return {name: value for name, value in kwargs.items() if name in accepted}
-
-    def postprocess(
-        self, sample: torch.Tensor, output_type: str
-    ) -> Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]:
-        """Map a sample from the model's [-1, 1] scale to images.
-
-        Args:
-            sample (`torch.Tensor`): shape `(batch, C, H, W)`.
-            output_type (`str`): `"pil"` (list of PIL images, mode "L" for one channel), `"np"` (float array
-                `(batch, H, W, C)` in [0, 1]), `"pt"` (tensor `(batch, C, H, W)` in [0, 1]) or `"latent"` (`sample`
-                unchanged).
-
-        Returns:
-            The images.
-        """
-        if output_type == "latent":
-            return sample
-        image = (sample / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            return image
-        image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-        return self.numpy_to_pil(image) if output_type == "pil" else image
-
-    @property
-    def num_timesteps(self) -> int:
-        """Number of steps of the last (or current) loop."""
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        """Set `pipe._interrupt = True` from a callback to stop the loop after the current step."""
-        return getattr(self, "_interrupt", False)
 
 
 class DDIMPlusPipeline(DDIMPlusPipelineBase):
@@ -393,14 +57,14 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
         batch_size: int,
         generator: Union[torch.Generator, List[torch.Generator], None],
         eta: float,
-        num_inference_steps: int,
-        timesteps: Optional[Sequence[int]],
+        timesteps: Optional[List[int]],
         latents: Optional[torch.Tensor],
         output_type: str,
-        callback_on_step_end_tensor_inputs: Sequence[str],
+        callback_on_step_end_tensor_inputs: List[str],
         use_clipped_model_output: Optional[bool] = None,
     ) -> None:
-        """Raise a `ValueError` naming the first bad argument; runs before any work."""
+        """Raise a `ValueError` naming the first bad argument; runs before any work. The number of steps is
+        checked by the scheduler's `set_timesteps`."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -433,10 +97,9 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
                 f"`eta`={eta}, but the scheduler has `ddim_solver_order`=2, a deterministic solver: use `eta`=0, or a "
                 "scheduler with `ddim_solver_order`=1."
             )
-        self._check_num_inference_steps(num_inference_steps, timesteps)
         if latents is not None:
-            self._check_latents(latents, batch_size)
-        self._check_output_type(output_type)
+            check_latents(latents, self.unet, batch_size)
+        check_output_type(output_type)
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
@@ -457,7 +120,7 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
         """
         if latents is None:
             latents = randn_tensor(
-                (batch_size, *self.sample_shape),
+                (batch_size, *sample_shape(self.unet)),
                 generator=generator,
                 device=self._execution_device,
                 dtype=self.unet.dtype,
@@ -465,6 +128,27 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
         else:
             latents = latents.to(self._execution_device)
         return latents * self.scheduler.init_noise_sigma
+
+    @staticmethod
+    def prepare_extra_step_kwargs(scheduler: SchedulerMixin, **kwargs) -> Dict[str, Any]:
+        """The keyword arguments of `kwargs` that `scheduler.step` takes, as diffusers' pipelines pass `eta` and
+        `generator` only to schedulers that accept them.
+
+        Returns:
+            `dict`
+        """
+        accepted = inspect.signature(scheduler.step).parameters
+        return {name: value for name, value in kwargs.items() if name in accepted}
+
+    @property
+    def num_timesteps(self) -> int:
+        """Number of steps of the last (or current) loop."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` from a callback to stop the loop after the current step."""
+        return getattr(self, "_interrupt", False)
 
     @torch.inference_mode()
     def __call__(
@@ -529,11 +213,11 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        # 1. Check inputs; the number of steps is checked by the scheduler's `set_timesteps` below
         self.check_inputs(
             batch_size,
             generator,
             eta,
-            num_inference_steps,
             timesteps,
             latents,
             output_type,
@@ -542,26 +226,62 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
         )
         self._interrupt = False
 
-        self._set_schedule(self.scheduler, num_inference_steps, timesteps)
-        latents = self.prepare_latents(batch_size, generator, latents)
+        # 2. Set the timesteps: a custom `timesteps` list wins over `num_inference_steps`, which always has a default
+        if timesteps is not None:
+            self.scheduler.set_timesteps(timesteps=timesteps)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps)
+        # plain ints for the scheduler and one device tensor for the UNet: no host<->device sync inside the loop
+        timestep_list = self.scheduler.timesteps.tolist()
+        timesteps_on_device = self.scheduler.timesteps.to(self._execution_device)
+        self._num_timesteps = len(timestep_list)
 
-        sample, trajectory, previews = self._denoise(
-            latents,
-            self.scheduler,
-            eta=eta,
-            generator=generator,
-            use_clipped_model_output=use_clipped_model_output,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            return_trajectory=return_trajectory,
+        # 3. Sample x_T
+        latents = self.prepare_latents(batch_size, generator, latents)
+        if latents.device.type == "cpu":
+            # PyTorch's CPU convolutions run about 7% faster on channels-last inputs (benchmarks/bench_pipeline.py);
+            # the scheduler's elementwise steps keep the layout. Values are unchanged up to float rounding.
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        trajectory = [latents] if return_trajectory else None
+        previews = [] if return_trajectory else None
+
+        # 4. Denoising loop: eq. 12 from x_T to x_0
+        extra_step_kwargs = self.prepare_extra_step_kwargs(
+            self.scheduler, generator=generator, eta=eta, use_clipped_model_output=use_clipped_model_output
         )
-        images = self.postprocess(sample, output_type)
+        needs_preview = "pred_original_sample" in callback_on_step_end_tensor_inputs
+        for i, t in enumerate(self.progress_bar(timestep_list)):
+            if self.interrupt:
+                break
+            # scale_model_input is the identity for DDIM; Euler-type schedulers divide by sqrt(sigma^2 + 1) here
+            model_input = self.scheduler.scale_model_input(latents, t)
+            model_output = self.unet(model_input, timesteps_on_device[i]).sample
+            step = self.scheduler.step(model_output, t, latents, **extra_step_kwargs)
+            latents = step.prev_sample
+            pred_original_sample = getattr(step, "pred_original_sample", None)
+            if pred_original_sample is None and (return_trajectory or needs_preview):
+                raise ValueError(
+                    f"{type(self.scheduler).__name__}.step returns no `pred_original_sample`, so `return_trajectory` "
+                    "and `callback_on_step_end_tensor_inputs=['pred_original_sample']` are unavailable with it; use "
+                    "DDIMSchedulerPlus, DDIMScheduler, DDPMScheduler or EulerDiscreteScheduler."
+                )
+            if callback_on_step_end is not None:
+                local_tensors = {"latents": latents, "pred_original_sample": pred_original_sample}
+                callback_kwargs = {k: local_tensors[k] for k in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                latents = callback_outputs.pop("latents", latents)
+            if return_trajectory:
+                trajectory.append(latents)
+                previews.append(pred_original_sample)
+
+        # 5. Post-process
+        images = postprocess(latents, output_type)
         self.maybe_free_model_hooks()
 
         if return_trajectory:
             trajectory = torch.stack(trajectory)
             # an interrupt before the first step leaves no preview: an empty stack keeps the documented shape
-            previews = torch.stack(previews) if previews else sample.new_zeros((0, *sample.shape))
+            previews = torch.stack(previews) if previews else latents.new_zeros((0, *latents.shape))
             if not return_dict:
                 return (images, trajectory, previews)
             return DDIMPlusPipelineOutput(images=images, trajectory=trajectory, pred_original_samples=previews)

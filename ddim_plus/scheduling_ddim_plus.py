@@ -16,7 +16,6 @@ The equations live in :mod:`ddim_plus.ddim_math`; this class only keeps the stat
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -28,8 +27,6 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import ddim_math as dm
-
-SIGMA_TYPES = ("eta", "sigma_hat")
 
 logger = logging.get_logger(__name__)
 
@@ -140,8 +137,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"`timestep_spacing`={timestep_spacing!r} is not supported; choose one of {dm.TIMESTEP_SPACINGS}."
             )
-        if sigma_type not in SIGMA_TYPES:
-            raise ValueError(f"`sigma_type`={sigma_type!r} is not supported; choose one of {SIGMA_TYPES}.")
+        if sigma_type not in dm.SIGMA_TYPES:
+            raise ValueError(f"`sigma_type`={sigma_type!r} is not supported; choose one of {dm.SIGMA_TYPES}.")
         if ddim_solver_order not in (1, 2):
             raise ValueError(
                 f"`ddim_solver_order` must be 1 (DDIM) or 2 (multistep second order), got {ddim_solver_order}."
@@ -243,10 +240,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         abar_t, abar_prev = self._abar(timestep), self._abar(prev_timestep)
         if abar_t <= 0 and self.config.prediction_type == "epsilon":
             abar_t = dm.ZERO_SNR_ABAR_FLOOR  # eq. 9 is undefined only here; any abar > 0 is used as it is
-        lam_t, lam_prev = (
-            math.log(a if a > 0 else dm.ZERO_SNR_ABAR_FLOOR) - math.log1p(-a) if a < 1 else math.inf
-            for a in (abar_t, abar_prev)
-        )
+        lam_t, lam_prev = dm.log_snr((abar_t, abar_prev)).tolist()
         # The step to final_alpha_cumprod adds no fresh noise: it is the output (DDPM's Algorithm 2 sets z = 0 at
         # t = 1, the paper's code masks the noise at t = 0, diffusers' DDPMScheduler adds none at t = 0).
         sigma_hat = 0.0 if prev_timestep < 0 else dm.ddim_sigma_hat(abar_t, abar_prev)
@@ -465,17 +459,11 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             self._last_x0 = x0
         self._step_index = next_index
 
-        # 3. sigma: eq. 16, or sigma-hat with the direction term of sigma(1) (section 5.1)
+        # 3. sigma: eq. 16, or sigma-hat with the direction term of sigma(1) (section 5.1), and the noise z
         if self.config.sigma_type == "sigma_hat":
-            c_x0, c_eps, c_noise = dm.ddim_step_coefficients(
-                plan.abar_prev, plan.sigma_hat, direction_sigma=plan.ddpm_sigma
-            )
+            sigma, direction_sigma = plan.sigma_hat, plan.ddpm_sigma
         else:
-            sigma = eta * plan.ddpm_sigma
-            c_x0, c_eps, c_noise = dm.ddim_step_coefficients(plan.abar_prev, sigma)
-
-        # 4. eq. 12: x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z
-        prev_sample = torch.add(x0_for_step * c_x0, eps, alpha=c_eps)
+            sigma, direction_sigma = eta * plan.ddpm_sigma, None
         if stochastic:
             if variance_noise is not None and generator is not None:
                 raise ValueError("Pass either `generator` or `variance_noise` to `step`, not both.")
@@ -488,8 +476,9 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
                     f"`variance_noise` shape {tuple(variance_noise.shape)} does not match `sample` shape "
                     f"{tuple(sample.shape)}."
                 )
-            if c_noise > 0:
-                prev_sample = prev_sample.add_(variance_noise, alpha=c_noise)
+
+        # 4. eq. 12: x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z
+        prev_sample = dm.ddim_step(x0_for_step, eps, plan.abar_prev, sigma, variance_noise, direction_sigma)
 
         if not return_dict:
             return (prev_sample, x0)
@@ -583,8 +572,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         Returns:
             `torch.Tensor`: x_t.
         """
-        a, s = self._coefficients_for(timesteps, original_samples)
-        return a * original_samples + s * noise
+        sqrt_abar, sqrt_one_minus_abar = self._coefficients_for(timesteps, original_samples)
+        return dm.add_noise(original_samples, noise, sqrt_abar, sqrt_one_minus_abar)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
         """The v-prediction target v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0.
@@ -592,8 +581,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         Returns:
             `torch.Tensor`: v.
         """
-        a, s = self._coefficients_for(timesteps, sample)
-        return a * noise - s * sample
+        sqrt_abar, sqrt_one_minus_abar = self._coefficients_for(timesteps, sample)
+        return dm.velocity(sample, noise, sqrt_abar, sqrt_one_minus_abar)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
+from ddim_plus.ddim_math import SIGMA_HAT, TIMESTEP_SPACINGS
 from ddim_plus.evaluation.fid import digits_reference_images, frechet_distance
 
-ETAS = (0.0, 0.2, 0.5, 1.0, "sigma-hat")
+ETAS = (0.0, 0.2, 0.5, 1.0, SIGMA_HAT)
 TABLE1_STEPS = (10, 20, 50, 100, 200, 1000)
-SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
 
 
 def cells(saved_clip: bool):
@@ -37,7 +37,7 @@ def cells(saved_clip: bool):
     yield "other_clip", {"clip_sample": not saved_clip}, 1000, 1.0, None
     for steps in TABLE1_STEPS:
         yield "stock_clipping", {"clip_sample": True}, steps, 0.0, False
-    for spacing in SPACINGS:
+    for spacing in TIMESTEP_SPACINGS:
         for steps in (10, 20, 50):
             yield f"spacing:{spacing}", {"timestep_spacing": spacing}, steps, 0.0, None
     for steps in (10, 20, 50):
@@ -45,14 +45,14 @@ def cells(saved_clip: bool):
 
 
 def sample_cell(pipe, overrides, steps, eta, use_clipped, seed, size, device):
-    sigma_type = "sigma_hat" if eta == "sigma-hat" else "eta"
+    sigma_type = SIGMA_HAT if eta == SIGMA_HAT else "eta"
     scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, sigma_type=sigma_type, **overrides)
     sampler = DDIMPlusPipeline(unet=pipe.unet, scheduler=scheduler)
     sampler.set_progress_bar_config(disable=True)
     return sampler(
         batch_size=size,
         generator=torch.Generator(device=device).manual_seed(seed),
-        eta=0.0 if eta == "sigma-hat" else eta,
+        eta=0.0 if eta == SIGMA_HAT else eta,
         num_inference_steps=steps,
         use_clipped_model_output=use_clipped,
         output_type="np",

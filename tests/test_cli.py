@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.cli import build_parser, main
+from ddim_plus.ddim_math import TIMESTEP_SPACINGS
 
 
 @pytest.fixture(scope="module")
@@ -129,28 +130,15 @@ def test_interpolate_from_seeds_and_from_inverted_latents(model_dir, tmp_path):
     with PIL.Image.open(strip) as picture:
         assert picture.size == grid_size(5, 1)
         strip_pixels = np.asarray(picture)
-    # seed interpolation is generation: its end frames are exactly what `sample` draws from those seeds
-    for seed, column in (("1", 0), ("2", 4)):
-        single = tmp_path / f"sample_{seed}.png"
-        argv = [
-            "sample",
-            model_dir,
-            "--seed",
-            seed,
-            "--num",
-            "1",
-            "--steps",
-            "3",
-            "--scale",
-            "1",
-            "--out",
-            str(single),
-        ]
-        assert main(argv + ["--quiet"]) == 0
-        with PIL.Image.open(single) as picture:
-            tile = np.asarray(picture)[1:9, 1:9]
+    # the ends are the seeds' x_T decoded by eta = 0 DDIM without clipping: the generation pipeline with
+    # clip_sample=False from the same seeds (the model clips, so this differs from `sample`)
+    pipe = DDIMPlusPipeline.from_pretrained(model_dir)
+    pipe.scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    for seed, column in ((1, 0), (2, 4)):
+        decoded = pipe(generator=torch.Generator().manual_seed(seed), num_inference_steps=3, output_type="np").images
         left = 1 + column * 9
-        np.testing.assert_array_equal(strip_pixels[1:9, left : left + 8], tile)
+        np.testing.assert_allclose(strip_pixels[1:9, left : left + 8] / 255, decoded[0, ..., 0], atol=1 / 255)
 
     images = [digit_png(tmp_path / f"d{i}.png", seed=10 + i) for i in range(2)]
     latents_file = tmp_path / "pair.safetensors"
@@ -177,7 +165,7 @@ def test_evaluate_writes_table_and_plot(model_dir, tmp_path, capsys):
     text = out.read_text()
     assert text in capsys.readouterr().out
     assert "digits-cnn-v1" in text and "6 generated images" in text
-    assert "| S | eta=0 | eta=1 | sigma-hat |" in text  # ours: sigma-hat column
+    assert "| S | eta=0 | eta=1 | sigma_hat |" in text  # ours: sigma-hat column, spelled as `sigma_type` spells it
     assert "| S | eta=0 | eta=1 |\n" in text  # stock DDIMScheduler has no sigma-hat
     assert text.count("| 2 |") == 2 and text.count("| 4 |") == 2
     if plot.exists():
@@ -218,6 +206,24 @@ def test_invalid_arguments_exit_2(argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_sigma_hat_has_one_spelling_and_the_spacings_are_the_schedulers(capsys):
+    # the eta value is spelled as the scheduler's saved `sigma_type`; the other spelling is refused with the fix
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "M", "--eta", "0,sigma-hat", "--out", "r.md"])
+    assert exit_info.value.code == 2
+    assert "'sigma_hat'" in capsys.readouterr().err
+    parsed = build_parser().parse_args(["evaluate", "M", "--eta", "0,sigma_hat", "--out", "r.md"])
+    assert parsed.eta == [0.0, "sigma_hat"]
+    # `--spacing` offers every spacing the scheduler takes, and `--spacings` accepts each of them
+    sample = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["sample"]
+    choices = next(a for a in sample._actions if a.dest == "spacing").choices
+    assert tuple(choices) == TIMESTEP_SPACINGS
+    for spacing in choices:
+        DDIMSchedulerPlus(timestep_spacing=spacing).set_timesteps(10)
+    parsed = build_parser().parse_args(["evaluate", "M", "--spacings", ",".join(choices), "--out", "r.md"])
+    assert parsed.spacings == list(TIMESTEP_SPACINGS)
 
 
 def test_unknown_features_and_missing_weights(model_dir, tmp_path, capsys, offline_hf_home):

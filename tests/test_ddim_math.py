@@ -2,6 +2,7 @@
 diffusers code they must agree with (beta schedules, spacings, thresholding)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -76,6 +77,11 @@ def test_log_snr():
     abar = torch.tensor([0.999, 0.5, 1e-3], dtype=torch.float64)
     expected = [math.log(a / (1 - a)) for a in abar.tolist()]
     np.testing.assert_allclose(dm.log_snr(abar), expected, rtol=1e-12)
+    # the ends: abar = 0 (zero terminal SNR) is floored at 2**-24, abar = 1 (the clean level) is +inf, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ends = dm.log_snr([0.0, 1.0])
+    assert ends[0] == pytest.approx(math.log(2.0**-24)) and ends[1] == math.inf
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -92,10 +98,10 @@ def clean_and_noise():
 @pytest.mark.parametrize("abar", [0.9999, 0.5, 1e-4])
 def test_parameterisations_recover_x0_and_eps(clean_and_noise, abar):
     x0, eps = clean_and_noise
-    abar_t = torch.tensor(abar, dtype=torch.float64)
-    x_t = dm.add_noise(x0, eps, abar_t)
+    roots = (math.sqrt(abar), math.sqrt(1 - abar))
+    x_t = dm.add_noise(x0, eps, *roots)
     torch.testing.assert_close(x_t, math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps)  # eq. 4
-    outputs = {"epsilon": eps, "sample": x0, "v_prediction": dm.velocity(x0, eps, abar_t)}
+    outputs = {"epsilon": eps, "sample": x0, "v_prediction": dm.velocity(x0, eps, *roots)}
     for prediction_type, model_output in outputs.items():
         x0_hat, eps_hat = dm.model_output_to_x0_eps(model_output, x_t, abar, prediction_type)
         torch.testing.assert_close(x0_hat, x0, rtol=1e-9, atol=1e-9)
@@ -193,8 +199,7 @@ def test_ddim_step_sigma_hat_direction_uses_sigma_one(clean_and_noise):
 
 def test_inverse_step_with_exact_predictions_lands_on_the_forward_marginal(clean_and_noise):
     x0, eps = clean_and_noise
-    abar_next = torch.tensor(0.3, dtype=torch.float64)
-    torch.testing.assert_close(dm.ddim_inverse_step(x0, eps, 0.3), dm.add_noise(x0, eps, abar_next))
+    torch.testing.assert_close(dm.ddim_inverse_step(x0, eps, 0.3), math.sqrt(0.3) * x0 + math.sqrt(0.7) * eps)
 
 
 def test_dpm_solver_2m_correction():
@@ -207,7 +212,7 @@ def test_dpm_solver_2m_correction():
 # --------------------------------------------------------------------------------------------------------------
 # Timestep subsequences
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("spacing", dm.DIFFUSERS_TIMESTEP_SPACINGS)
 @pytest.mark.parametrize("S, T, offset", [(10, 1000, 0), (10, 1000, 1), (50, 1000, 0), (7, 100, 0), (1000, 1000, 0)])
 def test_diffusers_spacings_equal_diffusers(spacing, S, T, offset):
     stock = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset)

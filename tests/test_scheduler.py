@@ -17,8 +17,8 @@ from diffusers import (
 )
 
 from ddim_plus import DDIMSchedulerPlus
+from ddim_plus.ddim_math import DIFFUSERS_TIMESTEP_SPACINGS, PREDICTION_TYPES, TIMESTEP_SPACINGS
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 CUSTOM_TIMESTEPS = [999, 874, 601, 600, 333, 120, 47, 3]
 # Tolerance of a float32 step against its float64 closed form: x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
 # amplifies the float32 rounding of the numerator by 1/sqrt(abar) (~10 at t ~ 900); measured <= 3e-6. One step
@@ -67,7 +67,7 @@ def _make_schedule(spacing, prediction_type="epsilon", **config):
 # --------------------------------------------------------------------------------------------------------------
 # 1. Closed forms: every prediction type, eta, spacing; previous timestep = next element of `timesteps`
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", "quadratic", "logsnr", "custom"])
+@pytest.mark.parametrize("spacing", [*TIMESTEP_SPACINGS, "custom"])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_step_equals_closed_form(spacing, eta, prediction_type):
@@ -190,7 +190,7 @@ def test_sigma_hat_loop_equals_the_papers_code(spacing):
 
 
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", "quadratic", "logsnr", "custom"])
+@pytest.mark.parametrize("spacing", [*TIMESTEP_SPACINGS, "custom"])
 def test_sigma_hat_last_step_adds_no_noise(spacing, set_alpha_to_one):
     # With trailing spacing the last step starts at t = 99 (S = 10): noise of std sqrt(1 - abar_99) = 0.32 used to
     # be left in the output.
@@ -329,7 +329,7 @@ def _stock_step_to(stock, prev_t, model_output, t, sample, **kwargs):
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("spacing", DIFFUSERS_TIMESTEP_SPACINGS)
 @pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
 def test_step_equals_stock_for_every_beta_schedule_and_spacing(beta_schedule, spacing, prediction_type, eta):
     # Every transition of our schedule, stock stepping between the same two timesteps. squaredcos_cap_v2 has

@@ -13,10 +13,9 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
+from ddim_plus.ddim_math import PREDICTION_TYPES, TIMESTEP_SPACINGS
 from ddim_plus.evaluation.gmm import GaussianMixture, GaussianMixtureOracle
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr")
 CUSTOM_TIMESTEPS = [999, 874, 601, 600, 333, 120, 47, 3]
 MIXTURE = GaussianMixture.random(num_components=4, sample_shape=(1, 4, 4), seed=0)
 
@@ -77,7 +76,7 @@ def _reference_for(scheduler, oracle, x, postprocess=lambda x0: x0):
 # ----------------------------------------------------------------------------------------------------------------
 # Order 1 is the paper's DDIM, unchanged
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 def test_order_one_is_bit_for_bit_the_default(spacing, prediction_type, eta):
@@ -97,7 +96,7 @@ def test_order_one_is_bit_for_bit_the_default(spacing, prediction_type, eta):
 # ----------------------------------------------------------------------------------------------------------------
 # Order 2 is DPM-Solver++(2M)
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_order_two_matches_diffusers_dpm_solver_pp_2m(spacing, prediction_type):
     # From 15 steps on, diffusers' DPM-Solver++(2M) with a final step to sigma = 0 is first order at the first and

@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+from ..ddim_math import PREDICTION_TYPES
 
 
 class GaussianMixture:

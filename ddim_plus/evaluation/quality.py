@@ -13,10 +13,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ..ddim_math import SIGMA_HAT
 from .fid import FrechetDistance, ImageBatch, digits_reference_images
 from .sampling import SHARD_SIZE, generate_images
 
-SIGMA_HAT = "sigma-hat"
 STOCK_PREFIX = "stock:"
 TUNED = "tuned"  # the schedules `ddim-plus tune-steps` stored in the model's scheduler config
 
@@ -32,7 +32,7 @@ class QualityResult:
     Args:
         spacing (`str`): timestep spacing; ``"stock:<spacing>"`` for diffusers' own `DDIMPipeline`/`DDIMScheduler`.
         steps (`int`): number of sampling steps S.
-        eta (`float` or `str`): eta, or ``"sigma-hat"`` for the paper's DDPM-large variance.
+        eta (`float` or `str`): eta, or ``"sigma_hat"`` for the paper's DDPM-large variance.
         frechet_distance (`float`): Frechet distance to the reference set.
         features (`str`): name of the feature network the distance was computed in.
         num_images (`int`): number of images generated.
@@ -67,7 +67,7 @@ def _sampler(pipe, spacing: Optional[str], eta: Union[float, str]):
     else:
         # A fixed spacing is measured as itself, not replaced by a tuned schedule stored for the same S.
         overrides = {} if spacing in (None, TUNED) else {"timestep_spacing": spacing, "tuned_timesteps": None}
-        overrides["sigma_type"] = "sigma_hat" if eta == SIGMA_HAT else "eta"
+        overrides["sigma_type"] = SIGMA_HAT if eta == SIGMA_HAT else "eta"
         sampler = DDIMPlusPipeline(unet=pipe.unet, scheduler=DDIMSchedulerPlus.from_config(config, **overrides))
     sampler.set_progress_bar_config(disable=True)
     # A sigma-hat scheduler ignores eta; 0.0 keeps the pipeline's eta check quiet.
@@ -94,7 +94,7 @@ def quality_sweep(
     Args:
         pipe (`DDIMPlusPipeline`): its UNet and scheduler configuration are used.
         steps (`Sequence[int]`, defaults to (10, 20, 50, 100)): the values of S.
-        etas (`Sequence`, defaults to (0.0,)): eta values; ``"sigma-hat"`` selects the paper's sigma-hat variance
+        etas (`Sequence`, defaults to (0.0,)): eta values; ``"sigma_hat"`` selects the paper's sigma-hat variance
             (skipped for stock spacings, which do not have it).
         spacings (`Sequence[str]`, defaults to (None,)): ``None`` keeps the pipeline's scheduler as it is (tuned
             schedules included; such cells are labelled ``"tuned"``); a name sets `timestep_spacing` of
@@ -177,7 +177,7 @@ def quality_sweep(
 
 
 def cell_name(spacing: str, num_steps: int, eta: Union[float, str]) -> str:
-    """Folder name of a cell's images, e.g. ``trailing_S50_eta0`` or ``stock-leading_S10_sigma-hat``."""
+    """Folder name of a cell's images, e.g. ``trailing_S50_eta0`` or ``stock-leading_S10_sigma_hat``."""
     eta_part = eta if isinstance(eta, str) else f"eta{float(eta):g}"
     return f"{spacing.replace(':', '-')}_S{num_steps}_{eta_part}"
 
