@@ -40,6 +40,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # stock `DDIMPipeline.from_pretrained` accept the repo. Our `__init__` upgrades it back to `DDIMSchedulerPlus`.
 _PORTABLE_SCHEDULER_ENTRY = ["diffusers", "DDIMScheduler"]
 
+
 def _as_ddim_scheduler_plus(scheduler: SchedulerMixin) -> SchedulerMixin:
     """Upgrade a stock `DDPMScheduler` / `DDIMScheduler` (how model_index.json records ours, and what DDPM checkpoints
     hold) to `DDIMSchedulerPlus` with the same config; keep every other scheduler as the user chose it."""
@@ -197,6 +198,7 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
     def _upload(self, folder, repo_id, commit_message=None, private=None, token=None, create_pr=False) -> str:
         commit_message = commit_message or f"Upload {self.__class__.__name__}"
         return hub.push_to_hub(folder, repo_id, commit_message, private=private, token=token, create_pr=create_pr)
+
 
 def sample_shape(unet: UNet2DModel) -> Tuple[int, int, int]:
     """(channels, height, width) of the UNet's samples."""
