@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.evaluation.fid import digits_reference_images, frechet_distance
+from ddim_plus.evaluation.digits import digits_reference_images
+from ddim_plus.evaluation.fid import frechet_distance
 
 ETAS = (0.0, 0.2, 0.5, 1.0, "sigma-hat")
 TABLE1_STEPS = (10, 20, 50, 100, 200, 1000)

@@ -13,7 +13,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .fid import FrechetDistance, ImageBatch, digits_reference_images
+from .digits import digits_reference_images
+from .fid import FrechetDistance
+from .images import ImageBatch
 from .sampling import SHARD_SIZE, generate_images
 
 SIGMA_HAT = "sigma-hat"
