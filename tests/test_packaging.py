@@ -1,0 +1,92 @@
+"""The package as users install it: a wheel built from this checkout, installed into a fresh venv, run offline."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_unet
+from diffusers import DDPMPipeline, DDPMScheduler
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def run(command, **kwargs):
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A venv holding only the wheel of this checkout; its dependencies come from the test environment (offline)."""
+    pytest.importorskip("setuptools", minversion="77")  # the build backend pyproject.toml names (SPDX license)
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"  # a copy, so the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "ddim_plus", source / "ddim_plus", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip"]
+    build = ["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(work / "dist"), str(source)]
+    run(pip + build)
+    (wheel,) = (work / "dist").glob("ddim_plus-*.whl")
+
+    venv = work / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / "bin" / "python"
+    site = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).strip())
+    # torch, diffusers and the rest from the test environment, after the venv's own site-packages. A path line in a
+    # .pth file does not run that folder's .pth files, so an editable install of the checkout stays invisible.
+    shared = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
+    (site / "test_environment.pth").write_text("\n".join(shared) + "\n")
+    run(pip + ["--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)])
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=str(work / "hf_home"), HF_HUB_OFFLINE="1")
+    home = work / "user"  # run outside the checkout: nothing of it may be importable
+    home.mkdir()
+    return venv, env, home
+
+
+METADATA_CHECK = """
+import importlib.metadata as metadata, os, ddim_plus
+meta = metadata.metadata("ddim-plus")
+assert meta["Version"] == ddim_plus.__version__ and meta["License-Expression"] == "Apache-2.0", meta
+assert meta["Requires-Python"] == ">=3.9"
+assert set(meta.get_all("Provides-Extra")) >= {"train", "eval", "dinov2", "test"}
+requirements = meta.get_all("Requires-Dist")
+assert 'torchmetrics[image]>=1.0; extra == "eval"' in requirements
+assert 'transformers>=4.55; extra == "dinov2"' in requirements
+assert not any(r.startswith(("scikit-learn", "sklearn")) for r in requirements), requirements
+assets = os.path.join(os.path.dirname(ddim_plus.__file__), "assets")
+assert sorted(os.listdir(assets)) == ["README.md", "digits.npz", "digits_features.safetensors"], os.listdir(assets)
+print(ddim_plus.__file__)
+"""
+README_CHECK = """
+from diffusers import DiffusionPipeline
+reloaded = DiffusionPipeline.from_pretrained("my-ddim")
+assert type(reloaded).__name__ == "DDIMPlusPipeline" and len(images) == 4, (type(reloaded), len(images))
+assert reloaded.scheduler.config.timestep_spacing == "trailing"
+"""
+
+
+def test_readme_quick_start_runs_from_the_installed_wheel(installed):
+    venv, env, home = installed
+    code = re.search(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S).group(1)
+    repo_id = re.search(r'from_pretrained\("([^"]+)"\)', code).group(1)
+    ddpm_folder = home / "ddpm"
+    DDPMPipeline(unet=make_tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(ddpm_folder)
+    (home / "quick_start.py").write_text(METADATA_CHECK + code.replace(repo_id, str(ddpm_folder)) + README_CHECK)
+    location = run([str(venv / "bin" / "python"), "quick_start.py"], env=env, cwd=home)
+    assert location.startswith(str(venv))  # the wheel's ddim_plus, not the checkout's
+
+
+def test_console_script_of_the_installed_wheel(installed):
+    venv, env, home = installed
+    assert "evaluate" in run([str(venv / "bin" / "ddim-plus"), "--help"], env=env, cwd=home)
