@@ -365,7 +365,7 @@ def _evaluation_features(features: str, reference: str, channels: int) -> str:
 
 
 def run_evaluate(args) -> None:
-    _require_extra("eval", ["torchmetrics"])
+    _require_extra("eval", ["torchmetrics"] + (["matplotlib"] if args.plot else []))
     import dataclasses
     import json
 

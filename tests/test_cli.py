@@ -306,11 +306,14 @@ def test_evaluate_scores_against_the_users_folder_in_dinov2_features_from_the_ca
     assert "dinov2(dinov2-small)" in text and "digits" not in text
 
 
-def test_evaluate_on_a_base_install_names_the_extra(model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # as if not installed: importing it fails
-    assert main(["evaluate", model_dir, "--out", str(tmp_path / "r.md"), "--quiet"]) == 1
+@pytest.mark.parametrize("module, options", [("torchmetrics", []), ("matplotlib", ["--plot", "plot.png"])])
+def test_evaluate_on_a_base_install_names_the_extra(model_dir, tmp_path, capsys, monkeypatch, module, options):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it fails
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", model_dir, "--out", str(tmp_path / "r.md"), "--quiet"] + options) == 1
     err = capsys.readouterr().err
-    assert "pip install 'ddim-plus[eval]'" in err and "torchmetrics" in err and "Traceback" not in err
+    assert "pip install 'ddim-plus[eval]'" in err and repr(module) in err and "Traceback" not in err
+    assert not (tmp_path / "r.md").exists()  # refused before any work
 
 
 def test_invert_centre_crops_a_non_square_image_as_the_trainer(tmp_path, caplog):
