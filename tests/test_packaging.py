@@ -132,3 +132,7 @@ def test_command_line_of_a_base_install(installed):
     result = subprocess.run(evaluate, capture_output=True, text=True, env=env, cwd=home)
     assert result.returncode == 1
     assert "pip install 'ddim-plus[eval]'" in result.stderr and "Traceback" not in result.stderr
+    # The trainer runs from the wheel, without a checkout (training needs the train extra; --help does not).
+    assert "--pretrained_model_name_or_path" in run(
+        [str(venv / "bin" / "python"), "-m", "ddim_plus.train", "--help"], env=env, cwd=home
+    )
