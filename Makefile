@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: test test-min demo lint format venv clean
 
 # torch==2.13.0 first: it is the CPU wheel on this machine's disk; an open range could pull a CUDA build.
-$(STAMP): setup.py
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -27,15 +27,16 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -q tests
 
-# The suite against the declared floors: a second venv with exactly the `>=` versions setup.py names for these
-# packages (torch as pinned above), so a floor that is not real fails here instead of on a user's machine.
+# The suite against the declared floors: a second venv with exactly the `>=` versions named for these
+# packages in pyproject.toml (torch as pinned above), so a floor that is not real fails here instead of on a user's
+# machine.
 VENV_MIN := .venv-min
 MIN_PACKAGES := diffusers|huggingface_hub|accelerate|datasets|transformers
-$(VENV_MIN)/.installed: setup.py
+$(VENV_MIN)/.installed: pyproject.toml setup.py
 	test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
 	$(VENV_MIN)/bin/python -m pip install -q --upgrade pip
 	$(VENV_MIN)/bin/python -m pip install -q torch==2.13.0
-	grep -oE '"($(MIN_PACKAGES))>=[0-9.]+' setup.py | tr -d '"' | sed 's/>=/==/' | sort -u > $(VENV_MIN)/floors.txt
+	grep -oE '"($(MIN_PACKAGES))>=[0-9.]+' pyproject.toml | tr -d '"' | sed 's/>=/==/' | sort -u > $(VENV_MIN)/floors.txt
 	test $$(cut -d= -f1 $(VENV_MIN)/floors.txt | sort -u | wc -l) -eq 5  # each package once, with one floor
 	$(VENV_MIN)/bin/python -m pip install -q -c $(VENV_MIN)/floors.txt -e ".[test,train]"
 	touch $@

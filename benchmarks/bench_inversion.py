@@ -26,7 +26,9 @@ from diffusers import UNet2DModel
 
 import ddim_plus
 from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
+from ddim_plus.evaluation.digits import digits_reference_images, load_digits
 from ddim_plus.evaluation.gmm import GaussianMixtureOracle
+from ddim_plus.evaluation.images import make_grid
 from ddim_plus.evaluation.reconstruction import digits_mixture
 from ddim_plus.pipeline_utils import sample_shape
 
@@ -45,11 +47,9 @@ CANDIDATES = [
 ]
 
 
-def load_digits(num_test: int) -> tuple:
-    """scikit-learn's 1797 digits as float32 (N, 1, 8, 8) in [0, 1]; the last `num_test` are held out."""
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    images = sk_load_digits().images.astype(np.float32) / 16.0
+def split_digits(num_test: int) -> tuple:
+    """The 1797 bundled digits as float32 (N, 1, 8, 8) in [0, 1]; the last `num_test` are held out."""
+    images = load_digits().images.astype(np.float32) / 16.0
     images = torch.from_numpy(images)[:, None]
     return images[:-num_test], images[-num_test:]
 
@@ -101,12 +101,8 @@ def save_interpolation_png(inverter: DDIMInversionPipeline, images: torch.Tensor
     """Invert two held-out digits, slerp their x_T and save the decoded path as one strip, upscaled 4x."""
     latents = inverter(images[:2], num_inference_steps=steps).latents
     frames = inverter.interpolate(latents[0], latents[1], num_frames=8, num_inference_steps=steps, output_type="np")
-    strip = np.concatenate(list(frames.images[..., 0]), axis=1)  # (8, 8 * num_frames)
-    strip = np.kron(strip, np.ones((4, 4)))
-    from PIL import Image
-
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray((strip * 255).round().astype(np.uint8), mode="L").save(path, optimize=True)
+    make_grid(frames.images, num_columns=len(frames.images), padding=0, scale=4).save(path, optimize=True)
     print(f"wrote {path}")
 
 
@@ -203,14 +199,12 @@ def main() -> None:
         if args.denoiser == "model":
             if args.model is None:
                 parser.error("`model` needs a pipeline folder")
-            from ddim_plus.evaluation.fid import digits_reference_images
-
             pipe = DDIMPlusPipeline.from_pretrained(args.model)
             channels, size, _ = sample_shape(pipe.unet)
             images = digits_reference_images(size, channels)[-args.num_images :]
             source = f"{args.model}: the last {len(images)} bundled digits at {size}x{size}"
         else:
-            train_images, images = load_digits(min(args.num_images, 128))
+            train_images, images = split_digits(min(args.num_images, 128))
             if args.load_model:
                 pipe = DDIMPlusPipeline.from_pretrained(args.load_model)
             else:

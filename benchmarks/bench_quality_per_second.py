@@ -20,7 +20,8 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.evaluation.fid import digits_reference_images, frechet_distance
+from ddim_plus.evaluation.digits import digits_reference_images
+from ddim_plus.evaluation.fid import frechet_distance
 from ddim_plus.evaluation.sampling import generate_images
 
 

@@ -190,7 +190,7 @@ def _launch_state(args):
 
 
 def run_sample(args) -> None:
-    from .evaluation.grids import make_grid
+    from .evaluation.images import make_grid
     from .evaluation.sampling import SampleFolderError, generate_images
 
     state, device = _launch_state(args)
@@ -223,34 +223,19 @@ def run_sample(args) -> None:
 
 
 def _load_images(paths: Sequence[str], channels: int, size: int):
-    import numpy as np
-    import PIL.Image
+    from .evaluation.images import load_images
 
-    from .training.data import preprocess_image
-
-    arrays = []
-    for path in paths:
-        try:
-            picture = PIL.Image.open(path)
-            picture.load()
-            if picture.size != (size, size):
-                width, height = picture.size
-                note = f"note: {path} is {width}x{height}: shorter side resized to {size}, centre {size}x{size} kept"
-                print(note + " (as the trainer with --center_crop)", file=sys.stderr)
-            # The trainer's own preprocessing: 16-bit and float grayscale scaled (not clipped) and kept in float, and
-            # the centre crop, so a non-square photo is cropped, not squashed.
-            pixels = preprocess_image(picture, size, channels, center_crop=True, preserve_input_precision=True)
-        except (OSError, ValueError) as error:
-            raise CommandError(f"could not read image {path!r}: {error}") from error
-        arrays.append(pixels.permute(1, 2, 0).numpy() / 2 + 0.5)
-    return np.stack(arrays)
+    try:
+        return load_images(paths, channels, size)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
 
 
 def run_invert(args) -> None:
     from safetensors.torch import save_file
 
     from . import DDIMInversionPipeline
-    from .evaluation.grids import make_grid
+    from .evaluation.images import make_grid
     from .evaluation.reconstruction import mean_squared_error
 
     pipe = load_pipeline(args.model, args.spacing, device=args.device or "cpu", quiet=args.quiet)
@@ -297,7 +282,7 @@ def _load_latents_pair(path: str):
 
 def run_interpolate(args) -> None:
     from . import DDIMInversionPipeline
-    from .evaluation.grids import make_grid
+    from .evaluation.images import make_grid
 
     pipe = load_pipeline(args.model, args.spacing, device=args.device or "cpu", quiet=args.quiet)
     interpolation = DDIMInversionPipeline(**pipe.components)
@@ -324,7 +309,7 @@ def _load_reference(reference: str, channels: int, size: int):
     import numpy as np
     import torch
 
-    from .evaluation.fid import digits_reference_images
+    from .evaluation.digits import digits_reference_images
 
     if reference == "digits":
         return digits_reference_images(resolution=size, channels=channels)
@@ -374,7 +359,7 @@ def _evaluation_features(features: str, reference: str, channels: int) -> str:
 
 
 def run_evaluate(args) -> None:
-    _require_extra("eval", ["torchmetrics"] + (["sklearn"] if args.reference == "digits" else []))
+    _require_extra("eval", ["torchmetrics"] + (["matplotlib"] if args.plot else []))
     import dataclasses
     import json
 
@@ -633,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--reference",
         default="digits",
-        help="real images: digits (scikit-learn's bundled set), a folder of images or a (N, H, W, C) .npy in [0, 1] "
+        help="real images: digits (the bundled 8x8 digits), a folder of images or a (N, H, W, C) .npy in [0, 1] "
         "(default: digits)",
     )
     evaluate.add_argument("--num", type=_positive_int, default=256, help="generated images per cell (default: 256)")

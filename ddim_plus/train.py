@@ -36,12 +36,12 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus, ddim_math
+from ddim_plus.evaluation.images import make_grid
 from ddim_plus.evaluation.sampling import generate_images
 from ddim_plus.hub import HubPublisher, make_model_card
 from ddim_plus.training.checkpoints import (
@@ -517,18 +517,8 @@ def run_record(args: argparse.Namespace, num_processes: int, max_train_steps: in
 
 def save_grid(images: np.ndarray, path: str, resolution: int) -> Image.Image:
     """Save (B, H, W, C) images in [0, 1] as a square-ish grid, each tile at least GRID_TILE_PIXELS wide."""
-    tiles = DDIMPlusPipeline.numpy_to_pil(images)
-    scale = max(1, GRID_TILE_PIXELS // resolution)
-    # A grey frame per tile: digits touch their tile's edges, and without it the grid reads as stripes.
-    frame = 128 if tiles[0].mode == "L" else (128, 128, 128)
-    tiles = [
-        ImageOps.expand(tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST), border=2, fill=frame)
-        for tile in tiles
-    ]
-    cols = math.ceil(math.sqrt(len(tiles)))
-    rows = math.ceil(len(tiles) / cols)
-    tiles += [Image.new(tiles[0].mode, tiles[0].size)] * (rows * cols - len(tiles))
-    grid = make_image_grid(tiles, rows=rows, cols=cols)
+    # A grey frame around each tile: digits touch their tile's edges, and without it the grid reads as stripes.
+    grid = make_grid(images, scale=max(1, GRID_TILE_PIXELS // resolution), background=0.5)
     grid.save(path)
     return grid
 
@@ -610,7 +600,7 @@ def card_data(args: argparse.Namespace, num_images: int) -> dict:
     if args.dataset_name == DIGITS_DATASET_NAME:
         return {
             "hub_dataset_id": None,
-            "description": "scikit-learn's 1,797 8x8 handwritten digits"
+            "description": "the UCI ML hand-written digits (1,797 8x8, CC BY 4.0), bundled with ddim_plus"
             + ("" if args.resolution == 8 else f", resized to {args.resolution}x{args.resolution}"),
             "settings": {"dataset_name": DIGITS_DATASET_NAME},
         }
@@ -972,8 +962,8 @@ def write_outputs(
 
     is_digits = args.train_data_dir is None and args.dataset_name == DIGITS_DATASET_NAME
     if is_digits:
-        from ddim_plus.evaluation.digits import digits_report
-        from ddim_plus.evaluation.fid import FrechetDistance, digits_reference_images
+        from ddim_plus.evaluation.digits import digits_reference_images, digits_report
+        from ddim_plus.evaluation.fid import FrechetDistance
 
         digits_metric = FrechetDistance("digits")
         digits_metric.update(digits_reference_images(args.resolution, unet.config.in_channels), real=True)

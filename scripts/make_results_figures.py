@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.evaluation.fid import digits_reference_images
-from ddim_plus.evaluation.grids import make_grid
+from ddim_plus.evaluation.digits import digits_reference_images
+from ddim_plus.evaluation.images import make_grid
 from ddim_plus.evaluation.reconstruction import consistency, inversion_error_table
 
 

@@ -21,7 +21,8 @@ import torch
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.ddim_math import SIGMA_HAT, TIMESTEP_SPACINGS
-from ddim_plus.evaluation.fid import digits_reference_images, frechet_distance
+from ddim_plus.evaluation.digits import digits_reference_images
+from ddim_plus.evaluation.fid import frechet_distance
 
 ETAS = (0.0, 0.2, 0.5, 1.0, SIGMA_HAT)
 TABLE1_STEPS = (10, 20, 50, 100, 200, 1000)

@@ -1,6 +1,6 @@
 """Train the digits feature network shipped in ddim_plus/assets/ (used for offline Frechet distances).
 
-The network is a 10k-parameter CNN classifier on scikit-learn's bundled 8x8 digits; its 32-unit hidden layer is the
+The network is a 10k-parameter CNN classifier on the bundled 8x8 digits; its 32-unit hidden layer is the
 feature space of ``FrechetDistance(features="digits")``. Training takes well under a minute on a laptop CPU and is
 deterministic for a given seed:
 
@@ -15,9 +15,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from sklearn.datasets import load_digits
 
-from ddim_plus.evaluation.fid import DIGITS_FEATURES_FILE, DIGITS_FEATURES_NAME, DigitsFeatureNet
+from ddim_plus.evaluation.digits import DIGITS_FEATURES_NAME, DigitsFeatureNet, load_digits
+from ddim_plus.evaluation.fid import DIGITS_FEATURES_FILE
 
 
 def parse_args(argv=None):
@@ -54,8 +54,8 @@ def main(argv=None):
 
     digits = load_digits()
     images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)
-    labels = torch.from_numpy(digits.target).long()
-    # scikit-learn orders the digits by writer; a random split keeps writers on both sides.
+    labels = torch.from_numpy(digits.labels).long()
+    # The data set orders the digits by writer; a random split keeps writers on both sides.
     order = torch.randperm(len(images), generator=generator)
     images, labels = images[order], labels[order]
     train_images, test_images = images[: -args.held_out], images[-args.held_out :]

@@ -312,14 +312,19 @@ def test_evaluate_scores_against_the_users_folder_in_dinov2_features_from_the_ca
     assert "dinov2(dinov2-small)" in text and "digits" not in text
 
 
-def test_evaluate_on_a_base_install_names_the_extra(model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # as if not installed: importing it fails
-    assert main(["evaluate", model_dir, "--out", str(tmp_path / "r.md"), "--quiet"]) == 1
+@pytest.mark.parametrize("module, options", [("torchmetrics", []), ("matplotlib", ["--plot", "plot.png"])])
+def test_evaluate_on_a_base_install_names_the_extra(model_dir, tmp_path, capsys, monkeypatch, module, options):
+    if module != "torchmetrics":
+        pytest.importorskip("torchmetrics")  # imported first: it fails to import where matplotlib is half there
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it fails
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", model_dir, "--out", str(tmp_path / "r.md"), "--quiet"] + options) == 1
     err = capsys.readouterr().err
-    assert "pip install 'ddim-plus[eval]'" in err and "torchmetrics" in err and "Traceback" not in err
+    assert "pip install 'ddim-plus[eval]'" in err and repr(module) in err and "Traceback" not in err
+    assert not (tmp_path / "r.md").exists()  # refused before any work
 
 
-def test_invert_centre_crops_a_non_square_image_as_the_trainer(tmp_path, capsys):
+def test_invert_centre_crops_a_non_square_image_as_the_trainer(tmp_path, caplog):
     from ddim_plus.cli import _load_images
 
     pixels = np.random.default_rng(0).integers(0, 256, (8, 16), dtype=np.uint8)  # 16 wide, 8 high
@@ -327,7 +332,7 @@ def test_invert_centre_crops_a_non_square_image_as_the_trainer(tmp_path, capsys)
     images = _load_images([str(tmp_path / "wide.png")], channels=1, size=8)
     # shorter side is already 8: no resize, the centre 8 columns are kept (not the whole width squashed)
     np.testing.assert_allclose(images[0, ..., 0], pixels[:, 4:12] / 255.0, atol=1e-6)
-    assert "centre 8x8 kept" in capsys.readouterr().err
+    assert "centre 8x8 kept" in caplog.text
 
 
 def test_unwritable_output_is_a_message_not_a_traceback(model_dir, tmp_path, capsys):

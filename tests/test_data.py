@@ -24,7 +24,7 @@ def digits16():
 
 
 def test_bundled_digits_are_resized_grayscale_images(digits16):
-    from sklearn.datasets import load_digits
+    from ddim_plus.evaluation.digits import load_digits
 
     assert len(digits16) == 1797
     assert digits16.features["label"].names == [str(d) for d in range(10)]
@@ -33,7 +33,7 @@ def test_bundled_digits_are_resized_grayscale_images(digits16):
     # Area-averaging back to 8x8 recovers the original digit up to interpolation error.
     back = np.asarray(first["image"].resize((8, 8), Image.BOX), dtype=np.float64) / 255 * 16
     assert np.abs(back - load_digits().images[0]).mean() < 1.0
-    assert first["label"] == load_digits().target[0]
+    assert first["label"] == load_digits().labels[0]
     assert load_image_dataset("digits", resolution=12)[5]["image"].size == (12, 12)
 
 

@@ -1,15 +1,18 @@
 """ddim_plus.evaluation.digits: the recognisable fraction and class histogram of generated digits."""
 
+import os
+
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 from ddim_plus.evaluation.digits import (
+    DIGITS_FILE,
     class_balance,
     class_histogram,
     classify_digits,
     digits_report,
     fit_digits_classifier,
+    load_digits,
     recognisable_fraction,
 )
 
@@ -23,11 +26,27 @@ def real_digits_16():
     return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in dataset["image"]])[..., None]
 
 
-def test_held_out_accuracy():
+def test_bundled_digits_are_scikit_learns():
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    expected = sklearn_datasets.load_digits()
     digits = load_digits()
-    classifier = fit_digits_classifier(digits.data[:1400] / 16, digits.target[:1400])
-    labels, _ = classify_digits(digits.images[1400:] / 16, classifier)
-    assert np.mean(labels == digits.target[1400:]) > 0.85
+    assert digits.images.dtype == np.uint8 and digits.images.shape == (1797, 8, 8)
+    np.testing.assert_array_equal(digits.images, expected.images)
+    np.testing.assert_array_equal(digits.labels, expected.target)
+
+
+def test_bundled_digits_are_small_and_attributed():
+    assert os.path.getsize(DIGITS_FILE) < 115_000
+    notice = open(os.path.join(os.path.dirname(DIGITS_FILE), "README.md"), encoding="utf-8").read()
+    assert "CC BY 4.0" in notice and "Alpaydin" in notice and "digits.npz" in notice
+
+
+def test_held_out_accuracy():
+    images, labels = load_digits()
+    pixels = images.reshape(len(images), -1)
+    classifier = fit_digits_classifier(pixels[:1400] / 16, labels[:1400])
+    predicted, _ = classify_digits(images[1400:] / 16, classifier)
+    assert np.mean(predicted == labels[1400:]) > 0.85
 
 
 def test_real_digits_are_recognisable_and_balanced(real_digits_16):
@@ -58,10 +77,11 @@ def test_class_balance_extremes():
 
 
 def test_fitting_is_deterministic():
-    digits = load_digits()
-    first = fit_digits_classifier(digits.data[:500] / 16, digits.target[:500], seed=1, num_steps=50)
-    second = fit_digits_classifier(digits.data[:500] / 16, digits.target[:500], seed=1, num_steps=50)
-    images = digits.images[500:600] / 16
+    images, labels = load_digits()
+    pixels = images.reshape(len(images), -1) / 16
+    first = fit_digits_classifier(pixels[:500], labels[:500], seed=1, num_steps=50)
+    second = fit_digits_classifier(pixels[:500], labels[:500], seed=1, num_steps=50)
+    images = images[500:600] / 16
     assert np.array_equal(classify_digits(images, first)[1], classify_digits(images, second)[1])
 
 

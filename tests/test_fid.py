@@ -8,18 +8,17 @@ from torch import nn
 
 pytest.importorskip("torchmetrics")
 
+from ddim_plus.evaluation.digits import DIGITS_FEATURES_NAME, digits_reference_images, load_digits  # noqa: E402
 from ddim_plus.evaluation.fid import (  # noqa: E402
     DIGITS_FEATURES_FILE,
-    DIGITS_FEATURES_NAME,
     FeatureWeightsUnavailableError,
     FrechetDistance,
     choose_features,
-    digits_reference_images,
     frechet_distance,
     load_digits_feature_net,
     parse_features,
-    to_image_tensor,
 )
+from ddim_plus.evaluation.images import to_image_tensor  # noqa: E402
 
 
 class PixelFeatures(nn.Module):
@@ -96,9 +95,7 @@ def test_digits_feature_net_loads_offline(offline_hf_home):
     net = load_digits_feature_net()
     assert DIGITS_FEATURES_FILE.endswith(".safetensors")
     images = digits_reference_images()
-    from sklearn.datasets import load_digits
-
-    labels = torch.from_numpy(load_digits().target)
+    labels = torch.from_numpy(load_digits().labels)
     with torch.no_grad():
         accuracy = (net.logits(images).argmax(1) == labels).float().mean().item()
     # Trained on 1,500 of these 1,797 digits; the file would be broken or stale below this.

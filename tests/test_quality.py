@@ -1,4 +1,4 @@
-"""Steps-vs-quality sweeps: same x_T in every cell, stock parity, the markdown a model card receives, grids."""
+"""Steps-vs-quality sweeps: same x_T in every cell, stock parity, the markdown a model card receives."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,6 @@ import torch
 from conftest import make_tiny_unet
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.evaluation.grids import make_grid
 from ddim_plus.evaluation.quality import SIGMA_HAT, quality_sweep, results_to_markdown
 from ddim_plus.evaluation.sampling import generate_images
 
@@ -68,15 +67,3 @@ def test_markdown_names_features_and_sample_size(pipe):
         assert f"| {num_steps} | " in markdown
     with pytest.raises(ValueError, match="empty"):
         results_to_markdown([])
-
-
-def test_make_grid_places_each_image():
-    images = torch.stack([torch.full((3, 2, 2), v) for v in (0.0, 0.5, 1.0)])
-    grid = np.asarray(make_grid(images, num_columns=2, padding=1, background=1.0))
-    assert grid.shape == (7, 7, 3)
-    assert (grid[1:3, 1:3] == 0).all() and (grid[1:3, 4:6] == 128).all() and (grid[4:6, 1:3] == 255).all()
-    assert (grid[4:6, 4:6] == 255).all()  # empty cell: background
-    big = make_grid(images[:, :1].numpy().transpose(0, 2, 3, 1), scale=3)
-    assert big.mode == "L" and big.size == (21, 21)
-    with pytest.raises(ValueError, match="empty"):
-        make_grid(torch.zeros(0, 1, 2, 2))

@@ -22,7 +22,8 @@ from conftest import make_tiny_unet, save_tiny_pipeline
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.cli import main
 from ddim_plus.evaluation import sampling
-from ddim_plus.evaluation.fid import FrechetDistance, digits_reference_images
+from ddim_plus.evaluation.digits import digits_reference_images
+from ddim_plus.evaluation.fid import FrechetDistance
 from ddim_plus.evaluation.sampling import MANIFEST_NAME, generate_images
 
 pytest.importorskip("torchmetrics")

@@ -1,35 +1,132 @@
-"""How recognisable generated digits are, judged by a classifier trained on the bundled digits.
+"""The bundled 8x8 digits, and the two networks that judge images of them.
 
-The classifier is a one-hidden-layer network on scikit-learn's 1,797 8x8 digits plus an eleventh "not a digit"
-class (uniform noise, digits with their pixels shuffled, flat grey images), fitted deterministically at first use in
-about a second, so it needs no download and no shipped weights. The extra class matters: a plain 10-way classifier
-calls half of all uniform-noise images a confident digit. About 92% accurate on the harder last 397 digits when
-fitted on the first 1,400; no noise image gets a digit probability above 0.5.
+The data are the 1,797 8x8 handwritten digits of the UCI ML hand-written digits data set (the copy scikit-learn
+ships), stored in ``ddim_plus/assets/digits.npz`` under CC BY 4.0 (attribution in ``ddim_plus/assets/README.md``), so
+they need neither a download nor scikit-learn.
 
-Samples of any resolution and channel count are averaged to grey and area-resized to 8x8 first, which undoes the
-upsampling of `ddim_plus.training.data.load_digits_dataset`.
+Two networks, because they do two jobs: `DigitsFeatureNet` (weights shipped in ``ddim_plus/assets/``) supplies the
+features of ``FrechetDistance(features="digits")``, while `DigitsClassifier` decides whether a sample is a digit at
+all, which takes an eleventh "not a digit" class (uniform noise, digits with their pixels shuffled, flat grey images)
+that a ten-way digit classifier lacks: such a classifier calls half of all uniform-noise images a confident digit.
+`DigitsClassifier` is a one-hidden-layer network fitted deterministically at first use in about a second, so it needs
+no shipped weights; it is about 92% accurate on the harder last 397 digits when fitted on the first 1,400, and no
+noise image gets a digit probability above 0.5.
+
+Both networks see images through `to_digit_grey`: samples of any resolution and channel count are averaged to grey
+and area-resized to 8x8, which undoes the upsampling of `ddim_plus.training.data.load_digits_dataset`.
 """
 
+import os
 from functools import lru_cache
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from torch import nn
 
-NUM_CLASSES = 10
+from .images import ImageBatch, to_image_tensor
+
+DIGITS_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits.npz")
 DIGITS_RESOLUTION = 8
+DIGITS_FEATURES_NAME = "digits-cnn-v1"
+NUM_CLASSES = 10
 CONFIDENCE_THRESHOLD = 0.5
 
 
-class DigitsClassifier(torch.nn.Module):
+class Digits(NamedTuple):
+    """The bundled digits: `images` (1797, 8, 8) uint8 holding the data set's own values 0-16 (the number of set
+    pixels in each 4x4 block of a 32x32 bitmap; divide by 16 for [0, 1]) and `labels` (1797,) int64, 0-9."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def load_digits() -> Digits:
+    """The 1,797 bundled 8x8 digits, in the order of scikit-learn's `load_digits` (no download, no scikit-learn).
+
+    Returns:
+        `Digits`: `images` (1797, 8, 8) uint8 in 0-16 and `labels` (1797,) int64.
+    """
+    with np.load(DIGITS_FILE) as digits:
+        return Digits(digits["images"], digits["labels"].astype(np.int64))
+
+
+def digits_reference_images(resolution: int = DIGITS_RESOLUTION, channels: int = 1) -> torch.Tensor:
+    """All 1,797 bundled digits as a (N, C, H, W) tensor in [0, 1].
+
+    Prepared exactly as `ddim_plus.training.data.load_digits_dataset` prepares the training set (8-bit pixels, PIL
+    bicubic resize), so a digits model that learnt its data perfectly scores near zero.
+
+    Args:
+        resolution (`int`, defaults to 8): side of the images; 8 keeps the originals.
+        channels (`int`, defaults to 1): 1 or 3 (grey repeated).
+
+    Returns:
+        `torch.Tensor`
+    """
+    import PIL.Image
+
+    pixels = np.round(load_digits().images / 16.0 * 255.0).astype(np.uint8)
+    if resolution != DIGITS_RESOLUTION:
+        pixels = np.stack(
+            [np.asarray(PIL.Image.fromarray(p).resize((resolution, resolution), PIL.Image.BICUBIC)) for p in pixels]
+        )
+    images = torch.from_numpy(pixels).float().div(255.0).unsqueeze(1)
+    return images.expand(-1, channels, -1, -1).contiguous()
+
+
+def to_digit_grey(images: ImageBatch) -> torch.Tensor:
+    """(B, C, H, W) tensor or (B, H, W, C) array in [0, 1] -> (B, 1, 8, 8) grey tensor: channel mean, area resize."""
+    grey = to_image_tensor(images).mean(dim=1, keepdim=True)
+    if grey.shape[-2:] != (DIGITS_RESOLUTION, DIGITS_RESOLUTION):
+        grey = F.interpolate(grey, size=(DIGITS_RESOLUTION, DIGITS_RESOLUTION), mode="area")
+    return grey
+
+
+class DigitsFeatureNet(nn.Module):
+    """A tiny CNN for the 8x8 digits whose 32-dimensional hidden layer serves as FID features.
+
+    Any input resolution and channel count is accepted (see `to_digit_grey`). The weights shipped in
+    ``ddim_plus/assets/digits_features.safetensors`` are written by ``scripts/train_digits_features.py`` and loaded by
+    `ddim_plus.evaluation.fid.load_digits_feature_net`.
+
+    Args:
+        hidden_features (`int`, defaults to 32): size of the feature layer.
+        num_classes (`int`, defaults to 10): size of the classification head used for training.
+    """
+
+    name = DIGITS_FEATURES_NAME
+
+    def __init__(self, hidden_features: int = 32, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.hidden = nn.Linear(16 * 4 * 4, hidden_features)
+        self.head = nn.Linear(hidden_features, num_classes)
+        self.num_features = hidden_features
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The hidden layer before its nonlinearity (no dead units, so the covariance has full rank)."""
+        x = F.relu(self.conv1(to_digit_grey(images) * 2 - 1))
+        x = F.relu(self.conv2(x))
+        return self.hidden(x.flatten(1))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Class scores for the ten digits."""
+        return self.head(F.relu(self.features(images)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+
+class DigitsClassifier(nn.Module):
     """64 grey values in [0, 1] -> logits of the ten digits and of "not a digit" (index 10)."""
 
     def __init__(self, hidden_features: int = 64):
         super().__init__()
-        self.hidden = torch.nn.Linear(DIGITS_RESOLUTION**2, hidden_features)
-        self.head = torch.nn.Linear(hidden_features, NUM_CLASSES + 1)
+        self.hidden = nn.Linear(DIGITS_RESOLUTION**2, hidden_features)
+        self.head = nn.Linear(hidden_features, NUM_CLASSES + 1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(F.relu(self.hidden(pixels)))
@@ -82,24 +179,8 @@ def fit_digits_classifier(
 @lru_cache(maxsize=1)
 def get_digits_classifier() -> DigitsClassifier:
     """The classifier fitted on all 1,797 bundled digits (once per process)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return fit_digits_classifier(digits.data / 16.0, digits.target)
-
-
-def to_digit_pixels(images: np.ndarray) -> np.ndarray:
-    """(B, H, W, C) or (B, H, W) images in [0, 1] -> (B, 64) grey 8x8 images in [0, 1]."""
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim == 4:
-        images = images.mean(axis=-1)
-    if images.ndim != 3:
-        raise ValueError(f"`images` must have shape (B, H, W, C) or (B, H, W), got {images.shape}.")
-    if images.shape[1:] != (DIGITS_RESOLUTION, DIGITS_RESOLUTION):
-        size = (DIGITS_RESOLUTION, DIGITS_RESOLUTION)
-        # BOX resampling is an area average, the inverse of the dataset's upsampling up to interpolation error.
-        images = np.stack([np.asarray(Image.fromarray(image, mode="F").resize(size, Image.BOX)) for image in images])
-    return np.clip(images, 0.0, 1.0).reshape(len(images), -1)
+    images, labels = load_digits()
+    return fit_digits_classifier(images.reshape(len(images), -1) / 16.0, labels)
 
 
 def classify_digits(
@@ -116,9 +197,14 @@ def classify_digits(
         `Tuple[np.ndarray, np.ndarray]`: digits (B,) and their probabilities (B,); the "not a digit" share of the
         probability is what keeps noise below any threshold.
     """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(f"`images` must have shape (B, H, W, C) or (B, H, W), got {images.shape}.")
     classifier = classifier if classifier is not None else get_digits_classifier()
     with torch.no_grad():
-        logits = classifier(torch.from_numpy(to_digit_pixels(images)))
+        logits = classifier(to_digit_grey(images).clamp(0, 1).flatten(1))
     digit_probabilities = logits.softmax(dim=-1)[:, :NUM_CLASSES]
     confidences, labels = digit_probabilities.max(dim=-1)
     return labels.numpy(), confidences.numpy()

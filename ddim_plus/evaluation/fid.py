@@ -4,16 +4,15 @@ The distance itself is torchmetrics' `FrechetInceptionDistance` (float64 statist
 root); this module only chooses the feature network and keeps its name next to every number, because a Frechet
 distance in one feature space says nothing about another:
 
-- ``"digits"``: a tiny CNN (about 10k parameters) trained on scikit-learn's bundled 8x8 digits by
-  ``scripts/train_digits_features.py`` and shipped in ``ddim_plus/assets/``. Always available offline; the right
-  yardstick for models trained on the bundled digits, meaningless for anything else.
+- ``"digits"``: a tiny CNN (about 10k parameters, `ddim_plus.evaluation.digits.DigitsFeatureNet`) trained on the
+  bundled 8x8 digits by ``scripts/train_digits_features.py`` and shipped in ``ddim_plus/assets/``. Always available
+  offline; the right yardstick for models trained on the bundled digits, meaningless for anything else.
 - ``"inception"`` / ``"inception:PATH"``: the standard FID (Heusel et al. 2017) in Inception-v3 pool features, via
   torch-fidelity. With a PATH the weights are read from disk; without one torch-fidelity downloads them.
 - ``"dinov2:PATH_OR_REPO_ID"``: the Frechet distance in DINOv2 CLS features (Stein et al. 2023 find it tracks human
   judgement better than Inception), loaded with `transformers` from a local folder or the local Hub cache.
 
-Images everywhere in this module are floats in [0, 1], either a `torch.Tensor` shaped (B, C, H, W) or a numpy
-array shaped (B, H, W, C) as returned by ``pipe(..., output_type="np").images``.
+Images are floats in [0, 1], a (B, C, H, W) tensor or a (B, H, W, C) array (see `ddim_plus.evaluation.images`).
 """
 
 from __future__ import annotations
@@ -27,100 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .digits import DigitsFeatureNet
+from .images import ImageBatch, to_image_tensor, to_rgb
+
 DIGITS_FEATURES_FILE = os.path.join(
     os.path.dirname(os.path.dirname(__file__)), "assets", "digits_features.safetensors"
 )
-DIGITS_FEATURES_NAME = "digits-cnn-v1"
-DIGITS_RESOLUTION = 8
 FEATURE_KINDS = ("digits", "inception", "dinov2")
 # What `choose_features` looks for on disk: DINOv2 checkpoints in the Hugging Face cache, smallest first, and the FID
 # Inception weights where torch-fidelity's download puts them (torch hub's checkpoints folder).
 DINOV2_REPO_IDS = ("facebook/dinov2-small", "facebook/dinov2-base", "facebook/dinov2-large", "facebook/dinov2-giant")
 INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
-ImageBatch = Union[torch.Tensor, np.ndarray]
-
 
 class FeatureWeightsUnavailableError(RuntimeError):
     """Raised when the weights of a requested feature network are not on this machine (and may not be fetched)."""
-
-
-def to_image_tensor(images: ImageBatch) -> torch.Tensor:
-    """Return `images` as a float32 (B, C, H, W) tensor in [0, 1].
-
-    Args:
-        images (`torch.Tensor` or `np.ndarray`): a (B, C, H, W) tensor or a (B, H, W, C) array (the layout of
-            ``output_type="np"``), floats in [0, 1]. A single image without the batch axis is not accepted.
-
-    Returns:
-        `torch.Tensor`: (B, C, H, W), float32.
-    """
-    if isinstance(images, np.ndarray):
-        if images.ndim != 4:
-            raise ValueError(f"`images` must be a (B, H, W, C) array, got shape {images.shape}.")
-        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    elif not isinstance(images, torch.Tensor):
-        raise TypeError(f"`images` must be a torch.Tensor or a numpy array, got {type(images).__name__}.")
-    elif images.ndim != 4:
-        raise ValueError(f"`images` must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}.")
-    images = images.float()
-    if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
-        raise ValueError(
-            f"`images` must hold values in [0, 1], got [{images.min().item():.3f}, {images.max().item():.3f}]; "
-            "for [-1, 1] model outputs use `(x / 2 + 0.5).clamp(0, 1)`."
-        )
-    return images
-
-
-def _to_rgb(images: torch.Tensor) -> torch.Tensor:
-    if images.shape[1] == 3:
-        return images
-    if images.shape[1] == 1:
-        return images.expand(-1, 3, -1, -1)
-    raise ValueError(f"`images` must have 1 or 3 channels for this feature network, got {images.shape[1]}.")
-
-
-class DigitsFeatureNet(nn.Module):
-    """A tiny CNN for scikit-learn's 8x8 digits whose 32-dimensional hidden layer serves as FID features.
-
-    Any input resolution and channel count is accepted: images are averaged to grey and area-resized to 8x8, which
-    is exactly how the digits models of this project upsample their training data in reverse.
-
-    Args:
-        hidden_features (`int`, defaults to 32): size of the feature layer.
-        num_classes (`int`, defaults to 10): size of the classification head used for training.
-    """
-
-    name = DIGITS_FEATURES_NAME
-
-    def __init__(self, hidden_features: int = 32, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.hidden = nn.Linear(16 * 4 * 4, hidden_features)
-        self.head = nn.Linear(hidden_features, num_classes)
-        self.num_features = hidden_features
-
-    @staticmethod
-    def prepare(images: torch.Tensor) -> torch.Tensor:
-        """Grey, 8x8, centred inputs from (B, C, H, W) images in [0, 1]."""
-        grey = images.mean(dim=1, keepdim=True)
-        if grey.shape[-2:] != (DIGITS_RESOLUTION, DIGITS_RESOLUTION):
-            grey = F.interpolate(grey, size=(DIGITS_RESOLUTION, DIGITS_RESOLUTION), mode="area")
-        return grey * 2 - 1
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The hidden layer before its nonlinearity (no dead units, so the covariance has full rank)."""
-        x = F.relu(self.conv1(self.prepare(images)))
-        x = F.relu(self.conv2(x))
-        return self.hidden(x.flatten(1))
-
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Class scores for the ten digits."""
-        return self.head(F.relu(self.features(images)))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features(images)
 
 
 def load_digits_feature_net(path: Optional[str] = None) -> DigitsFeatureNet:
@@ -166,7 +86,7 @@ class Dinov2Features(nn.Module):
         self.register_buffer("std", torch.tensor(self._std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(_to_rgb(images), size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
+        x = F.interpolate(to_rgb(images), size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
         x = (x.clamp(0, 1) - self.mean) / self.std
         return self.model(pixel_values=x).last_hidden_state[:, 0]
 
@@ -185,7 +105,8 @@ def load_dinov2_features(path_or_repo_id: str) -> Dinov2Features:
         from transformers import Dinov2Model
     except ImportError as error:
         raise FeatureWeightsUnavailableError(
-            "DINOv2 features need the `transformers` package: `pip install transformers` (or `ddim-plus[eval]`)."
+            "DINOv2 features need the `transformers` package, which the 'dinov2' extra installs: "
+            "pip install 'ddim-plus[dinov2]'"
         ) from error
     from huggingface_hub import constants
 
@@ -245,7 +166,7 @@ def choose_features(digits_data: bool) -> str:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        reasons.append("DINOv2 needs `transformers` (pip install 'ddim-plus[eval]')")
+        reasons.append("DINOv2 needs `transformers` (pip install 'ddim-plus[dinov2]')")
     else:
         for repo_id in DINOV2_REPO_IDS:
             if _dinov2_in_cache(repo_id):
@@ -255,7 +176,7 @@ def choose_features(digits_data: bool) -> str:
 
     inception_path = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_NAME)
     if not _TORCH_FIDELITY_AVAILABLE:
-        reasons.append("Inception needs torch-fidelity")
+        reasons.append("Inception needs torch-fidelity (pip install 'ddim-plus[eval]')")
     elif not os.path.isfile(inception_path):
         reasons.append(f"no Inception weights at {inception_path}")
     else:
@@ -273,7 +194,7 @@ def _inception_metric(weights_path: Optional[str]):
 
     if not _TORCH_FIDELITY_AVAILABLE:
         raise FeatureWeightsUnavailableError(
-            "Inception features need torch-fidelity: `pip install torch-fidelity` (and the FID Inception weights, "
+            "Inception features need torch-fidelity: pip install 'ddim-plus[eval]' (and the FID Inception weights, "
             "`pt_inception-2015-12-05-6726825d.pth`, passed as 'inception:PATH' when offline)."
         )
     if weights_path is not None and not os.path.isfile(weights_path):
@@ -376,7 +297,7 @@ class FrechetDistance:
         for batch in batches:
             batch = to_image_tensor(batch)
             if self.features_name.startswith("inception"):
-                batch = _to_rgb(batch)
+                batch = to_rgb(batch)
             for chunk in batch.split(self.batch_size):
                 self._metric.update(chunk.to(self.device), real=real)
 
@@ -456,28 +377,3 @@ def frechet_distance(
     metric.update(reference_images, real=True)
     metric.update(generated_images, real=False)
     return metric.compute()
-
-
-def digits_reference_images(resolution: int = DIGITS_RESOLUTION, channels: int = 1) -> torch.Tensor:
-    """All 1,797 images of scikit-learn's bundled digits as a (N, C, H, W) tensor in [0, 1] (no download).
-
-    Prepared exactly as `ddim_plus.training.data.load_digits_dataset` prepares the training set (8-bit pixels, PIL
-    bicubic resize), so a digits model that learnt its data perfectly scores near zero.
-
-    Args:
-        resolution (`int`, defaults to 8): side of the images; 8 keeps the originals.
-        channels (`int`, defaults to 1): 1 or 3 (grey repeated).
-
-    Returns:
-        `torch.Tensor`
-    """
-    import PIL.Image
-    from sklearn.datasets import load_digits
-
-    pixels = np.round(load_digits().images / 16.0 * 255.0).astype(np.uint8)
-    if resolution != DIGITS_RESOLUTION:
-        pixels = np.stack(
-            [np.asarray(PIL.Image.fromarray(p).resize((resolution, resolution), PIL.Image.BICUBIC)) for p in pixels]
-        )
-    images = torch.from_numpy(pixels).float().div(255.0).unsqueeze(1)
-    return images.expand(-1, channels, -1, -1).contiguous()

@@ -11,8 +11,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .fid import ImageBatch, to_image_tensor
+from .digits import load_digits
 from .gmm import GaussianMixture
+from .images import ImageBatch, to_image_tensor
 
 
 def mean_squared_error(images: ImageBatch, reference: ImageBatch) -> float:
@@ -35,7 +36,7 @@ def mean_squared_error(images: ImageBatch, reference: ImageBatch) -> float:
 
 
 def digits_mixture(std: float = 0.1) -> GaussianMixture:
-    """Ten isotropic Gaussians at the class means of scikit-learn's 8x8 digits (in the model's [-1, 1] scale): data
+    """Ten isotropic Gaussians at the class means of the bundled 8x8 digits (in the model's [-1, 1] scale): data
     whose exact denoiser (`GaussianMixtureOracle`) measures inversion with no training error.
 
     Args:
@@ -44,11 +45,9 @@ def digits_mixture(std: float = 0.1) -> GaussianMixture:
     Returns:
         `GaussianMixture`: samples of shape (1, 8, 8).
     """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels = torch.from_numpy(digits.images / 16.0 * 2 - 1)
-    means = torch.stack([pixels[torch.from_numpy(digits.target == k)].mean(0) for k in range(10)])[:, None]
+    images, labels = load_digits()
+    pixels = torch.from_numpy(images / 16.0 * 2 - 1)
+    means = torch.stack([pixels[torch.from_numpy(labels == k)].mean(0) for k in range(10)])[:, None]
     return GaussianMixture(means, torch.full((10,), std))
 
 

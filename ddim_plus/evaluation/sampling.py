@@ -28,6 +28,7 @@ import PIL.Image
 import torch
 
 from .fid import FrechetDistance, FrechetDistanceResult
+from .images import load_image_file
 
 SHARD_SIZE = 1000
 MANIFEST_NAME = "ddim_plus_samples.json"
@@ -131,8 +132,7 @@ def _save_png(pixels: np.ndarray, path: str) -> None:
 
 
 def _load_png(path: str, channels: int) -> np.ndarray:
-    with PIL.Image.open(path) as picture:
-        pixels = np.asarray(picture.convert("L" if channels == 1 else "RGB"))
+    pixels = np.asarray(load_image_file(path, "L" if channels == 1 else "RGB"))
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 

@@ -34,7 +34,7 @@ def augmentation_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def load_digits_dataset(resolution: int = 8):
-    """scikit-learn's 1,797 8x8 handwritten digits as a `datasets.Dataset`, shipped with scikit-learn (offline).
+    """The 1,797 bundled 8x8 handwritten digits (`ddim_plus.evaluation.digits.load_digits`) as a `datasets.Dataset`.
 
     Args:
         resolution (`int`, defaults to 8): side of the square images; other sizes resize the 8x8 originals
@@ -44,7 +44,8 @@ def load_digits_dataset(resolution: int = 8):
         `datasets.Dataset`: columns `image` (grayscale PIL images, light digits on black) and `label` (0-9).
     """
     import datasets
-    from sklearn.datasets import load_digits
+
+    from ..evaluation.digits import load_digits
 
     digits = load_digits()
     pixels = np.round(digits.images / 16.0 * 255.0).astype(np.uint8)
@@ -52,7 +53,7 @@ def load_digits_dataset(resolution: int = 8):
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(digit) for digit in range(10)])}
     )
-    return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+    return datasets.Dataset.from_dict({"image": images, "label": digits.labels.tolist()}, features=features)
 
 
 def _image_folder_extensions() -> set:
