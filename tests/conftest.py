@@ -1,11 +1,17 @@
 """Shared fixtures: tiny models so the whole suite runs in minutes on 2 CPU cores."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout: README.md, docs/, training/
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A custom schedule with an uneven gap, a gap of 1 and no t = 0, for the schedulers' `timesteps=` argument.
+CUSTOM_TIMESTEPS = [999, 874, 601, 600, 333, 120, 47, 3]
 
 
 def make_tiny_unet(channels: int = 3, sample_size: int = 8, seed: int = 0):

@@ -5,14 +5,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STABLE_DIFFUSION_SCHEDULER_CONFIG, make_tiny_stable_diffusion_components, make_tiny_unet
+from conftest import (
+    REPO_ROOT,
+    STABLE_DIFFUSION_SCHEDULER_CONFIG,
+    make_tiny_stable_diffusion_components,
+    make_tiny_unet,
+)
 
 import ddim_plus
 from ddim_plus import DDIMSchedulerPlus
 from ddim_plus.evaluation.gmm import GaussianMixture, GaussianMixtureOracle
 from ddim_plus.evaluation.reconstruction import digits_mixture
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "inversion.md"
+DOCS = REPO_ROOT / "docs" / "inversion.md"
 
 
 def counted(denoiser):

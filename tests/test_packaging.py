@@ -11,12 +11,11 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_unet
+from conftest import REPO_ROOT, make_tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+README = REPO_ROOT / "README.md"
 
 
 def run(command, **kwargs):
@@ -56,8 +55,8 @@ def installed(tmp_path_factory):
     source = work / "source"  # a copy, so the build leaves nothing in the checkout
     source.mkdir()
     for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
-        shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "ddim_plus", source / "ddim_plus", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(REPO_ROOT / name, source / name)
+    shutil.copytree(REPO_ROOT / "ddim_plus", source / "ddim_plus", ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip"]
     build = ["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(work / "dist"), str(source)]
     run(pip + build)

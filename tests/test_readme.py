@@ -1,14 +1,13 @@
 """The README's quick start runs as written, with the Hub checkpoint replaced by a local stock DDPM folder."""
 
 import re
-from pathlib import Path
 
-from conftest import make_tiny_unet
+from conftest import REPO_ROOT, make_tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 
 import ddim_plus
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO_ROOT / "README.md"
 
 
 def test_readme_quick_start_runs_on_a_stock_ddpm_checkpoint(tmp_path, monkeypatch):

@@ -10,13 +10,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import CUSTOM_TIMESTEPS
 from diffusers import DPMSolverMultistepScheduler
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.ddim_math import PREDICTION_TYPES, TIMESTEP_SPACINGS
 from ddim_plus.evaluation.gmm import GaussianMixture, GaussianMixtureOracle
 
-CUSTOM_TIMESTEPS = [999, 874, 601, 600, 333, 120, 47, 3]
 MIXTURE = GaussianMixture.random(num_components=4, sample_shape=(1, 4, 4), seed=0)
 
 

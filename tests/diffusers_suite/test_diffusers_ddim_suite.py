@@ -11,7 +11,7 @@ test cannot apply as written, the reason is given at the test.
 
 Not carried over:
 - `SchedulerPushToHubTester` (push_to_hub, push_to_hub_in_organization): need Hub staging credentials and the
-  network; our own push is tested offline with the Hub calls recorded (tests/test_pipeline_loading.py).
+  network; our own push is tested offline with the Hub calls recorded (tests/test_pipeline_utils.py).
 - `SchedulerBaseTests.test_save_load_*`: exercise diffusers' `ConfigMixin` with dummy classes; no DDIM scheduler
   is involved.
 - `test_default_arguments_not_in_config` and `test_default_solver_type_after_switch` download
@@ -221,7 +221,7 @@ def test_thresholding(tmp_path):
 
 def test_time_indices(tmp_path):
     # 1, 10 and 49 are not in the 50-step leading schedule; they step to the largest scheduled timestep below
-    # (tests/test_scheduler.py checks where they land; here, as upstream, that a reloaded copy agrees).
+    # (tests/test_scheduling_ddim_plus.py checks where they land; here, as upstream, that a reloaded copy agrees).
     for t in [1, 10, 49]:
         check_over_forward(tmp_path, time_step=t)
 

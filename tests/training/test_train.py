@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_unet
+from conftest import REPO_ROOT, make_tiny_unet
 from PIL import Image
 from safetensors.torch import load_file
 
 from ddim_plus import train
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
 
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import CUSTOM_TIMESTEPS
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -19,7 +20,6 @@ from diffusers import (
 from ddim_plus import DDIMSchedulerPlus
 from ddim_plus.ddim_math import DIFFUSERS_TIMESTEP_SPACINGS, PREDICTION_TYPES, TIMESTEP_SPACINGS
 
-CUSTOM_TIMESTEPS = [999, 874, 601, 600, 333, 120, 47, 3]
 # Tolerance of a float32 step against its float64 closed form: x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
 # amplifies the float32 rounding of the numerator by 1/sqrt(abar) (~10 at t ~ 900); measured <= 3e-6. One step
 # to a wrong neighbouring timestep changes the result by ~1e-3, far outside this.

@@ -11,13 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_tiny_unet, save_tiny_pipeline
+from conftest import REPO_ROOT, make_tiny_unet, save_tiny_pipeline
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.cli import main
@@ -28,7 +27,6 @@ from ddim_plus.evaluation.sampling import MANIFEST_NAME, generate_images
 
 pytest.importorskip("torchmetrics")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 96
 # Small shards so that a 2-process run has 12 rounds to be killed in.
 COMMON = ["--steps", "40", "--num", str(NUM_IMAGES), "--seed", "3", "--batch-size", "3", "--shard-size", "4"]
