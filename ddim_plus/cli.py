@@ -477,7 +477,9 @@ def run_tune_steps(args) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------------------------
-def _add_common(parser: argparse.ArgumentParser, spacing: bool = True) -> None:
+def _add_command(commands, name: str, help: str, description: str, spacing: bool = True) -> argparse.ArgumentParser:
+    """A subcommand with the arguments every command takes: MODEL, --device, --quiet (and --spacing if `spacing`)."""
+    parser = commands.add_parser(name, help=help, description=description)
     parser.add_argument("model", metavar="MODEL", help="a folder written by save_pretrained, or a Hub model id")
     if spacing:
         parser.add_argument(
@@ -494,6 +496,7 @@ def _add_common(parser: argparse.ArgumentParser, spacing: bool = True) -> None:
         "processes, each process's own device)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
 
 
 def _add_scale_options(parser: argparse.ArgumentParser) -> None:
@@ -519,10 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    sample = commands.add_parser(
-        "sample", help="generate a grid of samples", description="Generate a grid of samples."
+    sample = _add_command(
+        commands,
+        "sample",
+        help="generate a grid of samples",
+        description="Generate a grid of samples.",
     )
-    _add_common(sample)
     sample.add_argument("--steps", type=_positive_int, default=50, help="number of sampling steps S (default: 50)")
     sample.add_argument(
         "--eta", type=_non_negative_float, default=0.0, help="0 = deterministic DDIM, 1 = DDPM-like (default: 0)"
@@ -539,13 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scale_options(sample)
     sample.set_defaults(run=run_sample)
 
-    invert = commands.add_parser(
+    invert = _add_command(
+        commands,
         "invert",
         help="invert images to their DDIM latents x_T",
         description="Invert images to their DDIM latents x_T (decoding them with the same steps gives the images "
         "back). Images are converted to the model's channels and resized to its size if needed.",
     )
-    _add_common(invert)
     invert.add_argument("images", metavar="IMAGE", nargs="+", help="image files to invert")
     invert.add_argument("--steps", type=_positive_int, default=50, help="number of inversion steps S (default: 50)")
     invert.add_argument(
@@ -564,14 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument("--scale", type=_positive_int, default=4, help="pixel upscaling of the image (default: 4)")
     invert.set_defaults(run=run_invert)
 
-    interpolate = commands.add_parser(
+    interpolate = _add_command(
+        commands,
         "interpolate",
         help="decode a spherical interpolation between two x_T",
         description="Decode a spherical interpolation (slerp, paper section 5.3) between two latents x_T: drawn "
         "from two seeds, or the first two latents of a file written by `ddim-plus invert`. Decoding is "
         "DDIMInversionPipeline.interpolate: eta = 0 DDIM without clipping.",
     )
-    _add_common(interpolate)
     interpolate.add_argument("--seed-a", type=int, default=1, help="seed of the first x_T (default: 1)")
     interpolate.add_argument("--seed-b", type=int, default=2, help="seed of the second x_T (default: 2)")
     interpolate.add_argument("--latents", default=None, help="safetensors from `invert`; overrides the seeds")
@@ -583,13 +588,14 @@ def build_parser() -> argparse.ArgumentParser:
     interpolate.add_argument("--out", type=_image_file, required=True, help="image file for the strip, e.g. strip.png")
     interpolate.set_defaults(run=run_interpolate)
 
-    evaluate = commands.add_parser(
+    evaluate = _add_command(
+        commands,
         "evaluate",
         help="Frechet distance for each number of steps, eta and spacing",
         description="Frechet distance for each number of steps S, eta and spacing, all from the same x_T; prints a "
         "markdown table (rows S, columns eta, one table per spacing) and writes it to --out.",
+        spacing=False,
     )
-    _add_common(evaluate, spacing=False)
     evaluate.add_argument(
         "--steps", type=_int_list, default=[10, 20, 50, 100], help="comma-separated S values (default: 10,20,50,100)"
     )
@@ -631,14 +637,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plot", default=None, help="also plot distance against S to this image (needs matplotlib)")
     evaluate.set_defaults(run=run_evaluate)
 
-    tune = commands.add_parser(
+    tune = _add_command(
+        commands,
         "tune-steps",
         help="tune the timesteps of S steps to the model and store them in its folder",
         description="Choose the S timesteps that bring the model's samples closest to a many-step run of the same "
         "model (no data needed; see ddim_plus.optimize_timesteps) and store them in MODEL/scheduler/"
         "scheduler_config.json and its model card. Sampling with S steps at that solver order then uses them.",
+        spacing=False,
     )
-    _add_common(tune, spacing=False)
     tune.add_argument("--steps", type=_positive_int, required=True, help="number of sampling steps S to tune")
     tune.add_argument("--order", type=int, default=2, help="solver order to tune for: 1 (DDIM) or 2 (default: 2)")
     tune.add_argument(

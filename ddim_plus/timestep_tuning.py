@@ -86,8 +86,9 @@ def check_tuning_arguments(
             f"`solver_order`={solver_order!r} is not supported by DDIMSchedulerPlus; choose 1 (DDIM) or 2 "
             "(DPM-Solver++(2M) in DDIM form)."
         )
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-        raise ValueError(f"`num_inference_steps` must be an int, got {num_inference_steps!r}.")
+    for name, value in (("num_inference_steps", num_inference_steps), ("num_teacher_steps", num_teacher_steps)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"`{name}` must be an int, got {value!r}.")
     if not 2 <= num_teacher_steps <= num_train_timesteps:
         raise ValueError(
             f"`num_teacher_steps` must be between 2 and `num_train_timesteps`={num_train_timesteps}, "

@@ -19,6 +19,7 @@ import contextlib
 import fnmatch
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -292,6 +293,15 @@ def check_positive(name: str, value, allow_none: bool = False) -> None:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Check the flags that need no data (each error names the flag, the value and the fix)."""
+    # On a base install (no `train` extra) say which extra to install, before anything is written.
+    for module in ["datasets"] + (["tensorboard"] if args.report_to == "tensorboard" else []):
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(
+                f"Training needs the {module!r} package, which the 'train' extra installs: "
+                "pip install 'ddim-plus[train]'"
+            ) from error
     for name in (
         "train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs", "resolution",
         "ddpm_num_steps",

@@ -661,6 +661,17 @@ def test_help_shows_the_defaults(capsys):
     assert "(default: None)" not in usage
 
 
+@pytest.mark.parametrize("module", ["datasets", "tensorboard"])
+def test_a_base_install_names_the_train_extra_before_writing_anything(module, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails, as without the `train` extra
+    output_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(["--output_dir", str(output_dir)])
+    assert f"Training needs the '{module}' package" in str(exit_info.value)
+    assert "pip install 'ddim-plus[train]'" in str(exit_info.value)
+    assert not output_dir.exists()
+
+
 def test_every_flag_is_in_the_documented_table():
     table = {}
     for line in (REPO_ROOT / "docs" / "training.md").read_text(encoding="utf-8").splitlines():
