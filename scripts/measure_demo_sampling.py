@@ -43,6 +43,15 @@ def cells(saved_clip: bool):
             yield f"spacing:{spacing}", {"timestep_spacing": spacing}, steps, 0.0, None
     for steps in (10, 20, 50):
         yield "order2:quadratic", {"timestep_spacing": "quadratic", "ddim_solver_order": 2}, steps, 0.0, None
+    # S = 20 against S = 1000 (docs/results.md): the saved config (a schedule stored by `ddim-plus tune-steps`
+    # included), fixed spacings without it, and the second-order option.
+    untuned = {"tuned_timesteps": None}
+    yield "s20:saved", {}, 20, 0.0, None
+    for spacing in ("trailing", "quadratic"):
+        yield f"s20:{spacing}", {**untuned, "timestep_spacing": spacing}, 20, 0.0, None
+        yield f"s20:{spacing}+order2", {**untuned, "timestep_spacing": spacing, "ddim_solver_order": 2}, 20, 0.0, None
+    yield "s20:trailing+order2", {**untuned, "timestep_spacing": "trailing", "ddim_solver_order": 2}, 10, 0.0, None
+    yield "s20:trailing", {**untuned, "timestep_spacing": "trailing"}, 1000, 0.0, None
 
 
 def sample_cell(pipe, overrides, steps, eta, use_clipped, seed, size, device):
@@ -68,6 +77,7 @@ def main():
     parser.add_argument("--block-size", type=int, default=1000, help="images per block")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first block")
     parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--cells", default=None, help="only the cells whose name starts with this, e.g. s20")
     args = parser.parse_args()
     if args.blocks < 2 or args.block_size < 2:
         parser.error("`--blocks` and `--block-size` must be >= 2 (a spread needs two blocks).")
@@ -84,6 +94,8 @@ def main():
     out = open(args.out, "w", encoding="utf-8")  # one line per cell as it finishes, so a stopped run keeps its cells
     out.write(json.dumps(floor) + "\n")
     for name, overrides, steps, eta, use_clipped in cells(bool(pipe.scheduler.config.clip_sample)):
+        if args.cells is not None and not name.startswith(args.cells):
+            continue
         started = time.perf_counter()
         images = sample_cell(
             pipe, overrides, steps, eta, use_clipped, args.seed, args.blocks * args.block_size, args.device
