@@ -7,26 +7,20 @@ inversion (the whole set is one batch, so a step costs as many calls as its slow
     # the exact denoiser: a Gaussian mixture at the ten 8x8 digit class means, std 0.1 (no training error)
     python benchmarks/bench_inversion.py gmm --steps 10 20 50 100 200 500 1000          # Table 2
     python benchmarks/bench_inversion.py gmm --candidates --steps 10 20 50 100          # iteration methods compared
-    # a trained pipeline folder (e.g. `make demo`'s demo_output), on the bundled digits at its resolution
-    python benchmarks/bench_inversion.py model demo_output --steps 10 20 50 100 200 500 1000
-    # the 8x8 digits UNet of docs/results.md: trains it (~8 min on a busy 2-core CPU) on all but the last 128
-    # digits, or loads it, and measures on those 128 held-out digits
-    python benchmarks/bench_inversion.py --save-model runs/digits-unet-8x8
-    python benchmarks/bench_inversion.py --load-model runs/digits-unet-8x8 \
-        --interpolation-png docs/images/interpolation.png
+    # a trained pipeline folder (`make demo`'s demo_output), on the last bundled digits at its resolution
+    python benchmarks/bench_inversion.py model demo_output --num-images 128 --steps 10 20 50 100 200 500 1000
+    python benchmarks/bench_inversion.py model demo_output --steps 50 --interpolation-png docs/images/interpolation.png
 """
 
 import argparse
 import os
-import time
 
 import numpy as np
 import torch
-from diffusers import UNet2DModel
 
 import ddim_plus
 from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.evaluation.digits import digits_reference_images, load_digits
+from ddim_plus.evaluation.digits import digits_reference_images
 from ddim_plus.evaluation.gmm import GaussianMixtureOracle
 from ddim_plus.evaluation.images import make_grid
 from ddim_plus.evaluation.reconstruction import digits_mixture
@@ -45,56 +39,6 @@ CANDIDATES = [
     ("Anderson m=2, 20 iterations", dict(refine_iterations=20, anderson_memory=2)),
     ("Anderson m=3, 10 iterations", dict(refine_iterations=10, anderson_memory=3)),
 ]
-
-
-def split_digits(num_test: int) -> tuple:
-    """The 1797 bundled digits as float32 (N, 1, 8, 8) in [0, 1]; the last `num_test` are held out."""
-    images = load_digits().images.astype(np.float32) / 16.0
-    images = torch.from_numpy(images)[:, None]
-    return images[:-num_test], images[-num_test:]
-
-
-def make_unet() -> UNet2DModel:
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
-
-
-def train(train_images: torch.Tensor, steps: int, batch_size: int, seed: int) -> DDIMPlusPipeline:
-    """Plain DDPM training (eps-prediction, MSE, linear betas, T = 1000) with an EMA of the weights."""
-    torch.manual_seed(seed)
-    unet = make_unet()
-    ema = make_unet()
-    ema.load_state_dict(unet.state_dict())
-    scheduler = DDIMSchedulerPlus()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)
-    data = train_images * 2 - 1
-    start = time.perf_counter()
-    for step in range(steps):
-        x0 = data[torch.randint(0, len(data), (batch_size,))]
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
-        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), unet.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-        if step % 500 == 0 or step == steps - 1:
-            print(f"train step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
-    return DDIMPlusPipeline(unet=ema.eval(), scheduler=scheduler)
 
 
 def save_interpolation_png(inverter: DDIMInversionPipeline, images: torch.Tensor, path: str, steps: int) -> None:
@@ -163,23 +107,18 @@ def table(denoiser, scheduler, images, steps_list, candidates, show_paper: bool)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "denoiser",
-        nargs="?",
-        choices=["gmm", "model"],
-        help="the exact Gaussian mixture, or a pipeline folder; omitted: the trained 8x8 digits UNet",
+        "denoiser", choices=["gmm", "model"], help="the exact Gaussian mixture, or a pipeline folder (`model DIR`)"
     )
     parser.add_argument("model", nargs="?", help="pipeline folder (with `model`)")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 200, 500, 1000])
-    parser.add_argument("--num-images", type=int, default=500, help="images inverted, one batch (digits UNet: 128)")
+    parser.add_argument("--num-images", type=int, default=500, help="images inverted, one batch")
     parser.add_argument("--candidates", action="store_true", help="compare the iteration methods, not just defaults")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-steps", type=int, default=2000, help="training steps of the digits UNet")
-    parser.add_argument("--batch-size", type=int, default=64, help="training batch size of the digits UNet")
-    parser.add_argument("--load-model", help="a saved digits UNet pipeline to use instead of training")
-    parser.add_argument("--save-model", help="save the trained digits UNet pipeline here")
-    parser.add_argument("--interpolation-png", help="digits UNet: also save a picture of one interpolation here")
+    parser.add_argument("--interpolation-png", help="`model`: also save a picture of one interpolation here")
     args = parser.parse_args()
+    if args.interpolation_png and args.denoiser != "model":
+        parser.error("`--interpolation-png` needs `model DIR`")
     torch.set_num_threads(args.threads)
     candidates = CANDIDATES if args.candidates else [CANDIDATES[0], CANDIDATES[5]]
 
@@ -196,22 +135,12 @@ def main() -> None:
             f"samples (clamped to [0, 1]); {scheduler.config.timestep_spacing} spacing, linear betas, T = 1000"
         )
     else:
-        if args.denoiser == "model":
-            if args.model is None:
-                parser.error("`model` needs a pipeline folder")
-            pipe = DDIMPlusPipeline.from_pretrained(args.model)
-            channels, size, _ = sample_shape(pipe.unet)
-            images = digits_reference_images(size, channels)[-args.num_images :]
-            source = f"{args.model}: the last {len(images)} bundled digits at {size}x{size}"
-        else:
-            train_images, images = split_digits(min(args.num_images, 128))
-            if args.load_model:
-                pipe = DDIMPlusPipeline.from_pretrained(args.load_model)
-            else:
-                pipe = train(train_images, args.train_steps, args.batch_size, args.seed)
-                if args.save_model:
-                    pipe.save_pretrained(args.save_model)
-            source = f"the 8x8 digits UNet: {len(images)} held-out digits"
+        if args.model is None:
+            parser.error("`model` needs a pipeline folder")
+        pipe = DDIMPlusPipeline.from_pretrained(args.model)
+        channels, size, _ = sample_shape(pipe.unet)
+        images = digits_reference_images(size, channels)[-args.num_images :]
+        source = f"{args.model}: the last {len(images)} bundled digits at {size}x{size}"
         scheduler = pipe.scheduler
         denoiser = ddim_plus.make_denoiser(pipe.unet.eval())
         print(f"{source}, {scheduler.config.timestep_spacing} spacing (the pipeline's)")

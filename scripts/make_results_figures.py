@@ -1,6 +1,6 @@
 """Figures of docs/results.md that are not a steps-vs-quality sweep: sections 5.2, 5.3 and Table 2 of the paper.
 
-    python scripts/make_results_figures.py --model runs/digits-unet-8x8 --out-dir docs/images
+    python scripts/make_results_figures.py --model demo_output --out-dir docs/images
 
 writes `results_consistency.png` (rows = seeds, columns = S, same x_T, eta = 0; the last column is S = 1000),
 `results_slerp.png` (one row per seed pair, spherical interpolation of x_T decoded with 50 steps) and prints the
