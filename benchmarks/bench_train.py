@@ -151,7 +151,6 @@ def main() -> None:
     for peer in ("bare", "train_unconditional"):
         print(
             f"ours / {peer}: {median['ours'] / median[peer]:.3f} wall, {cpu_median['ours'] / cpu_median[peer]:.3f} CPU"
-            + (" (target <= 1.05)" if peer == "bare" else "")
         )
 
 
