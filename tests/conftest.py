@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models so the whole suite runs in minutes on 2 CPU cores."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # A custom schedule with an uneven gap, a gap of 1 and no t = 0, for the schedulers' `timesteps=` argument.
 CUSTOM_TIMESTEPS = [999, 874, 601, 600, 333, 120, 47, 3]
+
+
+def launch_command(module: str, argv, num_processes: int = 1, port: int = 29500) -> list:
+    """`python -m module ARGV`, or the same under `accelerate launch` with `num_processes` CPU processes (gloo)."""
+    if num_processes == 1:
+        return [sys.executable, "-m", module, *argv]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "-m", module, *argv,
+    ]  # fmt: skip
 
 
 def make_tiny_unet(channels: int = 3, sample_size: int = 8, seed: int = 0):

@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import REPO_ROOT, make_tiny_unet, save_tiny_pipeline
+from conftest import REPO_ROOT, launch_command, make_tiny_unet, save_tiny_pipeline
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.cli import main
@@ -35,14 +35,7 @@ COMMON = ["--steps", "40", "--num", str(NUM_IMAGES), "--seed", "3", "--batch-siz
 def launch(argv, num_processes, port, wait=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    if num_processes == 1:
-        command = [sys.executable, "-m", "ddim_plus.cli", *argv]
-    else:
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port), "-m", "ddim_plus.cli", *argv,
-        ]  # fmt: skip
+    command = launch_command("ddim_plus.cli", argv, num_processes, port)
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, make_tiny_unet
+from conftest import REPO_ROOT, launch_command, make_tiny_unet
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -32,14 +32,11 @@ def subprocess_env(hf_home):
 
 
 def run_train(argv, hf_home, num_processes=1, port=29731):
+    # One process runs the checkout's script, as `make demo` does; several run the package module under accelerate.
     if num_processes == 1:
         command = [sys.executable, str(TRAIN_SCRIPT), *argv]
     else:
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port), "-m", "ddim_plus.train", *argv,
-        ]  # fmt: skip
+        command = launch_command("ddim_plus.train", argv, num_processes, port)
     result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(hf_home), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
