@@ -112,9 +112,14 @@ def _spacing_list(text: str) -> List[str]:
 # Shared helpers
 # ----------------------------------------------------------------------------------------------------------------
 def load_pipeline(
-    model: str, spacing: Optional[str] = None, sigma_hat: bool = False, device: str = "cpu", quiet: bool = False
+    model: str,
+    spacing: Optional[str] = None,
+    sigma_hat: bool = False,
+    device: str = "cpu",
+    quiet: bool = False,
+    order: Optional[int] = None,
 ):
-    """Load MODEL as a `DDIMPlusPipeline`, optionally with another spacing or the sigma-hat variance."""
+    """Load MODEL as a `DDIMPlusPipeline`, optionally with another spacing, solver order or the sigma-hat variance."""
     from diffusers.utils import logging as diffusers_logging
 
     from . import DDIMPlusPipeline, DDIMSchedulerPlus
@@ -132,6 +137,8 @@ def load_pipeline(
         overrides.update(timestep_spacing=spacing, tuned_timesteps=None)
     if sigma_hat:
         overrides["sigma_type"] = SIGMA_HAT
+    if order is not None:
+        overrides["ddim_solver_order"] = order
     if overrides:
         pipe.scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, **overrides)
     return pipe.to(device)
@@ -194,7 +201,7 @@ def run_sample(args) -> None:
     from .evaluation.sampling import SampleFolderError, generate_images
 
     state, device = _launch_state(args)
-    pipe = load_pipeline(args.model, args.spacing, args.sigma_hat, device, quiet=args.quiet)
+    pipe = load_pipeline(args.model, args.spacing, args.sigma_hat, device, quiet=args.quiet, order=args.order)
     _set_progress(pipe, args.quiet or not state.is_main_process)
     try:
         generated = generate_images(
@@ -234,7 +241,7 @@ def _load_images(paths: Sequence[str], channels: int, size: int):
 def run_invert(args) -> None:
     from safetensors.torch import save_file
 
-    from . import DDIMInversionPipeline
+    from . import DDIMInversionPipeline, InversionRefinement
     from .evaluation.images import make_grid
     from .evaluation.reconstruction import mean_squared_error
 
@@ -245,8 +252,7 @@ def run_invert(args) -> None:
     output = inversion(
         images,
         num_inference_steps=args.steps,
-        refine=not args.no_refine,
-        refine_iterations=args.refine_iterations,
+        refine=False if args.no_refine else InversionRefinement(iterations=args.refine_iterations),
         return_reconstruction=args.reconstruction is not None,
         output_type="np",
     )
@@ -376,7 +382,7 @@ def run_evaluate(args) -> None:
     from .evaluation.sampling import SampleFolderError
 
     state, device = _launch_state(args)
-    pipe = load_pipeline(args.model, device=device, quiet=args.quiet)
+    pipe = load_pipeline(args.model, device=device, quiet=args.quiet, order=args.order)
     features = _evaluation_features(args.features, args.reference, pipe.unet.config.in_channels)
     reference = _load_reference(args.reference, pipe.unet.config.in_channels, pipe.unet.config.sample_size)
     etas = list(args.eta) + ([SIGMA_HAT] if args.sigma_hat and SIGMA_HAT not in args.eta else [])
@@ -409,7 +415,7 @@ def run_evaluate(args) -> None:
             raise CommandError(f"--reference: {error}", exit_code=2) from error
     if not state.is_main_process:
         return
-    title = f"# Steps vs quality: `{args.model}`"
+    title = f"# Steps vs quality: `{args.model}`, solver order {pipe.scheduler.config.ddim_solver_order}"
     markdown = results_to_markdown(results, title=title)
     print(markdown)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -477,8 +483,11 @@ def run_tune_steps(args) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------------------------
-def _add_command(commands, name: str, help: str, description: str, spacing: bool = True) -> argparse.ArgumentParser:
-    """A subcommand with the arguments every command takes: MODEL, --device, --quiet (and --spacing if `spacing`)."""
+def _add_command(
+    commands, name: str, help: str, description: str, spacing: bool = True, order: bool = False
+) -> argparse.ArgumentParser:
+    """A subcommand with the arguments every command takes: MODEL, --device, --quiet (and --spacing if `spacing`,
+    --order if `order`)."""
     parser = commands.add_parser(name, help=help, description=description)
     parser.add_argument("model", metavar="MODEL", help="a folder written by save_pretrained, or a Hub model id")
     if spacing:
@@ -487,6 +496,15 @@ def _add_command(commands, name: str, help: str, description: str, spacing: bool
             choices=TIMESTEP_SPACINGS,
             default=None,
             help="timestep spacing of the S steps (default: the model's scheduler config)",
+        )
+    if order:
+        parser.add_argument(
+            "--order",
+            type=int,
+            choices=(1, 2),
+            default=None,
+            help="solver order: 1 is the paper's DDIM, 2 adds the DPM-Solver++(2M) correction of x_0, at any eta "
+            "(default: the model's scheduler config, `ddim_solver_order`)",
         )
     parser.add_argument(
         "--device",
@@ -527,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         help="generate a grid of samples",
         description="Generate a grid of samples.",
+        order=True,
     )
     sample.add_argument("--steps", type=_positive_int, default=50, help="number of sampling steps S (default: 50)")
     sample.add_argument(
@@ -595,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Frechet distance for each number of steps S, eta and spacing, all from the same x_T; prints a "
         "markdown table (rows S, columns eta, one table per spacing) and writes it to --out.",
         spacing=False,
+        order=True,
     )
     evaluate.add_argument(
         "--steps", type=_int_list, default=[10, 20, 50, 100], help="comma-separated S values (default: 10,20,50,100)"

@@ -17,7 +17,6 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .pipeline_utils import DDIMPlusPipelineBase, check_latents, check_output_type, postprocess, sample_shape
-from .scheduling_ddim_plus import DDIMSchedulerPlus
 
 logger = logging.get_logger(__name__)
 
@@ -91,11 +90,6 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
             raise ValueError(
                 f"`timesteps` given, but {type(self.scheduler).__name__}.set_timesteps takes no custom timesteps: "
                 "pass `num_inference_steps` instead, or use DDIMSchedulerPlus."
-            )
-        if eta > 0 and isinstance(self.scheduler, DDIMSchedulerPlus) and self.scheduler.config.ddim_solver_order == 2:
-            raise ValueError(
-                f"`eta`={eta}, but the scheduler has `ddim_solver_order`=2, a deterministic solver: use `eta`=0, or a "
-                "scheduler with `ddim_solver_order`=1."
             )
         if latents is not None:
             check_latents(latents, self.unet, batch_size)

@@ -38,6 +38,15 @@ def _check_same_shape(model_output: torch.Tensor, sample: torch.Tensor) -> None:
         )
 
 
+def check_int_in_range(name: str, value, low: int, high: int, high_name: str) -> None:
+    """Raise a `ValueError` naming `name` unless `value` is an int (not a bool) in [`low`, `high`]; `high_name` says
+    where the upper bound comes from, e.g. "`num_train_timesteps`=1000"."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"`{name}` must be an int, got {value!r}.")
+    if not low <= value <= high:
+        raise ValueError(f"`{name}` must be between {low} and {high_name}, got {value}.")
+
+
 @dataclass
 class DDIMSchedulerPlusOutput(BaseOutput):
     """Output of :meth:`DDIMSchedulerPlus.step` and :meth:`DDIMSchedulerPlus.inverse_step`.
@@ -91,10 +100,11 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         sigma_type (`str`, defaults to `"eta"`): the noise of stochastic steps. `"eta"` is eq. 16 scaled by the
             `eta` passed to `step`; `"sigma_hat"` is the paper's sigma-hat (section 5.1, DDPM's larger variance),
             for which `eta` is ignored. The last step (to `final_alpha_cumprod`) adds no noise.
-        ddim_solver_order (`int`, defaults to 1): 1 is the paper's DDIM. 2 adds the DPM-Solver++(2M) multistep
-            correction of x_0 (deterministic sampling only, `eta` must be 0). The first step, the step to abar = 1
-            and, with fewer than 15 steps, the last two steps stay first order. Configs saved before this name
-            hold it as `solver_order` and still load.
+        ddim_solver_order (`int`, defaults to 1): 1 is the paper's DDIM. 2 replaces x_0 in eq. 12 by the
+            DPM-Solver++(2M) multistep extrapolation of x_0, at every `eta` and `sigma_type`: at `eta`=0 the step is
+            DPM-Solver++(2M), at `eta`=1 SDE-DPM-Solver++(2M) (diffusers' `algorithm_type="sde-dpmsolver++"`). The
+            first step, the step to abar = 1 and, with fewer than 15 steps, the last two steps stay first order.
+            Configs saved before this name hold it as `solver_order` and still load.
         tuned_timesteps (`List[dict]`, *optional*): schedules found for this model by
             `ddim_plus.optimize_timesteps` (written by `ddim-plus tune-steps`). Each entry holds
             `num_inference_steps`, `solver_order`, `timesteps` and the `alphas_cumprod` at those timesteps;
@@ -142,10 +152,6 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         if ddim_solver_order not in (1, 2):
             raise ValueError(
                 f"`ddim_solver_order` must be 1 (DDIM) or 2 (multistep second order), got {ddim_solver_order}."
-            )
-        if ddim_solver_order == 2 and sigma_type == "sigma_hat":
-            raise ValueError(
-                "`ddim_solver_order`=2 is deterministic; it cannot be combined with `sigma_type`='sigma_hat'."
             )
 
         self.betas = dm.make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
@@ -270,13 +276,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         else:
             if num_inference_steps is None:
                 raise ValueError("`set_timesteps` needs `num_inference_steps` (1 to T) or a list of `timesteps`.")
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-                raise ValueError(f"`num_inference_steps` must be an int, got {num_inference_steps!r}.")
-            if not 1 <= num_inference_steps <= T:
-                raise ValueError(
-                    f"`num_inference_steps` must be between 1 and `num_train_timesteps`={T}, "
-                    f"got {num_inference_steps}."
-                )
+            check_int_in_range("num_inference_steps", num_inference_steps, 1, T, f"`num_train_timesteps`={T}")
             tuned = self.tuned_schedule(int(num_inference_steps))
             schedule = (
                 self._validate_custom_timesteps(tuned)
@@ -430,11 +430,6 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             plan, next_index = self._plan(t, prev_t), self._index_of.get(prev_t, self.num_inference_steps)
         stochastic = self.config.sigma_type == "sigma_hat" or eta > 0
         if self.config.ddim_solver_order == 2:
-            if stochastic:
-                raise ValueError(
-                    f"`ddim_solver_order`=2 is a deterministic (ODE) solver: use `eta`=0, got `eta`={eta}. "
-                    "Set `ddim_solver_order`=1 for stochastic DDIM."
-                )
             starts = self._check_multistep_order(t, index)
 
         # 1. x_0 and eps from the network's output (eq. 9), then clipping or thresholding of x_0
@@ -445,7 +440,9 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         if use_clipped_model_output:
             eps = dm.eps_from_x0(sample, x0, plan.abar_t)
 
-        # 2. second-order multistep: replace x_0 by the DPM-Solver++(2M) combination, eps by its consistent value
+        # 2. second-order multistep: replace x_0 by the DPM-Solver++(2M) combination, eps by its consistent value.
+        # Eq. 12 with that x_0 is DPM-Solver++(2M) at eta = 0 and SDE-DPM-Solver++(2M) at eta = 1: both solvers put
+        # the same extrapolated x_0 into their first-order step, and their first-order steps are DDIM at eta 0 and 1.
         x0_for_step = x0
         if self.config.ddim_solver_order == 2:
             # With fewer than 15 steps the last two steps are first order (diffusers' `lower_order_final` makes

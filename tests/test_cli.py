@@ -1,6 +1,7 @@
 """The `ddim-plus` command line on a tiny pipeline saved to disk: files written, exit codes, help, errors."""
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -90,6 +91,26 @@ def test_sample_grid_matches_the_pipeline(model_dir, tmp_path):
     grid = np.asarray(PIL.Image.open(out), dtype=np.float32) / 255
     np.testing.assert_allclose(grid[1:9, 1:9], expected[0, ..., 0], atol=1 / 255)
     np.testing.assert_allclose(grid[1:9, 10:18], expected[1, ..., 0], atol=1 / 255)
+
+
+def test_order_overrides_the_saved_solver_order_at_any_eta(model_dir, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    argv = ["sample", model_dir, "--steps", "4", "--num", "2", "--eta", "1", "--scale", "1", "--columns", "2"]
+    assert main(argv + ["--order", "2", "--out", str(out), "--quiet"]) == 0
+    pipe = DDIMPlusPipeline.from_pretrained(model_dir)
+    pipe.scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, ddim_solver_order=2)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    expected = pipe(batch_size=2, generator=generators, num_inference_steps=4, eta=1.0, output_type="np").images
+    grid = np.asarray(PIL.Image.open(out), dtype=np.float32) / 255
+    np.testing.assert_allclose(grid[1:9, 1:9], expected[0, ..., 0], atol=1 / 255)
+    np.testing.assert_allclose(grid[1:9, 10:18], expected[1, ..., 0], atol=1 / 255)
+    # the evaluate table names the order it sampled with
+    if importlib.util.find_spec("torchmetrics") is not None:
+        table = tmp_path / "table.md"
+        argv = ["evaluate", model_dir, "--steps", "2", "--num", "6", "--order", "2", "--out", str(table), "--quiet"]
+        assert main(argv) == 0
+        assert "solver order 2" in table.read_text().splitlines()[0]
 
 
 def test_invert_writes_latents_that_decode_to_the_reconstruction(model_dir, tmp_path, capsys):
@@ -188,6 +209,7 @@ def test_missing_model_exits_1_with_message(tmp_path, capsys):
     [
         ["sample", "M", "--steps", "0", "--out", "x.png"],
         ["sample", "M", "--eta", "-1", "--out", "x.png"],
+        ["sample", "M", "--order", "3", "--out", "x.png"],
         ["sample", "M"],
         ["evaluate", "M", "--steps", "10,x", "--out", "r.md"],
         ["evaluate", "M", "--spacings", "cosine", "--out", "r.md"],

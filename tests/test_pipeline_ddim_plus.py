@@ -264,12 +264,3 @@ def test_bad_input_raises_before_any_work(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         pipe(**{"num_inference_steps": STEPS, **kwargs})
     assert calls == [] and pipe.scheduler.timesteps.tolist() == [666, 333, 0]
-
-
-def test_second_order_scheduler_refuses_eta_before_any_work():
-    pipe = make_pipe(ddim_solver_order=2)
-    calls = count_unet_calls(pipe)
-    with pytest.raises(ValueError, match="`eta`"):
-        pipe(eta=0.5, num_inference_steps=STEPS)
-    assert calls == []
-    assert len(pipe(num_inference_steps=STEPS).images) == 1

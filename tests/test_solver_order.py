@@ -145,6 +145,93 @@ def test_order_two_at_zero_terminal_snr_matches_diffusers(prediction_type):
     torch.testing.assert_close(x_ours, x_theirs, rtol=1e-4, atol=1e-4)
 
 
+def _step_noises(steps, seed=7):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(_noise().shape, generator=generator, dtype=torch.float64) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_order_two_at_eta_one_matches_diffusers_sde_dpm_solver_pp_2m(spacing, prediction_type):
+    # SDE-DPM-Solver++(2M) puts the same extrapolated x_0 as DPM-Solver++(2M) into its first-order step, which is
+    # DDIM at eta = 1; given the same noise at every step, the two samplers must agree.
+    ours = DDIMSchedulerPlus(
+        timestep_spacing=spacing, prediction_type=prediction_type, ddim_solver_order=2, clip_sample=False
+    )
+    ours.set_timesteps(20)
+    theirs = DPMSolverMultistepScheduler(
+        algorithm_type="sde-dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        prediction_type=prediction_type,
+        final_sigmas_type="zero",
+    )
+    theirs.set_timesteps(timesteps=ours.timesteps.tolist())
+    oracle = GaussianMixtureOracle(MIXTURE, ours.alphas_cumprod, prediction_type)
+    noises = _step_noises(len(ours.timesteps))
+    x_ours, x_theirs = _noise(), _noise()
+    for t, noise in zip(ours.timesteps, noises):
+        x_ours = ours.step(oracle(x_ours, t), t, x_ours, eta=1.0, variance_noise=noise).prev_sample
+    for t, noise in zip(theirs.timesteps, noises):
+        x_theirs = theirs.step(oracle(x_theirs, t), t, x_theirs, variance_noise=noise).prev_sample
+    torch.testing.assert_close(x_ours, x_theirs, rtol=1e-4, atol=1e-4)
+    # and it is not first-order DDIM at eta = 1 with the same noise
+    ddim = DDIMSchedulerPlus(timestep_spacing=spacing, prediction_type=prediction_type, clip_sample=False)
+    ddim.set_timesteps(20)
+    x_ddim = _noise()
+    for t, noise in zip(ddim.timesteps, noises):
+        x_ddim = ddim.step(oracle(x_ddim, t), t, x_ddim, eta=1.0, variance_noise=noise).prev_sample
+    assert (x_ours - x_ddim).abs().max() > 1e-2
+
+
+def _reference_stochastic_2m(model_x0, x, abars, eta, noises, sigma_hat=False):
+    """Eq. 12 written with log-SNR half-steps h (float64): x_i = alpha_i D + sqrt(sigma_i^2 - s^2) / sigma_{i-1}
+    (x_{i-1} - alpha_{i-1} D) + s z, s = eta sigma_i sqrt(1 - e^{-2h}) (= eq. 16), or sigma-hat with the direction
+    term of s(eta = 1); D the 2M extrapolation of x_0 from the second step on, except into abar = 1."""
+    alpha = [math.sqrt(a) for a in abars]
+    sigma = [math.sqrt(1 - a) for a in abars]
+    lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alpha, sigma)]
+    previous_x0 = None
+    for i in range(len(abars) - 1):
+        x0 = model_x0(x, i)
+        h = lam[i + 1] - lam[i]
+        d = x0
+        if previous_x0 is not None and sigma[i + 1] > 0:
+            d = x0 + h / (2 * (lam[i] - lam[i - 1])) * (x0 - previous_x0)
+        ddpm_s = sigma[i + 1] * math.sqrt(-math.expm1(-2 * h)) if sigma[i + 1] > 0 else 0.0
+        s = math.sqrt(1 - abars[i] / abars[i + 1]) if sigma_hat and i < len(abars) - 2 else eta * ddpm_s
+        direction_s = ddpm_s if sigma_hat else s
+        direction = math.sqrt(max(sigma[i + 1] ** 2 - direction_s**2, 0.0))
+        x = alpha[i + 1] * d + direction / sigma[i] * (x - alpha[i] * d) + s * noises[i]
+        previous_x0 = x0
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 0.7, 1.0, "sigma_hat"])
+@pytest.mark.parametrize("spacing", ["trailing", "quadratic", "logsnr"])
+def test_order_two_at_every_eta_matches_the_log_snr_reference(eta, spacing):
+    sigma_hat = eta == "sigma_hat"
+    ours = DDIMSchedulerPlus(
+        timestep_spacing=spacing,
+        ddim_solver_order=2,
+        clip_sample=False,
+        sigma_type="sigma_hat" if sigma_hat else "eta",
+    )
+    ours.set_timesteps(20)
+    oracle = GaussianMixtureOracle(MIXTURE, ours.alphas_cumprod)
+    noises = _step_noises(len(ours.timesteps))
+    x = _noise()
+    for t, noise in zip(ours.timesteps, noises):
+        x = ours.step(oracle(x, t), t, x, eta=0.0 if sigma_hat else eta, variance_noise=noise).prev_sample
+    timesteps = ours.timesteps.tolist()
+    abars = [float(ours.alphas_cumprod[t]) for t in timesteps] + [float(ours.final_alpha_cumprod)]
+    x0_oracle = GaussianMixtureOracle(MIXTURE, ours.alphas_cumprod, prediction_type="sample")
+    expected = _reference_stochastic_2m(
+        lambda x, i: x0_oracle(x, timesteps[i]), _noise(), abars, 0.0 if sigma_hat else eta, noises, sigma_hat
+    )
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("spacing", ["trailing", "logsnr"])
 def test_order_two_with_cosine_betas_matches_reference_implementation(spacing):
     # squaredcos_cap_v2 has abar_999 = 2.4e-9 < 2**-24: its log-SNR must be used as it is (only abar = 0 is
@@ -258,14 +345,7 @@ def test_convergence_order(steps):
 # ----------------------------------------------------------------------------------------------------------------
 # State: eta, history reset, order of calls
 # ----------------------------------------------------------------------------------------------------------------
-def test_order_two_refuses_noise():
-    scheduler = DDIMSchedulerPlus(ddim_solver_order=2)
-    scheduler.set_timesteps(10)
-    t = scheduler.timesteps[0]
-    with pytest.raises(ValueError, match="`eta`=0.5"):
-        scheduler.step(torch.zeros(1, 1, 4, 4), t, torch.zeros(1, 1, 4, 4), eta=0.5)
-    with pytest.raises(ValueError, match="`sigma_type`"):
-        DDIMSchedulerPlus(ddim_solver_order=2, sigma_type="sigma_hat")
+def test_order_must_be_one_or_two():
     with pytest.raises(ValueError, match="`ddim_solver_order`"):
         DDIMSchedulerPlus(ddim_solver_order=3)
 
