@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import ddim_plus
-from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
+from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus, InversionRefinement
 from ddim_plus.evaluation.digits import digits_reference_images
 from ddim_plus.evaluation.gmm import GaussianMixtureOracle
 from ddim_plus.evaluation.images import make_grid
@@ -31,13 +31,13 @@ PAPER_TABLE_2 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009, 200: 0.0004, 50
 # (name, keyword arguments of ddim_plus.invert). The first is plain inversion, the peer of every ratio.
 CANDIDATES = [
     ("plain DDIM inversion", dict(refine=False)),
-    ("fixed point, 10 iterations", dict(refine_iterations=10, anderson_memory=0)),
-    ("fixed point, 20 iterations", dict(refine_iterations=20, anderson_memory=0)),
-    ("Anderson m=1, 10 iterations", dict(refine_iterations=10, anderson_memory=1)),
-    ("Anderson m=2, 5 iterations", dict(refine_iterations=5, anderson_memory=2)),
-    ("Anderson m=2, 10 iterations (default)", dict(refine_iterations=10, anderson_memory=2)),
-    ("Anderson m=2, 20 iterations", dict(refine_iterations=20, anderson_memory=2)),
-    ("Anderson m=3, 10 iterations", dict(refine_iterations=10, anderson_memory=3)),
+    ("fixed point, 10 iterations", dict(refine=InversionRefinement(iterations=10, anderson_memory=0))),
+    ("fixed point, 20 iterations", dict(refine=InversionRefinement(iterations=20, anderson_memory=0))),
+    ("Anderson m=1, 10 iterations", dict(refine=InversionRefinement(iterations=10, anderson_memory=1))),
+    ("Anderson m=2, 5 iterations", dict(refine=InversionRefinement(iterations=5, anderson_memory=2))),
+    ("Anderson m=2, 10 iterations (default)", dict(refine=InversionRefinement())),
+    ("Anderson m=2, 20 iterations", dict(refine=InversionRefinement(iterations=20, anderson_memory=2))),
+    ("Anderson m=3, 10 iterations", dict(refine=InversionRefinement(iterations=10, anderson_memory=3))),
 ]
 
 

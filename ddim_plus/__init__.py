@@ -8,7 +8,7 @@ import diffusers
 
 from . import ddim_math
 from .ddim_math import slerp
-from .inversion import inversion_scheduler, invert, make_denoiser
+from .inversion import InversionRefinement, inversion_scheduler, invert, make_denoiser
 from .pipeline_ddim_inversion import DDIMInversionPipeline, DDIMInversionPipelineOutput
 from .pipeline_ddim_plus import DDIMPlusPipeline, DDIMPlusPipelineOutput
 from .scheduling_ddim_plus import DDIMSchedulerPlus, DDIMSchedulerPlusOutput
@@ -26,6 +26,7 @@ __all__ = [
     "slerp",
     "optimize_timesteps",
     "invert",
+    "InversionRefinement",
     "inversion_scheduler",
     "make_denoiser",
     "ddim_math",

@@ -8,6 +8,7 @@ per-sample residual check, restart and tolerance. docs/inversion.md compares it 
 exact denoiser.
 
 - `invert(denoiser, latents, scheduler, ...)`: x_0 (or VAE latents) -> x_T, for a denoiser `(x_t, t) -> output`;
+- `InversionRefinement`: how each step is refined (iterations, tolerance, Anderson memory), with the defaults;
 - `make_denoiser(unet, prompt_embeds, negative_prompt_embeds, guidance_scale)`: that callable for a diffusers UNet,
   with classifier-free guidance for text-conditioned ones;
 - `inversion_scheduler(scheduler)`: the deterministic, unclipped DDIM that inverts and decodes (clipping x_0 cannot be
@@ -17,7 +18,8 @@ exact denoiser.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -136,11 +138,10 @@ def _refine_step(
     model_timestep: torch.Tensor,
     sample: torch.Tensor,
     guess: torch.Tensor,
-    iterations: int,
-    tolerance: float,
-    memory: int,
+    refinement: InversionRefinement,
 ) -> torch.Tensor:
-    """Solve step(x_t) = `sample` for x_t, starting from `guess` (plain inversion's answer).
+    """Solve step(x_t) = `sample` for x_t, starting from `guess` (plain inversion's answer), with at most
+    `iterations` denoiser calls, Anderson `memory` and `tolerance` from `refinement`.
 
     With eps evaluated at x, `inverse_step` is the exact inverse of `step`, so x_t is a fixed point of
     g(x) = inverse_step(eps(x)). Each iteration spends one denoiser call at the current iterate x, which gives its
@@ -156,6 +157,7 @@ def _refine_step(
     The result is best + w f(best), the (damped) fixed-point step from the best evaluated iterate, so `iterations`
     calls give `iterations` refinements; an Anderson proposal is only ever returned after it has been evaluated.
     """
+    iterations, tolerance, memory = refinement.iterations, refinement.tolerance, refinement.anderson_memory
     batch, shape, dtype = sample.shape[0], guess.shape, guess.dtype
     device = sample.device
     x = guess.flatten(1).float()
@@ -208,6 +210,43 @@ def _check_int(value, name: str, meaning: str) -> None:
         raise ValueError(f"`{name}` must be an int >= 0 ({meaning}), got {value!r}.")
 
 
+@dataclass(frozen=True)
+class InversionRefinement:
+    """How `invert` refines each step (see `_refine_step`); `refine=True` means these defaults.
+
+    Args:
+        iterations (`int`, defaults to 10): most refinements per step, one denoiser call each (on top of the plain
+            step's call); 0 is plain DDIM inversion.
+        tolerance (`float`, defaults to 1e-5): a sample stops refining a step once its RMS residual
+            ||step(x_t) - x_s|| (model scale) is at most this.
+        anderson_memory (`int`, defaults to 2): secant pairs Anderson mixing uses; 0 is plain fixed-point iteration
+            (with the same restart and stopping rule).
+    """
+
+    iterations: int = 10
+    tolerance: float = 1e-5
+    anderson_memory: int = 2
+
+    def __post_init__(self):
+        _check_int(self.iterations, "InversionRefinement.iterations", "0 = plain DDIM inversion")
+        _check_int(self.anderson_memory, "InversionRefinement.anderson_memory", "0 = plain fixed-point iteration")
+        tolerance = self.tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+            raise ValueError(f"`InversionRefinement.tolerance` must be a finite number >= 0, got {tolerance!r}.")
+
+
+def as_refinement(refine: Union[bool, InversionRefinement]) -> InversionRefinement:
+    """`refine` as `invert` and `DDIMInversionPipeline` take it -> the refinement to run (0 iterations: plain)."""
+    if isinstance(refine, InversionRefinement):
+        return refine
+    if isinstance(refine, bool):
+        return InversionRefinement() if refine else InversionRefinement(iterations=0)
+    raise ValueError(
+        f"`refine` must be True (refine with the defaults), False (plain DDIM inversion) or an "
+        f"`InversionRefinement`, got {refine!r}."
+    )
+
+
 @torch.no_grad()
 def invert(
     denoiser: Denoiser,
@@ -215,10 +254,7 @@ def invert(
     scheduler: SchedulerMixin,
     num_inference_steps: int = 50,
     timesteps: Optional[List[int]] = None,
-    refine: bool = True,
-    refine_iterations: int = 10,
-    refine_tolerance: float = 1e-5,
-    anderson_memory: int = 2,
+    refine: Union[bool, InversionRefinement] = True,
     progress_bar: Optional[Callable[[Iterable], Iterable]] = None,
 ) -> torch.Tensor:
     r"""DDIM inversion: run eq. 13 forward in t from clean `latents` (x_0, in the model's scale) to x_T.
@@ -236,14 +272,9 @@ def invert(
             `inversion_scheduler`).
         num_inference_steps (`int`, *optional*, defaults to 50): S.
         timesteps (`List[int]`, *optional*): a custom strictly descending schedule; replaces `num_inference_steps`.
-        refine (`bool`, *optional*, defaults to `True`): solve each step's implicit equation (see `_refine_step`);
-            `False` is the paper's plain DDIM inversion, one denoiser call per step.
-        refine_iterations (`int`, *optional*, defaults to 10): most refinements per step, one denoiser call each
-            (on top of the plain step's call).
-        refine_tolerance (`float`, *optional*, defaults to 1e-5): a sample stops refining a step once its RMS
-            residual ||step(x_t) - x_s|| (model scale) is at most this.
-        anderson_memory (`int`, *optional*, defaults to 2): secant pairs Anderson mixing uses; 0 is plain
-            fixed-point iteration (with the same restart and stopping rule).
+        refine (`bool` or `InversionRefinement`, *optional*, defaults to `True`): solve each step's implicit
+            equation (see `_refine_step`) with `InversionRefinement()`'s settings, or with the ones given; `False` is
+            the paper's plain DDIM inversion, one denoiser call per step.
         progress_bar (`Callable`, *optional*): wraps the loop over steps, e.g. a pipeline's `progress_bar`.
 
     Returns:
@@ -262,18 +293,10 @@ def invert(
         raise ValueError("`latents` is an empty batch; pass at least one sample.")
     if not bool(torch.isfinite(latents).all()):
         raise ValueError("`latents` holds NaN or infinite values; inversion needs finite inputs.")
-    _check_int(refine_iterations, "refine_iterations", "0 = plain DDIM inversion")
-    _check_int(anderson_memory, "anderson_memory", "0 = plain fixed-point iteration")
-    if (
-        isinstance(refine_tolerance, bool)
-        or not isinstance(refine_tolerance, (int, float))
-        or not (0 <= refine_tolerance < math.inf)
-    ):
-        raise ValueError(f"`refine_tolerance` must be a finite number >= 0, got {refine_tolerance!r}.")
+    refinement = as_refinement(refine)
     scheduler = inversion_scheduler(scheduler)
     scheduler.set_timesteps(num_inference_steps if timesteps is None else None, timesteps=timesteps)
 
-    iterations = refine_iterations if refine else 0
     timestep_list = scheduler.timesteps.tolist()
     model_timesteps = scheduler.timesteps.to(latents.device)
     sample = latents
@@ -282,17 +305,7 @@ def invert(
         t = timestep_list[i]
         model_output = denoiser(sample, model_timesteps[i])
         guess = scheduler.inverse_step(model_output, t, sample).prev_sample  # plain DDIM inversion
-        if iterations > 0:
-            guess = _refine_step(
-                denoiser,
-                scheduler,
-                t,
-                model_timesteps[i],
-                sample,
-                guess,
-                iterations,
-                refine_tolerance,
-                anderson_memory,
-            )
+        if refinement.iterations > 0:
+            guess = _refine_step(denoiser, scheduler, t, model_timesteps[i], sample, guess, refinement)
         sample = guess
     return sample

@@ -18,7 +18,7 @@ from diffusers import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 
 from .ddim_math import slerp
-from .inversion import inversion_scheduler, invert, make_denoiser
+from .inversion import InversionRefinement, inversion_scheduler, invert, make_denoiser
 from .pipeline_utils import DDIMPlusPipelineBase, check_latents, check_output_type, postprocess, sample_shape
 from .scheduling_ddim_plus import DDIMSchedulerPlus
 
@@ -154,10 +154,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         image: ImageInput,
         num_inference_steps: int = 50,
         timesteps: Optional[List[int]] = None,
-        refine: bool = True,
-        refine_iterations: int = 10,
-        refine_tolerance: float = 1e-5,
-        anderson_memory: int = 2,
+        refine: Union[bool, InversionRefinement] = True,
         return_reconstruction: bool = False,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -171,15 +168,10 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
                 `timestep_spacing`; decode with the same S (and spacing) to reconstruct.
             timesteps (`List[int]`, *optional*): a custom strictly descending schedule in [0, T); replaces
                 `num_inference_steps`.
-            refine (`bool`, *optional*, defaults to `True`): refine each step by an Anderson-accelerated
-                fixed-point iteration (see `ddim_plus.invert`). `False` is plain DDIM inversion (one UNet call per
-                step).
-            refine_iterations (`int`, *optional*, defaults to 10): most refinements per step, one UNet call each, on
-                top of the plain step's call.
-            refine_tolerance (`float`, *optional*, defaults to 1e-5): a sample stops refining a step once its RMS
-                residual ||step(x_t) - x_s|| (model scale, [-1, 1]) is at most this.
-            anderson_memory (`int`, *optional*, defaults to 2): secant pairs of the Anderson mixing; 0 is plain
-                fixed-point iteration.
+            refine (`bool` or `ddim_plus.InversionRefinement`, *optional*, defaults to `True`): refine each step by
+                an Anderson-accelerated fixed-point iteration (see `ddim_plus.invert`), with the default
+                `InversionRefinement()` (at most 10 extra UNet calls per step, tolerance 1e-5) or the one given.
+                `False` is plain DDIM inversion (one UNet call per step).
             return_reconstruction (`bool`, *optional*, defaults to `False`): also decode the latents back with the
                 same schedule (eta = 0, no clipping) and return the images.
             output_type (`str`, *optional*, defaults to `"pil"`): format of the reconstruction: `"pil"`, `"np"`,
@@ -200,9 +192,6 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
             num_inference_steps,
             timesteps,
             refine=refine,
-            refine_iterations=refine_iterations,
-            refine_tolerance=refine_tolerance,
-            anderson_memory=anderson_memory,
             progress_bar=self.progress_bar,
         )
         images = None

@@ -28,7 +28,7 @@ from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
 from . import ddim_math as dm
-from .scheduling_ddim_plus import DDIMSchedulerPlus
+from .scheduling_ddim_plus import DDIMSchedulerPlus, check_int_in_range
 
 # Fixed spacings scored first; the best one starts the search.
 INITIAL_SPACINGS = ("quadratic", "logsnr", "trailing")
@@ -86,14 +86,11 @@ def check_tuning_arguments(
             f"`solver_order`={solver_order!r} is not supported by DDIMSchedulerPlus; choose 1 (DDIM) or 2 "
             "(DPM-Solver++(2M) in DDIM form)."
         )
-    for name, value in (("num_inference_steps", num_inference_steps), ("num_teacher_steps", num_teacher_steps)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"`{name}` must be an int, got {value!r}.")
-    if not 2 <= num_teacher_steps <= num_train_timesteps:
-        raise ValueError(
-            f"`num_teacher_steps` must be between 2 and `num_train_timesteps`={num_train_timesteps}, "
-            f"got {num_teacher_steps}."
-        )
+    check_int_in_range(
+        "num_teacher_steps", num_teacher_steps, 2, num_train_timesteps, f"`num_train_timesteps`={num_train_timesteps}"
+    )
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise ValueError(f"`num_inference_steps` must be an int, got {num_inference_steps!r}.")
     if not 1 <= num_inference_steps < num_teacher_steps:
         raise ValueError(
             f"`num_inference_steps`={num_inference_steps} cannot be tuned: it must be at least 1 and below "

@@ -76,7 +76,7 @@ def test_refined_inversion_is_5x_better_than_plain_at_every_step_count():
         assert refined.mean() * 5 <= plain.mean(), f"S={steps}: {refined.mean():.3g} vs plain {plain.mean():.3g}"
         assert bool((refined <= plain).all()), f"S={steps}: refined worse than plain for some image"
         refined_means.append(float(refined.mean()))
-    # from S = 20 on the error sits at the floor that float32 and `refine_tolerance` leave (docs/inversion.md)
+    # from S = 20 on, the error sits at the floor float32 and the refinement tolerance leave (docs/inversion.md)
     assert max(refined_means[1:]) < min(1e-8, refined_means[0]), f"refined error grows with S: {refined_means}"
 
 
@@ -93,10 +93,12 @@ def test_k_iterations_are_k_refinements():
     denoiser, calls = counted(oracle)
     for k in (0, 1, 2, 3):
         calls.clear()
-        ddim_plus.invert(denoiser, images, scheduler, 7, refine_iterations=k, refine_tolerance=0.0)
+        ddim_plus.invert(
+            denoiser, images, scheduler, 7, refine=ddim_plus.InversionRefinement(iterations=k, tolerance=0.0)
+        )
         assert len(calls) == 7 * (1 + k)
     plain = per_image_mse(oracle, scheduler, images, 20, refine=False)
-    once = per_image_mse(oracle, scheduler, images, 20, refine_iterations=1)
+    once = per_image_mse(oracle, scheduler, images, 20, refine=ddim_plus.InversionRefinement(iterations=1))
     assert float(once.mean()) < float(plain.mean())
 
 
@@ -116,11 +118,11 @@ def test_one_refinement_is_one_fixed_point_step_in_closed_form():
 
     x1 = a * x0 + b * eps(x0)
     x2 = a * x0 + b * eps(x1)
-    common = dict(timesteps=[t], refine_tolerance=0.0)
-    torch.testing.assert_close(ddim_plus.invert(oracle, x0.float(), scheduler, refine=False, **common), x1.float())
+    once = ddim_plus.InversionRefinement(iterations=1, tolerance=0.0)
     torch.testing.assert_close(
-        ddim_plus.invert(oracle, x0.float(), scheduler, refine_iterations=1, **common), x2.float()
+        ddim_plus.invert(oracle, x0.float(), scheduler, timesteps=[t], refine=False), x1.float()
     )
+    torch.testing.assert_close(ddim_plus.invert(oracle, x0.float(), scheduler, timesteps=[t], refine=once), x2.float())
 
 
 def test_each_sample_is_refined_independently_of_its_batch():
@@ -208,6 +210,21 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
 # Bad input: a clear error naming the parameter, before any model call
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
+    "settings, argument",
+    [
+        (dict(iterations=-1), "InversionRefinement.iterations"),
+        (dict(iterations=2.5), "InversionRefinement.iterations"),
+        (dict(tolerance=float("nan")), "InversionRefinement.tolerance"),
+        (dict(tolerance=True), "InversionRefinement.tolerance"),
+        (dict(anderson_memory=-1), "InversionRefinement.anderson_memory"),
+    ],
+)
+def test_bad_refinement_settings_raise_naming_the_field(settings, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        ddim_plus.InversionRefinement(**settings)
+
+
+@pytest.mark.parametrize(
     "latents, kwargs, argument",
     [
         (torch.full((1, 3, 8, 8), float("nan")), {}, "latents"),
@@ -216,10 +233,8 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
         (torch.zeros(1, 3, 8, 8, dtype=torch.long), {}, "latents"),
         ([[0.0]], {}, "latents"),
         (torch.zeros(1, 4, 8, 8), {}, "latents"),  # wrong channels for the UNet
-        (torch.zeros(1, 3, 8, 8), {"refine_iterations": -1}, "refine_iterations"),
-        (torch.zeros(1, 3, 8, 8), {"refine_iterations": 2.5}, "refine_iterations"),
-        (torch.zeros(1, 3, 8, 8), {"refine_tolerance": float("nan")}, "refine_tolerance"),
-        (torch.zeros(1, 3, 8, 8), {"anderson_memory": -1}, "anderson_memory"),
+        (torch.zeros(1, 3, 8, 8), {"refine": "yes"}, "refine"),
+        (torch.zeros(1, 3, 8, 8), {"refine": 1}, "refine"),
         (torch.zeros(1, 3, 8, 8), {"num_inference_steps": 0}, "num_inference_steps"),
         (torch.zeros(1, 3, 8, 8), {"timesteps": [5, 5]}, "timesteps"),
     ],

@@ -10,7 +10,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 import ddim_plus
-from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
+from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus, InversionRefinement
 
 
 class GaussianDenoiser(ModelMixin, ConfigMixin):
@@ -88,7 +88,7 @@ def test_every_image_format_gives_the_same_latents():
     images = (images * 255).round() / 255  # exactly representable in uint8 PIL images
     array = images.permute(0, 2, 3, 1).numpy()
     pil = [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
-    kwargs = dict(num_inference_steps=3, refine_iterations=2)
+    kwargs = dict(num_inference_steps=3, refine=InversionRefinement(iterations=2))
     expected = pipe(images, **kwargs).latents
     for form in (pil, array, list(array), list(images)):
         torch.testing.assert_close(pipe(form, **kwargs).latents, expected)
@@ -122,7 +122,7 @@ def test_refinement_spends_exactly_the_iteration_budget_without_tolerance():
     pipe(images, num_inference_steps=4, refine=False)
     assert len(calls) == 4
     calls.clear()
-    pipe(images, num_inference_steps=4, refine_iterations=3, refine_tolerance=0.0)
+    pipe(images, num_inference_steps=4, refine=InversionRefinement(iterations=3, tolerance=0.0))
     assert len(calls) == 4 * (1 + 3)
 
 
@@ -196,8 +196,7 @@ def test_bad_images_raise_before_any_work(image, argument):
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(num_inference_steps=1001), "num_inference_steps"),
         (dict(timesteps=[3, 3]), "timesteps"),
-        (dict(refine_iterations=-1), "refine_iterations"),
-        (dict(refine_tolerance=-1.0), "refine_tolerance"),
+        (dict(refine="always"), "refine"),
         (dict(output_type="gif"), "output_type"),
     ],
 )

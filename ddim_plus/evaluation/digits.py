@@ -1,18 +1,18 @@
-"""The bundled 8x8 digits, and the two networks that judge images of them.
+"""The bundled 8x8 digits, and the one network that judges images of them.
 
 The data are the 1,797 8x8 handwritten digits of the UCI ML hand-written digits data set (the copy scikit-learn
 ships), stored in ``ddim_plus/assets/digits.npz`` under CC BY 4.0 (attribution in ``ddim_plus/assets/README.md``), so
 they need neither a download nor scikit-learn.
 
-Two networks, because they do two jobs: `DigitsFeatureNet` (weights shipped in ``ddim_plus/assets/``) supplies the
-features of ``FrechetDistance(features="digits")``, while `DigitsClassifier` decides whether a sample is a digit at
-all, which takes an eleventh "not a digit" class (uniform noise, digits with their pixels shuffled, flat grey images)
-that a ten-way digit classifier lacks: such a classifier calls half of all uniform-noise images a confident digit.
-`DigitsClassifier` is a one-hidden-layer network fitted deterministically at first use in about a second, so it needs
-no shipped weights; it is about 92% accurate on the harder last 397 digits when fitted on the first 1,400, and no
-noise image gets a digit probability above 0.5.
+`DigitsFeatureNet` (a 10k-parameter CNN, weights shipped in ``ddim_plus/assets/``) does both jobs: its hidden layer
+supplies the features of ``FrechetDistance(features="digits")``, and its ten digit logits classify samples. Whether a
+sample is a digit at all takes an eleventh "not a digit" logit, which a ten-way classifier lacks (it calls half of
+all uniform-noise images a confident digit): `NotADigitHead`, a small MLP on the same hidden layer, fitted
+deterministically at first use in about a second on the digits plus uniform noise, digits with their pixels shuffled
+and flat grey images, with the network's own weights frozen. `DigitsClassifier` puts the two together: 99% of the
+real digits are recognisable with it, and no uniform-noise image gets a digit probability above 0.5.
 
-Both networks see images through `to_digit_grey`: samples of any resolution and channel count are averaged to grey
+The network sees images through `to_digit_grey`: samples of any resolution and channel count are averaged to grey
 and area-resized to 8x8, which undoes the upsampling of `ddim_plus.training.data.load_digits_dataset`.
 """
 
@@ -27,7 +27,9 @@ from torch import nn
 
 from .images import ImageBatch, to_image_tensor
 
-DIGITS_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits.npz")
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
+DIGITS_FILE = os.path.join(ASSETS_DIR, "digits.npz")
+DIGITS_FEATURES_FILE = os.path.join(ASSETS_DIR, "digits_features.safetensors")
 DIGITS_RESOLUTION = 8
 DIGITS_FEATURES_NAME = "digits-cnn-v1"
 NUM_CLASSES = 10
@@ -89,7 +91,7 @@ class DigitsFeatureNet(nn.Module):
 
     Any input resolution and channel count is accepted (see `to_digit_grey`). The weights shipped in
     ``ddim_plus/assets/digits_features.safetensors`` are written by ``scripts/train_digits_features.py`` and loaded by
-    `ddim_plus.evaluation.fid.load_digits_feature_net`.
+    `load_digits_feature_net`.
 
     Args:
         hidden_features (`int`, defaults to 32): size of the feature layer.
@@ -120,16 +122,54 @@ class DigitsFeatureNet(nn.Module):
         return self.features(images)
 
 
-class DigitsClassifier(nn.Module):
-    """64 grey values in [0, 1] -> logits of the ten digits and of "not a digit" (index 10)."""
+def load_digits_feature_net(path: Optional[str] = None) -> DigitsFeatureNet:
+    """Load the digits network shipped with the package (no network access).
 
-    def __init__(self, hidden_features: int = 64):
+    Args:
+        path (`str`, *optional*): a safetensors file written by ``scripts/train_digits_features.py``; defaults to
+            the packaged ``ddim_plus/assets/digits_features.safetensors``.
+
+    Returns:
+        `DigitsFeatureNet`: in eval mode, gradients off.
+    """
+    from safetensors.torch import load_file
+
+    from .fid import FeatureWeightsUnavailableError  # fid builds on this module; imported here, not at the top
+
+    path = path or DIGITS_FEATURES_FILE
+    if not os.path.isfile(path):
+        raise FeatureWeightsUnavailableError(
+            f"Digits feature weights not found at {path!r}; make them with `python scripts/train_digits_features.py`."
+        )
+    state = load_file(path)
+    net = DigitsFeatureNet(hidden_features=state["hidden.weight"].shape[0])
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False)
+
+
+class NotADigitHead(nn.Module):
+    """The eleventh logit, "not a digit", computed from `DigitsFeatureNet`'s hidden layer (after its ReLU, as the
+    ten digit logits see it). Softmax over the network's ten digit logits and this one gives the digit probabilities
+    that `classify_digits` thresholds."""
+
+    def __init__(self, num_features: int = 32, hidden_features: int = 32):
         super().__init__()
-        self.hidden = nn.Linear(DIGITS_RESOLUTION**2, hidden_features)
-        self.head = nn.Linear(hidden_features, NUM_CLASSES + 1)
+        self.layers = nn.Sequential(nn.Linear(num_features, hidden_features), nn.ReLU(), nn.Linear(hidden_features, 1))
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(F.relu(self.hidden(pixels)))
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.layers(hidden)
+
+
+class DigitsClassifier(nn.Module):
+    """`DigitsFeatureNet`'s ten digit logits plus a `NotADigitHead`: images -> eleven logits (10: not a digit)."""
+
+    def __init__(self, net: DigitsFeatureNet, not_a_digit: NotADigitHead):
+        super().__init__()
+        self.net, self.not_a_digit = net, not_a_digit
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        hidden = F.relu(self.net.features(images))
+        return torch.cat([self.net.head(hidden), self.not_a_digit(hidden)], dim=1)
 
 
 def _not_a_digit_examples(rng: np.random.Generator, digits: np.ndarray, num: int) -> np.ndarray:
@@ -140,22 +180,24 @@ def _not_a_digit_examples(rng: np.random.Generator, digits: np.ndarray, num: int
 
 
 def fit_digits_classifier(
-    pixels: np.ndarray, labels: np.ndarray, seed: int = 0, num_steps: int = 300
+    net: DigitsFeatureNet, pixels: np.ndarray, labels: np.ndarray, seed: int = 0, num_steps: int = 600
 ) -> DigitsClassifier:
-    """Fit a `DigitsClassifier` by full-batch Adam on digits plus generated "not a digit" examples.
+    """Fit the `NotADigitHead` of a `DigitsClassifier` on `net` (whose weights stay as they are) by full-batch Adam
+    on digits plus generated "not a digit" examples (uniform noise, digits with shuffled pixels, flat grey images).
 
     Args:
+        net (`DigitsFeatureNet`): the network whose ten digit logits and hidden layer the classifier uses.
         pixels (`np.ndarray`): (N, 64) grey values in [0, 1].
         labels (`np.ndarray`): (N,) digits 0-9.
         seed (`int`, defaults to 0): seed of the initialisation and of the "not a digit" examples.
-        num_steps (`int`, defaults to 300): optimiser steps.
+        num_steps (`int`, defaults to 600): optimiser steps.
 
     Returns:
         `DigitsClassifier`: in eval mode.
     """
     rng = np.random.default_rng(seed)
     junk = _not_a_digit_examples(rng, pixels, len(pixels) // 2)
-    inputs = torch.tensor(np.concatenate([pixels, junk]), dtype=torch.float32)
+    inputs = torch.tensor(np.concatenate([pixels, junk]), dtype=torch.float32).reshape(-1, 1, 8, 8)
     targets = torch.tensor(np.concatenate([labels, np.full(len(junk), NUM_CLASSES)]), dtype=torch.long)
     # The matrices are tiny: extra threads only add synchronisation, which on a busy machine costs 50x.
     num_threads = torch.get_num_threads()
@@ -164,23 +206,28 @@ def fit_digits_classifier(
         # Fork the global RNG so that fitting at first use never changes the caller's random stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = DigitsClassifier()
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+            classifier = DigitsClassifier(net, NotADigitHead(net.num_features))
+            with torch.no_grad():
+                hidden = F.relu(net.features(inputs))
+                digit_logits = net.head(hidden)
+            optimizer = torch.optim.Adam(classifier.not_a_digit.parameters(), lr=1e-2)
             for _ in range(num_steps):
-                loss = F.cross_entropy(model(inputs), targets)
+                logits = torch.cat([digit_logits, classifier.not_a_digit(hidden)], dim=1)
+                loss = F.cross_entropy(logits, targets)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
     finally:
         torch.set_num_threads(num_threads)
-    return model.eval()
+    return classifier.eval().requires_grad_(False)
 
 
 @lru_cache(maxsize=1)
 def get_digits_classifier() -> DigitsClassifier:
-    """The classifier fitted on all 1,797 bundled digits (once per process)."""
+    """The shipped digits network with its "not a digit" head fitted on all 1,797 bundled digits (once per
+    process)."""
     images, labels = load_digits()
-    return fit_digits_classifier(images.reshape(len(images), -1) / 16.0, labels)
+    return fit_digits_classifier(load_digits_feature_net(), images.reshape(len(images), -1) / 16.0, labels)
 
 
 def classify_digits(
@@ -204,7 +251,7 @@ def classify_digits(
         raise ValueError(f"`images` must have shape (B, H, W, C) or (B, H, W), got {images.shape}.")
     classifier = classifier if classifier is not None else get_digits_classifier()
     with torch.no_grad():
-        logits = classifier(to_digit_grey(images).clamp(0, 1).flatten(1))
+        logits = classifier(to_digit_grey(images).clamp(0, 1))
     digit_probabilities = logits.softmax(dim=-1)[:, :NUM_CLASSES]
     confidences, labels = digit_probabilities.max(dim=-1)
     return labels.numpy(), confidences.numpy()

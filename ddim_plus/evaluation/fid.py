@@ -26,12 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .digits import DigitsFeatureNet
+from .digits import load_digits_feature_net
 from .images import ImageBatch, to_image_tensor, to_rgb
 
-DIGITS_FEATURES_FILE = os.path.join(
-    os.path.dirname(os.path.dirname(__file__)), "assets", "digits_features.safetensors"
-)
 FEATURE_KINDS = ("digits", "inception", "dinov2")
 # What `choose_features` looks for on disk: DINOv2 checkpoints in the Hugging Face cache, smallest first, and the FID
 # Inception weights where torch-fidelity's download puts them (torch hub's checkpoints folder).
@@ -41,29 +38,6 @@ INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
 class FeatureWeightsUnavailableError(RuntimeError):
     """Raised when the weights of a requested feature network are not on this machine (and may not be fetched)."""
-
-
-def load_digits_feature_net(path: Optional[str] = None) -> DigitsFeatureNet:
-    """Load the digits feature network shipped with the package (no network access).
-
-    Args:
-        path (`str`, *optional*): a safetensors file written by ``scripts/train_digits_features.py``; defaults to
-            the packaged ``ddim_plus/assets/digits_features.safetensors``.
-
-    Returns:
-        `DigitsFeatureNet`: in eval mode, gradients off.
-    """
-    from safetensors.torch import load_file
-
-    path = path or DIGITS_FEATURES_FILE
-    if not os.path.isfile(path):
-        raise FeatureWeightsUnavailableError(
-            f"Digits feature weights not found at {path!r}; make them with `python scripts/train_digits_features.py`."
-        )
-    state = load_file(path)
-    net = DigitsFeatureNet(hidden_features=state["hidden.weight"].shape[0])
-    net.load_state_dict(state)
-    return net.eval().requires_grad_(False)
 
 
 class Dinov2Features(nn.Module):

@@ -58,9 +58,7 @@ def _check_steps(steps: Sequence[int], name: str = "steps") -> List[int]:
     return [int(s) for s in steps]
 
 
-def inversion_reconstruction_error(
-    pipe, images: ImageBatch, num_inference_steps: int = 50, refine: bool = False, **inversion_kwargs
-) -> float:
+def inversion_reconstruction_error(pipe, images: ImageBatch, num_inference_steps: int = 50, refine=False) -> float:
     """Invert `images` to x_T with S steps, decode them back with the same S steps, and return the MSE (Table 2).
 
     Args:
@@ -68,9 +66,8 @@ def inversion_reconstruction_error(
             `timestep_spacing` decides which S timesteps are visited.
         images (`torch.Tensor` or `np.ndarray`): images in [0, 1] of the UNet's size.
         num_inference_steps (`int`, defaults to 50): S.
-        refine (`bool`, defaults to `False`): `False` is the paper's plain DDIM inversion; `True` refines each step
-            (`ddim_plus.invert`).
-        inversion_kwargs: passed to `DDIMInversionPipeline.__call__` (e.g. `refine_iterations`).
+        refine (`bool` or `ddim_plus.InversionRefinement`, defaults to `False`): `False` is the paper's plain DDIM
+            inversion; `True` (or an `InversionRefinement`) refines each step (`ddim_plus.invert`).
 
     Returns:
         `float`: per-pixel MSE on [0, 1] between `images` and their reconstruction.
@@ -86,7 +83,6 @@ def inversion_reconstruction_error(
         refine=refine,
         return_reconstruction=True,
         output_type="pt",
-        **inversion_kwargs,
     )
     return mean_squared_error(output.images.cpu(), images)
 

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from ddim_plus.evaluation.digits import (
     DIGITS_FILE,
@@ -12,7 +13,9 @@ from ddim_plus.evaluation.digits import (
     classify_digits,
     digits_report,
     fit_digits_classifier,
+    get_digits_classifier,
     load_digits,
+    load_digits_feature_net,
     recognisable_fraction,
 )
 
@@ -41,12 +44,18 @@ def test_bundled_digits_are_small_and_attributed():
     assert "CC BY 4.0" in notice and "Alpaydin" in notice and "digits.npz" in notice
 
 
-def test_held_out_accuracy():
+def test_one_network_classifies_and_supplies_the_fd_features():
+    # The classifier's digit is the shipped network's own ten-way argmax (the "not a digit" head only adds a
+    # reject option), and the network is the one `FrechetDistance(features="digits")` uses.
     images, labels = load_digits()
-    pixels = images.reshape(len(images), -1)
-    classifier = fit_digits_classifier(pixels[:1400] / 16, labels[:1400])
-    predicted, _ = classify_digits(images[1400:] / 16, classifier)
-    assert np.mean(predicted == labels[1400:]) > 0.85
+    classifier = get_digits_classifier()
+    net = load_digits_feature_net()
+    assert all(torch.equal(a, b) for a, b in zip(classifier.net.state_dict().values(), net.state_dict().values()))
+    predicted, _ = classify_digits(images / 16)
+    with torch.no_grad():
+        own_argmax = net.logits(torch.from_numpy(images / 16).float()[:, None]).argmax(1).numpy()
+    np.testing.assert_array_equal(predicted, own_argmax)
+    assert np.mean(predicted == labels) > 0.95
 
 
 def test_real_digits_are_recognisable_and_balanced(real_digits_16):
@@ -79,8 +88,9 @@ def test_class_balance_extremes():
 def test_fitting_is_deterministic():
     images, labels = load_digits()
     pixels = images.reshape(len(images), -1) / 16
-    first = fit_digits_classifier(pixels[:500], labels[:500], seed=1, num_steps=50)
-    second = fit_digits_classifier(pixels[:500], labels[:500], seed=1, num_steps=50)
+    net = load_digits_feature_net()
+    first = fit_digits_classifier(net, pixels[:500], labels[:500], seed=1, num_steps=50)
+    second = fit_digits_classifier(net, pixels[:500], labels[:500], seed=1, num_steps=50)
     images = images[500:600] / 16
     assert np.array_equal(classify_digits(images, first)[1], classify_digits(images, second)[1])
 

@@ -8,14 +8,18 @@ from torch import nn
 
 pytest.importorskip("torchmetrics")
 
-from ddim_plus.evaluation.digits import DIGITS_FEATURES_NAME, digits_reference_images, load_digits  # noqa: E402
-from ddim_plus.evaluation.fid import (  # noqa: E402
+from ddim_plus.evaluation.digits import (  # noqa: E402
     DIGITS_FEATURES_FILE,
+    DIGITS_FEATURES_NAME,
+    digits_reference_images,
+    load_digits,
+    load_digits_feature_net,
+)
+from ddim_plus.evaluation.fid import (  # noqa: E402
     FeatureWeightsUnavailableError,
     FrechetDistance,
     choose_features,
     frechet_distance,
-    load_digits_feature_net,
     parse_features,
 )
 from ddim_plus.evaluation.images import to_image_tensor  # noqa: E402
