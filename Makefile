@@ -2,17 +2,27 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Two stamps: `make demo` needs only the trainer's extra; `make test` adds what the suite imports.
+BASE_STAMP := $(VENV)/.installed-base
+TRAIN_STAMP := $(VENV)/.installed-train
 STAMP := $(VENV)/.installed
 
 .PHONY: test test-min demo lint format venv clean
 
 # torch==2.13.0 first: it is the CPU wheel on this machine's disk; an open range could pull a CUDA build.
-$(STAMP): pyproject.toml setup.py
+$(BASE_STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	touch $@
+
+$(TRAIN_STAMP): $(BASE_STAMP)
+	$(PY) -m pip install -q -e ".[train]"
+	touch $@
+
+$(STAMP): $(BASE_STAMP)
 	$(PY) -m pip install -q -e ".[test,train]"
-	touch $(STAMP)
+	touch $@
 
 venv: $(STAMP)
 
@@ -49,7 +59,7 @@ test-min: $(VENV_MIN)/.installed
 # 10 and 50 DDIM steps, their scores and the model card to demo_output/. One torch thread: the UNet is small, and on
 # a busy CPU extra threads spin-wait for each other and can make training many times slower. A second `make demo`
 # replaces the first run's demo_output/ (the trainer refuses another run's folder without --overwrite_output_dir).
-demo: $(STAMP)
+demo: $(TRAIN_STAMP)
 	OMP_NUM_THREADS=1 $(PY) training/train.py --output_dir demo_output --overwrite_output_dir
 
 clean:

@@ -102,6 +102,39 @@ def test_augmentation_is_keyed_by_seed_epoch_and_index():
     assert not all(torch.equal(augment(0, 0, i), augment(1, 0, i)) for i in range(6))
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_training_images_equal_pil_crops_and_flips_epoch_after_epoch(mode):
+    # The expected pixels come from PIL's own resize, crop and transpose of the decoded image, drawn with the same
+    # (seed, epoch, index) generator; the dataset keeps decoded, resized images between epochs.
+    import datasets
+
+    from ddim_plus.training.data import augmentation_rng
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (12, 21, 3), dtype=np.uint8)).convert(mode) for _ in range(3)]
+    dataset = TrainingImages(
+        datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()),
+        "image",
+        8,
+        1 if mode == "L" else 3,
+        random_flip=True,
+        seed=5,
+    )
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        for index, image in enumerate(images):
+            draws = augmentation_rng(5, epoch, index)
+            offsets, flip = draws.random(2), draws.random()
+            resized = image.resize((14, 8), Image.BILINEAR)
+            left, top = int(offsets[0] * (14 - 8 + 1)), int(offsets[1] * (8 - 8 + 1))
+            expected = resized.crop((left, top, left + 8, top + 8))
+            if flip < 0.5:
+                expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
+            expected = np.asarray(expected, dtype=np.float32) / 127.5 - 1.0
+            expected = expected[None] if expected.ndim == 2 else expected.transpose(2, 0, 1)
+            np.testing.assert_array_equal(dataset[index]["pixel_values"].numpy(), expected)
+
+
 def test_training_images_yield_tensors_and_indices(digits16):
     dataset = TrainingImages(digits16, "image", 16, 1, seed=3)
     item = dataset[7]
