@@ -128,6 +128,7 @@ def test_checkpoints_rotate_and_outputs_are_complete(reference_run):
     scheduler_config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler_config["_class_name"] == "DDIMSchedulerPlus"
     assert scheduler_config["timestep_spacing"] == "trailing"
+    assert scheduler_config["ddim_solver_order"] == 2 and scheduler_config["clip_sample"] is True
 
     steps, final = read_debug_log(output_dir)
     assert [record["step"] for record in steps] == list(range(1, 8))
