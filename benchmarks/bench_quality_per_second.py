@@ -26,16 +26,16 @@ from ddim_plus.evaluation.sampling import generate_images
 
 
 def samplers(pipe: DDIMPlusPipeline) -> dict:
-    """The stock pipeline with the model's saved scheduler config, and ddim_plus with it, with the paper's quadratic
-    spacing, and with the second-order option."""
+    """The stock pipeline with the model's saved scheduler config, and ddim_plus with it (first order, as stock is),
+    with the paper's quadratic spacing, and with the second-order option."""
     config = dict(pipe.scheduler.config)
     stock_config = {key: value for key, value in config.items() if key in DDIMScheduler().config}
     stock = DDIMPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(stock_config))
     spacing = config.get("timestep_spacing", "leading")
     found = {f"stock DDIMPipeline ({stock.scheduler.config.timestep_spacing})": stock}
     for name, overrides in (
-        (f"ddim_plus, same settings ({spacing})", {}),
-        ("ddim_plus, quadratic", {"timestep_spacing": "quadratic"}),
+        (f"ddim_plus, same settings ({spacing})", {"ddim_solver_order": 1}),
+        ("ddim_plus, quadratic", {"timestep_spacing": "quadratic", "ddim_solver_order": 1}),
         (f"ddim_plus, {spacing} + ddim_solver_order=2", {"ddim_solver_order": 2}),
     ):
         found[name] = DDIMPlusPipeline(unet=pipe.unet, scheduler=DDIMSchedulerPlus.from_config(config, **overrides))

@@ -235,7 +235,7 @@ class InversionRefinement:
             raise ValueError(f"`InversionRefinement.tolerance` must be a finite number >= 0, got {tolerance!r}.")
 
 
-def as_refinement(refine: Union[bool, InversionRefinement]) -> InversionRefinement:
+def _as_refinement(refine: Union[bool, InversionRefinement]) -> InversionRefinement:
     """`refine` as `invert` and `DDIMInversionPipeline` take it -> the refinement to run (0 iterations: plain)."""
     if isinstance(refine, InversionRefinement):
         return refine
@@ -293,7 +293,7 @@ def invert(
         raise ValueError("`latents` is an empty batch; pass at least one sample.")
     if not bool(torch.isfinite(latents).all()):
         raise ValueError("`latents` holds NaN or infinite values; inversion needs finite inputs.")
-    refinement = as_refinement(refine)
+    refinement = _as_refinement(refine)
     scheduler = inversion_scheduler(scheduler)
     scheduler.set_timesteps(num_inference_steps if timesteps is None else None, timesteps=timesteps)
 

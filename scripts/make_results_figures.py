@@ -55,7 +55,8 @@ def main() -> None:
     config = pipe.scheduler.config
     print(
         f"Consistency (per-pixel MSE on [0, 1] to the S = {args.reference_steps} image, eta = 0, "
-        f"{config.timestep_spacing} spacing, clip_sample={config.clip_sample}):\n"
+        f"{config.timestep_spacing} spacing, clip_sample={config.clip_sample}, "
+        f"ddim_solver_order={config.ddim_solver_order}):\n"
     )
     print("| S | " + " | ".join(map(str, args.steps)) + " |")
     print("|---" * (len(args.steps) + 1) + "|")

@@ -28,30 +28,42 @@ ETAS = (0.0, 0.2, 0.5, 1.0, SIGMA_HAT)
 TABLE1_STEPS = (10, 20, 50, 100, 200, 1000)
 
 
+FIRST_ORDER = {"ddim_solver_order": 1}
+
+
 def cells(saved_clip: bool):
     """(name, scheduler overrides, S, eta, use_clipped_model_output) for every cell of the report."""
+    # The saved config as it is (second order for the demo), at every S, and at S = 1000 against eta = 1, with the
+    # saved clipping and the other one.
+    for steps in TABLE1_STEPS:
+        yield "saved", {}, steps, 0.0, None
+    yield "saved", {}, 1000, 1.0, None
+    for eta in (0.0, 1.0):
+        yield "saved_other_clip", {"clip_sample": not saved_clip}, 1000, eta, None
+    # The paper's Table 1 and the clipping comparison: first-order DDIM, the paper's sampler.
     for eta in ETAS:
         for steps in TABLE1_STEPS if eta in (0.0, 1.0) else (10, 20, 50, 100, 1000):
-            yield "table1", {}, steps, eta, None
+            yield "table1", FIRST_ORDER, steps, eta, None
     for steps in TABLE1_STEPS:
-        yield "other_clip", {"clip_sample": not saved_clip}, steps, 0.0, None
-    yield "other_clip", {"clip_sample": not saved_clip}, 1000, 1.0, None
+        yield "other_clip", {**FIRST_ORDER, "clip_sample": not saved_clip}, steps, 0.0, None
+    yield "other_clip", {**FIRST_ORDER, "clip_sample": not saved_clip}, 1000, 1.0, None
     for steps in TABLE1_STEPS:
-        yield "stock_clipping", {"clip_sample": True}, steps, 0.0, False
+        yield "stock_clipping", {**FIRST_ORDER, "clip_sample": True}, steps, 0.0, False
     for spacing in TIMESTEP_SPACINGS:
         for steps in (10, 20, 50):
-            yield f"spacing:{spacing}", {"timestep_spacing": spacing}, steps, 0.0, None
+            yield f"spacing:{spacing}", {**FIRST_ORDER, "timestep_spacing": spacing}, steps, 0.0, None
     for steps in (10, 20, 50):
         yield "order2:quadratic", {"timestep_spacing": "quadratic", "ddim_solver_order": 2}, steps, 0.0, None
-    # S = 20 against S = 1000 (docs/results.md): the saved config (a schedule stored by `ddim-plus tune-steps`
-    # included), fixed spacings without it, and the second-order option.
+    # S = 20 against S = 1000 (docs/results.md): first order with the folder's stored schedule (one tuned by
+    # `ddim-plus tune-steps --order 1` included), fixed spacings at either order, and the first-order S = 1000.
     untuned = {"tuned_timesteps": None}
-    yield "s20:saved", {}, 20, 0.0, None
+    yield "s20:order1-as-stored", FIRST_ORDER, 20, 0.0, None
     for spacing in ("trailing", "quadratic"):
-        yield f"s20:{spacing}", {**untuned, "timestep_spacing": spacing}, 20, 0.0, None
-        yield f"s20:{spacing}+order2", {**untuned, "timestep_spacing": spacing, "ddim_solver_order": 2}, 20, 0.0, None
+        for order in (1, 2):
+            overrides = {**untuned, "timestep_spacing": spacing, "ddim_solver_order": order}
+            yield f"s20:{spacing}+order{order}", overrides, 20, 0.0, None
     yield "s20:trailing+order2", {**untuned, "timestep_spacing": "trailing", "ddim_solver_order": 2}, 10, 0.0, None
-    yield "s20:trailing", {**untuned, "timestep_spacing": "trailing"}, 1000, 0.0, None
+    yield "s20:trailing+order1", {**untuned, "timestep_spacing": "trailing", **FIRST_ORDER}, 1000, 0.0, None
 
 
 def sample_cell(pipe, overrides, steps, eta, use_clipped, seed, size, device):
@@ -77,7 +89,15 @@ def main():
     parser.add_argument("--block-size", type=int, default=1000, help="images per block")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first block")
     parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument("--cells", default=None, help="only the cells whose name starts with this, e.g. s20")
+    parser.add_argument(
+        "--cells",
+        default=None,
+        help="only these cells, comma-separated: a name (saved, table1, ...) or the family before a colon (s20)",
+    )
+    parser.add_argument(
+        "--steps", default=None, help="only the cells with these S, comma-separated, e.g. 20,1000 (default: all)"
+    )
+    parser.add_argument("--eta", type=float, default=None, help="only the cells with this eta (default: all)")
     args = parser.parse_args()
     if args.blocks < 2 or args.block_size < 2:
         parser.error("`--blocks` and `--block-size` must be >= 2 (a spread needs two blocks).")
@@ -94,7 +114,11 @@ def main():
     out = open(args.out, "w", encoding="utf-8")  # one line per cell as it finishes, so a stopped run keeps its cells
     out.write(json.dumps(floor) + "\n")
     for name, overrides, steps, eta, use_clipped in cells(bool(pipe.scheduler.config.clip_sample)):
-        if args.cells is not None and not name.startswith(args.cells):
+        if args.cells is not None and not {name, name.split(":")[0]} & set(args.cells.split(",")):
+            continue
+        if args.steps is not None and steps not in {int(part) for part in args.steps.split(",")}:
+            continue
+        if args.eta is not None and eta != args.eta:
             continue
         started = time.perf_counter()
         images = sample_cell(

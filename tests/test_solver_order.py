@@ -36,14 +36,19 @@ def _sample(scheduler, model, x, **step_kwargs):
     return x, x0s
 
 
-def _reference_dpm_solver_pp_2m(model_x0, x, abars, first_order_steps):
+def _reference_dpm_solver_pp_2m(model_x0, x, abars, first_order_steps=(), eta=0.0, noises=None, sigma_hat=False):
     """Lu et al. 2022, Algorithm 2, in float64: x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i,
     D_i = (1 + 1 / (2 r_i)) x0_{i-1} - 1 / (2 r_i) x0_{i-2}, r_i = h_{i-1} / h_i, lambda = log(alpha / sigma).
+
+    With noise (`eta` > 0 or `sigma_hat`), eq. 12 written with the same h and D: x_i = alpha_i D + sqrt(sigma_i^2 -
+    s^2) / sigma_{i-1} (x_{i-1} - alpha_{i-1} D) + s z_i, s = eta sigma_i sqrt(1 - e^{-2h}) (= eq. 16), or
+    sigma-hat with the direction term of s(eta = 1) and no noise into the last level.
 
     Args:
         model_x0: (x, step index) -> the (clipped) data prediction.
         abars: abar at each scheduled timestep, then the final level.
         first_order_steps: step indices that use D_i = x0_{i-1}.
+        eta, noises, sigma_hat: the noise weight, the z_i, and whether s is sigma-hat.
     """
     alpha = [math.sqrt(a) for a in abars]
     sigma = [math.sqrt(1 - a) for a in abars]
@@ -57,7 +62,13 @@ def _reference_dpm_solver_pp_2m(model_x0, x, abars, first_order_steps):
         else:
             r = (lam[i] - lam[i - 1]) / h
             d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous_x0
-        x = d if sigma[i + 1] == 0 else sigma[i + 1] / sigma[i] * x - alpha[i + 1] * math.expm1(-h) * d
+        if eta == 0 and not sigma_hat:
+            x = d if sigma[i + 1] == 0 else sigma[i + 1] / sigma[i] * x - alpha[i + 1] * math.expm1(-h) * d
+        else:
+            ddpm_s = sigma[i + 1] * math.sqrt(-math.expm1(-2 * h)) if sigma[i + 1] > 0 else 0.0
+            s = math.sqrt(1 - abars[i] / abars[i + 1]) if sigma_hat and i < len(abars) - 2 else eta * ddpm_s
+            direction = math.sqrt(max(sigma[i + 1] ** 2 - (ddpm_s if sigma_hat else s) ** 2, 0.0))
+            x = alpha[i + 1] * d + direction / sigma[i] * (x - alpha[i] * d) + s * noises[i]
         previous_x0 = x0
     return x
 
@@ -96,17 +107,32 @@ def test_order_one_is_bit_for_bit_the_default(spacing, prediction_type, eta):
 # ----------------------------------------------------------------------------------------------------------------
 # Order 2 is DPM-Solver++(2M)
 # ----------------------------------------------------------------------------------------------------------------
+def _step_noises(steps, seed=7):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(_noise().shape, generator=generator, dtype=torch.float64) for _ in range(steps)]
+
+
+def _run_with_noises(scheduler, oracle, noises, **step_kwargs):
+    x = _noise()
+    for t, noise in zip(scheduler.timesteps, noises):
+        x = scheduler.step(oracle(x, t), t, x, variance_noise=noise, **step_kwargs).prev_sample
+    return x
+
+
 @pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_order_two_matches_diffusers_dpm_solver_pp_2m(spacing, prediction_type):
+@pytest.mark.parametrize("eta, algorithm_type", [(0.0, "dpmsolver++"), (1.0, "sde-dpmsolver++")])
+def test_order_two_matches_diffusers_dpm_solver_pp_2m(spacing, prediction_type, eta, algorithm_type):
     # From 15 steps on, diffusers' DPM-Solver++(2M) with a final step to sigma = 0 is first order at the first and
-    # the last step only, exactly like ours; its own timestep list is replaced by ours.
+    # the last step only, exactly like ours; its own timestep list is replaced by ours. Its SDE variant puts the same
+    # extrapolated x_0 into its first-order step, which is DDIM at eta = 1: with the same noise at every step, ours
+    # at eta = 1 must agree with it.
     ours = DDIMSchedulerPlus(
         timestep_spacing=spacing, prediction_type=prediction_type, ddim_solver_order=2, clip_sample=False
     )
     ours.set_timesteps(20)
     theirs = DPMSolverMultistepScheduler(
-        algorithm_type="dpmsolver++",
+        algorithm_type=algorithm_type,
         solver_order=2,
         solver_type="midpoint",
         prediction_type=prediction_type,
@@ -114,16 +140,14 @@ def test_order_two_matches_diffusers_dpm_solver_pp_2m(spacing, prediction_type):
     )
     theirs.set_timesteps(timesteps=ours.timesteps.tolist())
     oracle = GaussianMixtureOracle(MIXTURE, ours.alphas_cumprod, prediction_type)
-    x_ours, _ = _sample(ours, oracle, _noise())
-    x_theirs = _noise()
-    for t in theirs.timesteps:
-        x_theirs = theirs.step(oracle(x_theirs, t), t, x_theirs).prev_sample
+    noises = _step_noises(len(ours.timesteps))
+    x_ours = _run_with_noises(ours, oracle, noises, eta=eta)
     # diffusers keeps abar in float32: relative differences of ~1e-6 in the coefficients
-    torch.testing.assert_close(x_ours, x_theirs, rtol=1e-4, atol=1e-4)
-    # and order 2 really differs from DDIM at this tolerance
+    torch.testing.assert_close(x_ours, _run_with_noises(theirs, oracle, noises), rtol=1e-4, atol=1e-4)
+    # and order 2 really differs from DDIM (with the same eta and noise) at this tolerance
     ddim = DDIMSchedulerPlus(timestep_spacing=spacing, prediction_type=prediction_type, clip_sample=False)
     ddim.set_timesteps(20)
-    assert (x_ours - _sample(ddim, oracle, _noise())[0]).abs().max() > 1e-2
+    assert (x_ours - _run_with_noises(ddim, oracle, noises, eta=eta)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -145,68 +169,6 @@ def test_order_two_at_zero_terminal_snr_matches_diffusers(prediction_type):
     torch.testing.assert_close(x_ours, x_theirs, rtol=1e-4, atol=1e-4)
 
 
-def _step_noises(steps, seed=7):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(_noise().shape, generator=generator, dtype=torch.float64) for _ in range(steps)]
-
-
-@pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_order_two_at_eta_one_matches_diffusers_sde_dpm_solver_pp_2m(spacing, prediction_type):
-    # SDE-DPM-Solver++(2M) puts the same extrapolated x_0 as DPM-Solver++(2M) into its first-order step, which is
-    # DDIM at eta = 1; given the same noise at every step, the two samplers must agree.
-    ours = DDIMSchedulerPlus(
-        timestep_spacing=spacing, prediction_type=prediction_type, ddim_solver_order=2, clip_sample=False
-    )
-    ours.set_timesteps(20)
-    theirs = DPMSolverMultistepScheduler(
-        algorithm_type="sde-dpmsolver++",
-        solver_order=2,
-        solver_type="midpoint",
-        prediction_type=prediction_type,
-        final_sigmas_type="zero",
-    )
-    theirs.set_timesteps(timesteps=ours.timesteps.tolist())
-    oracle = GaussianMixtureOracle(MIXTURE, ours.alphas_cumprod, prediction_type)
-    noises = _step_noises(len(ours.timesteps))
-    x_ours, x_theirs = _noise(), _noise()
-    for t, noise in zip(ours.timesteps, noises):
-        x_ours = ours.step(oracle(x_ours, t), t, x_ours, eta=1.0, variance_noise=noise).prev_sample
-    for t, noise in zip(theirs.timesteps, noises):
-        x_theirs = theirs.step(oracle(x_theirs, t), t, x_theirs, variance_noise=noise).prev_sample
-    torch.testing.assert_close(x_ours, x_theirs, rtol=1e-4, atol=1e-4)
-    # and it is not first-order DDIM at eta = 1 with the same noise
-    ddim = DDIMSchedulerPlus(timestep_spacing=spacing, prediction_type=prediction_type, clip_sample=False)
-    ddim.set_timesteps(20)
-    x_ddim = _noise()
-    for t, noise in zip(ddim.timesteps, noises):
-        x_ddim = ddim.step(oracle(x_ddim, t), t, x_ddim, eta=1.0, variance_noise=noise).prev_sample
-    assert (x_ours - x_ddim).abs().max() > 1e-2
-
-
-def _reference_stochastic_2m(model_x0, x, abars, eta, noises, sigma_hat=False):
-    """Eq. 12 written with log-SNR half-steps h (float64): x_i = alpha_i D + sqrt(sigma_i^2 - s^2) / sigma_{i-1}
-    (x_{i-1} - alpha_{i-1} D) + s z, s = eta sigma_i sqrt(1 - e^{-2h}) (= eq. 16), or sigma-hat with the direction
-    term of s(eta = 1); D the 2M extrapolation of x_0 from the second step on, except into abar = 1."""
-    alpha = [math.sqrt(a) for a in abars]
-    sigma = [math.sqrt(1 - a) for a in abars]
-    lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alpha, sigma)]
-    previous_x0 = None
-    for i in range(len(abars) - 1):
-        x0 = model_x0(x, i)
-        h = lam[i + 1] - lam[i]
-        d = x0
-        if previous_x0 is not None and sigma[i + 1] > 0:
-            d = x0 + h / (2 * (lam[i] - lam[i - 1])) * (x0 - previous_x0)
-        ddpm_s = sigma[i + 1] * math.sqrt(-math.expm1(-2 * h)) if sigma[i + 1] > 0 else 0.0
-        s = math.sqrt(1 - abars[i] / abars[i + 1]) if sigma_hat and i < len(abars) - 2 else eta * ddpm_s
-        direction_s = ddpm_s if sigma_hat else s
-        direction = math.sqrt(max(sigma[i + 1] ** 2 - direction_s**2, 0.0))
-        x = alpha[i + 1] * d + direction / sigma[i] * (x - alpha[i] * d) + s * noises[i]
-        previous_x0 = x0
-    return x
-
-
 @pytest.mark.parametrize("eta", [0.0, 0.3, 0.7, 1.0, "sigma_hat"])
 @pytest.mark.parametrize("spacing", ["trailing", "quadratic", "logsnr"])
 def test_order_two_at_every_eta_matches_the_log_snr_reference(eta, spacing):
@@ -226,8 +188,13 @@ def test_order_two_at_every_eta_matches_the_log_snr_reference(eta, spacing):
     timesteps = ours.timesteps.tolist()
     abars = [float(ours.alphas_cumprod[t]) for t in timesteps] + [float(ours.final_alpha_cumprod)]
     x0_oracle = GaussianMixtureOracle(MIXTURE, ours.alphas_cumprod, prediction_type="sample")
-    expected = _reference_stochastic_2m(
-        lambda x, i: x0_oracle(x, timesteps[i]), _noise(), abars, 0.0 if sigma_hat else eta, noises, sigma_hat
+    expected = _reference_dpm_solver_pp_2m(
+        lambda x, i: x0_oracle(x, timesteps[i]),
+        _noise(),
+        abars,
+        eta=0.0 if sigma_hat else eta,
+        noises=noises,
+        sigma_hat=sigma_hat,
     )
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
 
