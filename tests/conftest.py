@@ -15,6 +15,11 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 CUSTOM_TIMESTEPS = [999, 874, 601, 600, 333, 120, 47, 3]
 
 
+def seeded_generators(*seeds: int) -> list:
+    """One CPU generator per image, seeded as given: image i of a pipeline call then depends on `seeds[i]` only."""
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
 def launch_command(module: str, argv, num_processes: int = 1, port: int = 29500) -> list:
     """`python -m module ARGV`, or the same under `accelerate launch` with `num_processes` CPU processes (gloo)."""
     if num_processes == 1:

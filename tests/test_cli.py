@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_tiny_unet, save_tiny_pipeline
+from conftest import make_tiny_unet, save_tiny_pipeline, seeded_generators
 from safetensors import safe_open
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
@@ -84,7 +84,7 @@ def test_sample_grid_matches_the_pipeline(model_dir, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(
         batch_size=2,
-        generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
+        generator=seeded_generators(5, 6),
         num_inference_steps=4,
         output_type="np",
     ).images
@@ -100,7 +100,7 @@ def test_order_overrides_the_saved_solver_order_at_any_eta(model_dir, tmp_path, 
     pipe = DDIMPlusPipeline.from_pretrained(model_dir)
     pipe.scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, ddim_solver_order=2)
     pipe.set_progress_bar_config(disable=True)
-    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    generators = seeded_generators(0, 1)
     expected = pipe(batch_size=2, generator=generators, num_inference_steps=4, eta=1.0, output_type="np").images
     grid = np.asarray(PIL.Image.open(out), dtype=np.float32) / 255
     np.testing.assert_allclose(grid[1:9, 1:9], expected[0, ..., 0], atol=1 / 255)

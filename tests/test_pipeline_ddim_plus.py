@@ -4,7 +4,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import count_unet_calls, make_tiny_unet
+from conftest import count_unet_calls, make_tiny_unet, seeded_generators
 from diffusers import (
     DDIMPipeline,
     DDIMScheduler,
@@ -78,7 +78,7 @@ def test_output_types_and_grayscale_pil():
 def test_a_list_of_generators_gives_each_image_its_own_noise():
     pipe = make_pipe()
     kwargs = dict(num_inference_steps=STEPS, eta=1.0, output_type="pt")
-    pair = pipe(batch_size=2, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], **kwargs).images
+    pair = pipe(batch_size=2, generator=seeded_generators(1, 2), **kwargs).images
     alone = pipe(batch_size=1, generator=[torch.Generator().manual_seed(2)], **kwargs).images
     torch.testing.assert_close(pair[1:], alone)
     assert not torch.allclose(pair[0], pair[1])

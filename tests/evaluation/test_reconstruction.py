@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_unet
+from conftest import make_tiny_unet, seeded_generators
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.evaluation.reconstruction import (
@@ -71,7 +71,7 @@ def test_consistency_draws_x_t_like_the_pipeline():
     result = consistency(pipe, seeds=(3, 4), steps=(4, 8), reference_steps=12)
     direct = pipe(
         batch_size=2,
-        generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+        generator=seeded_generators(3, 4),
         num_inference_steps=4,
         output_type="np",
     ).images
