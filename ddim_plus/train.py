@@ -1051,10 +1051,10 @@ def write_outputs(
         metrics_dataset=DIGITS_EVAL_DATASET if is_digits else None,
         metrics_description=(
             f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing and solver order "
-            f"{args.ddim_solver_order}. Recognisable fraction: share "
-            "of samples a digits classifier trained on the bundled data (`ddim_plus.evaluation.digits`) labels with "
-            "probability > 0.5; class balance: normalised entropy of the predicted-class histogram (1 = uniform); FD: "
-            "Frechet distance to the 1,797 real digits in the features of the digits CNN shipped with ddim_plus "
+            f"{args.ddim_solver_order}. Recognisable fraction: share of samples that the digits CNN shipped with "
+            "ddim_plus, with its fitted not-a-digit output (`ddim_plus.evaluation.digits`), labels with probability "
+            "> 0.5; class balance: normalised entropy of the predicted-class histogram (1 = uniform); FD: Frechet "
+            "distance to the 1,797 real digits in the hidden-layer features of the same CNN "
             "(`ddim_plus.evaluation.fid`; lower is better). " + SAMPLING_CONFIG_REASON
             if is_digits
             else f"Samples from the EMA weights, DDIM with `{args.timestep_spacing}` spacing and solver order "
