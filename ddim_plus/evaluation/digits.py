@@ -197,7 +197,9 @@ def fit_digits_classifier(
     """
     rng = np.random.default_rng(seed)
     junk = _not_a_digit_examples(rng, pixels, len(pixels) // 2)
-    inputs = torch.tensor(np.concatenate([pixels, junk]), dtype=torch.float32).reshape(-1, 1, 8, 8)
+    inputs = torch.tensor(np.concatenate([pixels, junk]), dtype=torch.float32).reshape(
+        -1, 1, DIGITS_RESOLUTION, DIGITS_RESOLUTION
+    )
     targets = torch.tensor(np.concatenate([labels, np.full(len(junk), NUM_CLASSES)]), dtype=torch.long)
     # The matrices are tiny: extra threads only add synchronisation, which on a busy machine costs 50x.
     num_threads = torch.get_num_threads()
