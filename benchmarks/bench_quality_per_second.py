@@ -23,21 +23,29 @@ from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.evaluation.digits import digits_reference_images
 from ddim_plus.evaluation.fid import frechet_distance
 from ddim_plus.evaluation.sampling import generate_images
+from ddim_plus.hub import STOCK_SPACINGS
 
 
 def samplers(pipe: DDIMPlusPipeline) -> dict:
-    """The stock pipeline with the model's saved scheduler config, and ddim_plus with it (first order, as stock is),
-    with the paper's quadratic spacing, and with the second-order option."""
+    """The stock pipeline with the model's scheduler config (and its spacing, or `trailing` where stock lacks the
+    saved one), ddim_plus with the same settings (first order, as stock is), with the paper's quadratic spacing, with
+    the second-order option, and with the saved config as it is."""
     config = dict(pipe.scheduler.config)
+    saved_spacing = config.get("timestep_spacing", "leading")
+    stock_spacing = saved_spacing if saved_spacing in STOCK_SPACINGS else "trailing"
     stock_config = {key: value for key, value in config.items() if key in DDIMScheduler().config}
-    stock = DDIMPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(stock_config))
-    spacing = config.get("timestep_spacing", "leading")
-    found = {f"stock DDIMPipeline ({stock.scheduler.config.timestep_spacing})": stock}
-    for name, overrides in (
-        (f"ddim_plus, same settings ({spacing})", {"ddim_solver_order": 1}),
-        ("ddim_plus, quadratic", {"timestep_spacing": "quadratic", "ddim_solver_order": 1}),
-        (f"ddim_plus, {spacing} + ddim_solver_order=2", {"ddim_solver_order": 2}),
-    ):
+    stock_scheduler = DDIMScheduler.from_config(stock_config, timestep_spacing=stock_spacing)
+    found = {f"stock DDIMPipeline ({stock_spacing})": DDIMPipeline(unet=pipe.unet, scheduler=stock_scheduler)}
+    variants = [
+        (f"ddim_plus, same settings ({stock_spacing})", stock_spacing, 1),
+        ("ddim_plus, quadratic", "quadratic", 1),
+        (f"ddim_plus, {stock_spacing} + ddim_solver_order=2", stock_spacing, 2),
+    ]
+    saved = (saved_spacing, config.get("ddim_solver_order", 1))
+    if saved not in [(spacing, order) for _, spacing, order in variants]:
+        variants.append((f"ddim_plus, saved config ({saved[0]}, ddim_solver_order={saved[1]})", *saved))
+    for name, spacing, order in variants:
+        overrides = {"timestep_spacing": spacing, "ddim_solver_order": order}
         found[name] = DDIMPlusPipeline(unet=pipe.unet, scheduler=DDIMSchedulerPlus.from_config(config, **overrides))
     for sampler in found.values():
         sampler.set_progress_bar_config(disable=True)

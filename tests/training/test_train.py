@@ -127,7 +127,7 @@ def test_checkpoints_rotate_and_outputs_are_complete(reference_run):
     assert record["max_train_steps"] == 7 and record["learning_rate"] == 1e-3 and record["num_processes"] == 1
     scheduler_config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler_config["_class_name"] == "DDIMSchedulerPlus"
-    assert scheduler_config["timestep_spacing"] == "trailing"
+    assert scheduler_config["timestep_spacing"] == "logsnr"
     assert scheduler_config["ddim_solver_order"] == 2 and scheduler_config["clip_sample"] is True
 
     steps, final = read_debug_log(output_dir)
@@ -658,7 +658,7 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     usage = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: trailing)", "(default: 50)", "(default: 7200)", "(default: tensorboard)"):
+    for default in ("(default: logsnr)", "(default: 20)", "(default: 7200)", "(default: tensorboard)"):
         assert default in usage
     assert "(default: None)" not in usage
 
