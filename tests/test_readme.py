@@ -21,8 +21,10 @@ def test_readme_quick_start_runs_on_a_stock_ddpm_checkpoint(tmp_path, monkeypatc
     exec(code.replace(repo_id, str(ddpm_folder)), namespace)
 
     assert isinstance(namespace["pipe"].scheduler, ddim_plus.DDIMSchedulerPlus)
-    assert namespace["pipe"].scheduler.config.timestep_spacing == "trailing"
+    assert namespace["pipe"].scheduler.config.timestep_spacing == "logsnr"
+    assert namespace["pipe"].scheduler.config.ddim_solver_order == 2
     assert len(namespace["images"]) == 4 and namespace["images"][0].size == (8, 8)
     reloaded = DiffusionPipeline.from_pretrained(tmp_path / "my-ddim")
     assert isinstance(reloaded, ddim_plus.DDIMPlusPipeline)
-    assert reloaded.scheduler.config.timestep_spacing == "trailing"
+    assert reloaded.scheduler.config.timestep_spacing == "logsnr"
+    assert reloaded.scheduler.config.ddim_solver_order == 2
