@@ -59,7 +59,7 @@ test-min: $(VENV_MIN)/.installed
 	$(VENV_MIN)/bin/python -m pip list 2>/dev/null | grep -iE '^($(subst _,[-_],$(MIN_PACKAGES))) '
 	$(VENV_MIN)/bin/python -m pytest -q tests
 
-# Train on the bundled digits (offline; about 6 minutes of training on an idle 2-core CPU), then write the pipeline, sample grids at
+# Train on the bundled digits (offline; about 5 1/2 minutes of training on an idle 2-core CPU), then write the pipeline, sample grids at
 # 10 and 50 DDIM steps, their scores and the model card to demo_output/. One torch thread: the UNet is small, and on
 # a busy CPU extra threads spin-wait for each other and can make training many times slower. A second `make demo`
 # replaces the first run's demo_output/ (the trainer refuses another run's folder without --overwrite_output_dir).
