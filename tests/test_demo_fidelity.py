@@ -5,7 +5,7 @@ with the step size, so S = 1000 drifts furthest), and training on digits upsampl
 64-dimensional subspace of the pixels, whose off-subspace noise the ODE never removes). A third finding, that
 first-order steps leave 20 steps far from 1000, is why the saved config is second order. A fourth, that with
 `trailing` spacing 10 steps end with a network call at t = T / S - 1 = 99, whose x_0 prediction is still a posterior
-mean (blurred by noise of std 0.34), is why the saved spacing is `logsnr`.
+mean (blurred by noise of std 0.32), is why the saved spacing is `logsnr`.
 """
 
 import torch
