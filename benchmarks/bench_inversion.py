@@ -20,6 +20,7 @@ import torch
 
 import ddim_plus
 from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus, InversionRefinement
+from ddim_plus.ddim_math import TIMESTEP_SPACINGS
 from ddim_plus.evaluation.digits import digits_reference_images
 from ddim_plus.evaluation.gmm import GaussianMixtureOracle
 from ddim_plus.evaluation.images import make_grid
@@ -115,10 +116,13 @@ def main() -> None:
     parser.add_argument("--candidates", action="store_true", help="compare the iteration methods, not just defaults")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--spacing", choices=TIMESTEP_SPACINGS, help="`model`: timestep spacing (default: the pipeline's own)"
+    )
     parser.add_argument("--interpolation-png", help="`model`: also save a picture of one interpolation here")
     args = parser.parse_args()
-    if args.interpolation_png and args.denoiser != "model":
-        parser.error("`--interpolation-png` needs `model DIR`")
+    if (args.interpolation_png or args.spacing) and args.denoiser != "model":
+        parser.error("`--interpolation-png` and `--spacing` need `model DIR`")
     torch.set_num_threads(args.threads)
     candidates = CANDIDATES if args.candidates else [CANDIDATES[0], CANDIDATES[5]]
 
@@ -141,9 +145,12 @@ def main() -> None:
         channels, size, _ = sample_shape(pipe.unet)
         images = digits_reference_images(size, channels)[-args.num_images :]
         source = f"{args.model}: the last {len(images)} bundled digits at {size}x{size}"
+        if args.spacing is not None:
+            pipe.scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, timestep_spacing=args.spacing)
         scheduler = pipe.scheduler
         denoiser = ddim_plus.make_denoiser(pipe.unet.eval())
-        print(f"{source}, {scheduler.config.timestep_spacing} spacing (the pipeline's)")
+        origin = "the pipeline's" if args.spacing is None else "--spacing"
+        print(f"{source}, {scheduler.config.timestep_spacing} spacing ({origin})")
     print("per-pixel MSE on [0, 1], mean over images [95% bootstrap interval]; ratio = plain / refined\n")
     table(denoiser, scheduler, images, args.steps, candidates, show_paper=not args.candidates)
     if args.interpolation_png:
