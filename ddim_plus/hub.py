@@ -137,7 +137,11 @@ def _loading_note(repo_id: str, pipeline_class: str, scheduler_config: Mapping[s
         dropped.append('`sigma_type="sigma_hat"` (it adds eta noise instead)')
     spacing = scheduler_config.get("timestep_spacing")
     if spacing in _OWN_SPACINGS:
-        dropped.append(f"the `{spacing}` spacing (it raises `ValueError` at the first call)")
+        dropped.append(
+            f"the `{spacing}` spacing (it raises `ValueError` at the first call; to sample with stock diffusers "
+            f'anyway, pass `scheduler=DDIMScheduler.from_pretrained("{repo_id}", subfolder="scheduler", '
+            'timestep_spacing="trailing")`)'
+        )
     if spacing in ("trailing", "linspace"):
         dropped.append(
             f"the `{spacing}` spacing's steps (it steps from t to t - T // S, which is not always the next "

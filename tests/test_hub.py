@@ -1,9 +1,11 @@
 """ddim_plus.hub: every model card and every Hub upload (offline: the Hub calls are recorded, not made)."""
 
 import os
+import re
 
 import pytest
 from conftest import make_tiny_unet
+from diffusers import DDIMPipeline, DDIMScheduler
 from huggingface_hub import ModelCard
 
 import ddim_plus
@@ -113,6 +115,19 @@ def test_card_says_what_stock_ddim_pipeline_drops(config, dropped):
         assert "Its images differ from DDIMPlusPipeline's" in first_lines
     else:
         assert "this config uses none of what it drops" in first_lines
+
+
+def test_the_cards_stock_workaround_for_our_spacings_samples(tmp_path):
+    # The card's advice for stock diffusers users of a `logsnr` / `quadratic` config, run as written.
+    DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus(timestep_spacing="logsnr")).save_pretrained(
+        tmp_path
+    )
+    card = (tmp_path / "README.md").read_text()
+    advice = re.search(r"pass `scheduler=(DDIMScheduler\.from_pretrained\(.*?\))`", card).group(1)
+    scheduler = eval(advice.replace(f'"{tmp_path.name}"', repr(str(tmp_path))), {"DDIMScheduler": DDIMScheduler})
+    stock = DDIMPipeline.from_pretrained(tmp_path, scheduler=scheduler)
+    assert type(stock.scheduler) is DDIMScheduler and stock.scheduler.config.timestep_spacing == "trailing"
+    assert stock(batch_size=1, num_inference_steps=2, output_type="np").images.shape[0] == 1
 
 
 def test_save_pretrained_card_lists_the_tuned_schedules(tmp_path):
