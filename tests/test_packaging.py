@@ -109,7 +109,7 @@ README_CHECK = """
 from diffusers import DiffusionPipeline
 reloaded = DiffusionPipeline.from_pretrained("my-ddim")
 assert type(reloaded).__name__ == "DDIMPlusPipeline" and len(images) == 4, (type(reloaded), len(images))
-assert reloaded.scheduler.config.timestep_spacing == "trailing"
+assert reloaded.scheduler.config.timestep_spacing == "logsnr" and reloaded.scheduler.config.ddim_solver_order == 2
 """
 
 
