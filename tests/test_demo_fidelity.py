@@ -41,22 +41,26 @@ MIXTURE = GaussianMixture(
 )
 
 
-def _distances_by_steps(use_clipped_model_output):
-    scheduler = DDIMSchedulerPlus(clip_sample=True)
+def _samples_by_steps(scheduler, steps, eps_error=0.0, use_clipped_model_output=None):
+    """Samples of the exact Gaussian-mixture denoiser (plus `eps_error` in eps) from the same 256 x_T, per S."""
     oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod).as_unet()
-    pipe = DDIMPlusPipeline(unet=SlightlyWrongNoisePredictor(oracle, 0.02), scheduler=scheduler)
+    pipe = DDIMPlusPipeline(unet=SlightlyWrongNoisePredictor(oracle, eps_error), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     latents = torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    samples = {
-        steps: pipe(
+    return {
+        s: pipe(
             batch_size=len(latents),
             latents=latents,
-            num_inference_steps=steps,
+            num_inference_steps=s,
             output_type="latent",
             use_clipped_model_output=use_clipped_model_output,
         ).images
-        for steps in STEPS
+        for s in steps
     }
+
+
+def _distances_by_steps(use_clipped_model_output):
+    samples = _samples_by_steps(DDIMSchedulerPlus(clip_sample=True), STEPS, 0.02, use_clipped_model_output)
     return {steps: frechet_distance_to_mixture(x, MIXTURE) for steps, x in samples.items()}, samples
 
 
@@ -89,14 +93,7 @@ def test_the_demo_trains_at_the_native_resolution_of_its_data():
 
 def _distance_to_many_step_samples(scheduler, steps):
     """Mean over samples of the RMS distance between S-step and 1000-step samples of the exact denoiser, same x_T."""
-    oracle = GaussianMixtureOracle(MIXTURE, scheduler.alphas_cumprod).as_unet()
-    pipe = DDIMPlusPipeline(unet=oracle, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    latents = torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    samples = {
-        s: pipe(batch_size=len(latents), latents=latents, num_inference_steps=s, output_type="latent").images
-        for s in (*steps, 1000)
-    }
+    samples = _samples_by_steps(scheduler, (*steps, 1000))
     return {s: float((samples[s] - samples[1000]).flatten(1).pow(2).mean(1).sqrt().mean()) for s in steps}
 
 
