@@ -148,7 +148,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
             )
         return (image.to(device=self._execution_device, dtype=self.unet.dtype) * 2.0) - 1.0
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(
         self,
         image: ImageInput,
@@ -198,6 +198,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         if return_reconstruction:
             images = postprocess(self.decode(latents, num_inference_steps, timesteps), output_type)
         self.maybe_free_model_hooks()
+        latents = latents.contiguous()  # NCHW, whatever layout the images came in (numpy images are channels-last)
 
         if not return_dict:
             return (latents, images)
@@ -230,7 +231,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
             latents = scheduler.step(model_output, t, latents).prev_sample
         return latents
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def interpolate(
         self,
         latents_a: torch.Tensor,

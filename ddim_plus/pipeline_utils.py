@@ -234,16 +234,16 @@ def postprocess(sample: torch.Tensor, output_type: str) -> Union[List[PIL.Image.
     Args:
         sample (`torch.Tensor`): shape `(batch, C, H, W)`.
         output_type (`str`): `"pil"` (list of PIL images, mode "L" for one channel), `"np"` (float array
-            `(batch, H, W, C)` in [0, 1]), `"pt"` (tensor `(batch, C, H, W)` in [0, 1]) or `"latent"` (`sample`
-            unchanged).
+            `(batch, H, W, C)` in [0, 1]), `"pt"` (contiguous tensor `(batch, C, H, W)` in [0, 1]) or `"latent"`
+            (`sample`'s values, as a contiguous tensor).
 
     Returns:
         The images.
     """
     if output_type == "latent":
-        return sample
+        return sample.contiguous()  # NCHW as diffusers returns it, whatever layout the denoising loop used
     image = (sample / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
-        return image
+        return image.contiguous()
     image = image.cpu().permute(0, 2, 3, 1).float().numpy()
     return DiffusionPipeline.numpy_to_pil(image) if output_type == "pil" else image
