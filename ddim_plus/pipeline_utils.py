@@ -151,7 +151,9 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
             variant (`str`, *optional*): weights variant, e.g. `"fp16"`.
             max_shard_size (`int` or `str`, *optional*): largest checkpoint shard.
             push_to_hub (`bool`, *optional*, defaults to `False`): also upload to the Hub; `kwargs` may hold
-                `repo_id` (defaults to the folder's name), `private`, `token`, `commit_message` and `create_pr`.
+                `repo_id` (defaults to the folder's name), `private`, `token`, `commit_message` and `create_pr`. A
+                card already on the Hub is kept, with the sections ddim_plus writes replaced; the folder's README.md
+                becomes that merged card.
             model_card (`huggingface_hub.ModelCard`, *optional*): the card to write (see `model_card`); by default
                 `self.model_card(repo_id)`, written only if the folder has no README.md yet (an edited card is kept).
         """
@@ -178,6 +180,9 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
         variant: Optional[str] = None,
     ) -> str:
         """Create (or reuse) the Hub repo `repo_id` and upload the saved pipeline and its model card to it.
+
+        A card already in the repo (one edited on the Hub) is kept, as diffusers' `load_or_create_model_card` keeps
+        it: only the sections ddim_plus writes are replaced (see `ddim_plus.hub.merge_model_card`).
 
         Args:
             repo_id (`str`): `"user/name"` or `"org/name"`.
