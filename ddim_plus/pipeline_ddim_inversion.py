@@ -229,7 +229,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         for i, t in enumerate(self.progress_bar(scheduler.timesteps.tolist())):
             model_output = self.unet(latents, timesteps_on_device[i]).sample
             latents = scheduler.step(model_output, t, latents).prev_sample
-        return latents
+        return latents.contiguous()  # NCHW, as the loop's layout is an implementation detail
 
     @torch.no_grad()
     def interpolate(

@@ -238,6 +238,8 @@ def test_outputs_are_ordinary_contiguous_nchw_tensors(output_type):
     frames = pipe.interpolate(
         out.latents[0], out.latents[1], num_frames=2, num_inference_steps=2, output_type=output_type
     )
-    assert out.latents.shape == out.images.shape == frames.images.shape == (2, 3, 8, 8)
+    decoded = pipe.decode(out.latents, num_inference_steps=2)
+    assert out.latents.shape == out.images.shape == frames.images.shape == decoded.shape == (2, 3, 8, 8)
+    assert decoded.is_contiguous()
     for tensor in (out.latents, out.images, frames.images):
         assert_ordinary_tensor(tensor)
