@@ -318,11 +318,12 @@ def hub_card_text(repo_id: str, token: Optional[str] = None) -> Optional[str]:
     """The README.md of the model repo `repo_id` on the Hub, or `None` if the repo or the file does not exist.
 
     Raises:
-        `huggingface_hub.utils.LocalEntryNotFoundError`: the Hub could not be reached (offline, or a network error).
+        `OSError`: the card could not be read (`LocalEntryNotFoundError` when the Hub cannot be reached, an HTTP
+        error otherwise).
     """
     try:
         path = hf_hub_download(repo_id, "README.md", repo_type="model", token=token)
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError that means "unreachable", not "absent"
         raise
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
         return None
@@ -342,7 +343,7 @@ def _keep_hub_card(folder: str, repo_id: str, token: Optional[str]) -> bool:
         return True
     try:
         existing = hub_card_text(repo_id, token=token)
-    except LocalEntryNotFoundError as error:
+    except OSError as error:  # unreachable, or an HTTP error: huggingface_hub's errors are OSErrors
         logger.warning(f"Could not read the model card of {repo_id} ({error}); uploading without README.md.")
         return False
     if existing is not None:
