@@ -3,8 +3,10 @@
 `make_model_card` writes every README.md that ddim_plus produces (`save_pretrained`, `push_to_hub`, the trainer)
 with huggingface_hub's `ModelCard` / `ModelCardData`, one set of tags and a license; a trainer's card adds optional
 sections (samples, a results table whose scores become the Hub's model-index, the training configuration).
-`create_hub_repo` and `upload_to_hub` are the only two Hub calls; `push_to_hub` chains them, and `HubPublisher`
-publishes a training run as it goes (repo created at start-up, snapshots uploaded in the background).
+`create_hub_repo` and `upload_to_hub` make the Hub calls; `push_to_hub` chains them, and `HubPublisher` publishes a
+training run as it goes (repo created at start-up, snapshots uploaded in the background). Like diffusers'
+`load_or_create_model_card`, an upload keeps the card already on the Hub (`merge_model_card`): only the sections
+ddim_plus writes are replaced.
 """
 
 import logging
@@ -15,8 +17,23 @@ import tempfile
 from concurrent.futures import Future
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from huggingface_hub import CommitInfo, EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
-from huggingface_hub.utils import HFValidationError, validate_repo_id
+from huggingface_hub import (
+    CommitInfo,
+    EvalResult,
+    ModelCard,
+    ModelCardData,
+    create_repo,
+    hf_hub_download,
+    upload_folder,
+)
+from huggingface_hub.utils import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    validate_repo_id,
+)
 
 from .ddim_math import TIMESTEP_SPACINGS
 
@@ -24,9 +41,25 @@ logger = logging.getLogger(__name__)
 
 MODEL_CARD_TAGS = ("ddim-plus", "diffusers", "unconditional-image-generation", "ddim")
 DEFAULT_LICENSE = "apache-2.0"
-PIP_INSTALL = "pip install ddim-plus"
+# pyproject.toml names no source repository and no index serves the package: the card says so and installs from the
+# source tree, the folder holding pyproject.toml.
+NOT_ON_PYPI = (
+    "ddim_plus is not published on PyPI; install it from its source tree (the folder holding `pyproject.toml`)"
+)
+INSTALL_COMMAND = "pip install /path/to/ddim_plus"
 TASK = "unconditional-image-generation"
 TUNED_SCHEDULES_HEADING = "## Tuned timestep schedules"
+OTHER_SCHEDULERS_HEADING = "## Other diffusers schedulers"
+# The sections ddim_plus writes; an upload replaces these in the card on the Hub and keeps everything else.
+OWNED_HEADINGS = (
+    "## How to use",
+    OTHER_SCHEDULERS_HEADING,
+    "## Samples",
+    "## Results",
+    TUNED_SCHEDULES_HEADING,
+    "## Training configuration",
+)
+LOADING_NOTE_START = "> **Load with `import ddim_plus` first**"
 # The spacings stock diffusers' DDIMScheduler has; it raises `ValueError` on ours at the first `set_timesteps`.
 STOCK_SPACINGS = ("leading", "trailing", "linspace")
 _OWN_SPACINGS = tuple(s for s in TIMESTEP_SPACINGS if s not in STOCK_SPACINGS)
@@ -101,10 +134,12 @@ def make_model_card(
     sections: List[str] = [
         f"# {repo_id}",
         _loading_note(repo_id, pipeline_class, scheduler_config),
-        (description or "A DDIM pipeline (Song, Meng & Ermon, ICLR 2021, https://huggingface.co/papers/2010.02502).")
-        + f" Saved with ddim_plus {__version__}, a diffusers plugin.",
+        description
+        or "A DDIM pipeline (Song, Meng & Ermon, ICLR 2021, https://huggingface.co/papers/2010.02502), saved with "
+        "ddim_plus, a diffusers plugin.",
         "## How to use",
-        f"```bash\n{PIP_INSTALL}\n```",
+        f"Saved with ddim_plus {__version__}. {NOT_ON_PYPI}:",
+        f"```bash\n{INSTALL_COMMAND}\n```",
         "```python\n"
         "import torch\n"
         "from diffusers import DiffusionPipeline\n\n"
@@ -113,6 +148,8 @@ def make_model_card(
         f"{usage}\n"
         "```",
     ]
+    if pipeline_class == "DDIMPlusPipeline":
+        sections += [OTHER_SCHEDULERS_HEADING, other_schedulers_markdown(scheduler_config)]
     if sample_images:
         sections += ["## Samples"]
         sections += [f"![{os.path.splitext(os.path.basename(path))[0]}]({path})" for path in sample_images]
@@ -157,13 +194,164 @@ def _loading_note(repo_id: str, pipeline_class: str, scheduler_config: Mapping[s
             f"{' and '.join(f'`{s}`' for s in _OWN_SPACINGS)} spacings, tuned timesteps)"
         )
     return (
-        f"> **Load with `import ddim_plus` first** (`{PIP_INSTALL}`). Without it, "
+        f"{LOADING_NOTE_START} (not on PyPI: see How to use). Without it, "
         f"`DiffusionPipeline.from_pretrained` fails with `AttributeError: module diffusers has no attribute "
         f"{pipeline_class}`; the fix is the one line `import ddim_plus` before it.\n>\n"
         f'> Stock `diffusers.DDIMPipeline.from_pretrained("{repo_id}")` loads the weights without ddim_plus but '
         f"swaps in a stock `DDIMScheduler`: {consequence}. diffusers' only sign is its \"config attributes ... will "
         'be ignored" warning.'
     )
+
+
+def other_schedulers_markdown(scheduler_config: Mapping[str, object]) -> str:
+    """The card's section on sampling with another diffusers scheduler (DPMSolverMultistepScheduler as the example).
+
+    Stock schedulers know the `leading`, `trailing` and `linspace` spacings only and raise `ValueError` in
+    `set_timesteps` on ddim_plus's own (`quadratic`, `logsnr`): for those the snippet passes this config's timesteps
+    explicitly and gives the stock scheduler a stock spacing for calls with `num_inference_steps`.
+
+    Returns:
+        `str`: the section's text, with a snippet that runs after the how-to snippet.
+    """
+    spacing = scheduler_config.get("timestep_spacing")
+    intro = (
+        "`DDIMPlusPipeline` samples with whichever diffusers scheduler `pipeline.scheduler` holds (leave `eta` at 0 "
+        "when its `step` takes no `eta`). "
+    )
+    if spacing not in _OWN_SPACINGS:
+        return (
+            intro + f"This config's `{spacing}` spacing is one diffusers has, so `from_config` is all it takes:\n\n"
+            "```python\n"
+            "from diffusers import DPMSolverMultistepScheduler\n\n"
+            "pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)\n"
+            "images = pipeline(batch_size=16, num_inference_steps=20).images\n"
+            "```"
+        )
+    return (
+        intro + f"This config's `{spacing}` timestep spacing is ddim_plus's own: a stock scheduler built with "
+        "`from_config` raises `ValueError` in `set_timesteps` on it. Pass the timesteps explicitly (they are the ones "
+        "`DDIMSchedulerPlus` picks for that number of steps), and give the stock scheduler a stock spacing "
+        '(`"leading"`, `"trailing"` or `"linspace"`) for calls with `num_inference_steps`:\n\n'
+        "```python\n"
+        "from diffusers import DPMSolverMultistepScheduler\n\n"
+        "pipeline.scheduler.set_timesteps(20)\n"
+        "timesteps = pipeline.scheduler.timesteps.tolist()  # the 20 timesteps DDIMSchedulerPlus samples with\n"
+        "pipeline.scheduler = DPMSolverMultistepScheduler.from_config(\n"
+        '    pipeline.scheduler.config, timestep_spacing="trailing"\n'
+        ")\n"
+        "images = pipeline(batch_size=16, timesteps=timesteps).images\n"
+        "```"
+    )
+
+
+def merge_model_card(existing: str, ours: str) -> str:
+    """Lay the card ddim_plus wrote (`ours`) over a card that already exists (`existing`, e.g. one edited on the
+    Hub), as diffusers' `load_or_create_model_card` keeps an existing card: everything of `existing` is kept except
+    what ddim_plus writes.
+
+    Replaced: the sections under `OWNED_HEADINGS` that `ours` has (appended when `existing` lacks them), and the
+    loading note at the top when `existing` still has it. Metadata: the tags are merged; `library_name`,
+    `pipeline_tag` and `license` are filled in only where unset; `datasets` and the results (model-index) are
+    `ours` when `ours` has them. The title, the description and every other section stay as they are.
+
+    Args:
+        existing (`str`): the card's text now, with or without a metadata block.
+        ours (`str`): a card from `make_model_card`.
+
+    Returns:
+        `str`: the merged card's text.
+    """
+    existing_card, our_card = ModelCard(existing, ignore_metadata_errors=True), ModelCard(ours)
+    text = existing_card.text
+    our_sections = _card_sections(our_card.text)
+    for heading in OWNED_HEADINGS:
+        if heading in our_sections:
+            text = set_card_section(text, heading, our_sections[heading])
+    text = _replace_loading_note(text, our_card.text)
+
+    data, our_data = existing_card.data, our_card.data
+    tags = [data.tags] if isinstance(data.tags, str) else list(data.tags or [])
+    data.tags = list(dict.fromkeys([*tags, *(our_data.tags or [])]))
+    for key in ("library_name", "pipeline_tag", "license"):
+        if getattr(data, key, None) is None:
+            setattr(data, key, getattr(our_data, key))
+    if our_data.datasets:
+        data.datasets = our_data.datasets
+    if our_data.eval_results:
+        data.eval_results, data.model_name = our_data.eval_results, our_data.model_name
+    return f"---\n{data.to_yaml()}\n---\n\n" + text.lstrip("\n")
+
+
+def _card_sections(text: str) -> Dict[str, str]:
+    """The `## ` sections of a card's text: heading -> body (up to the next `## ` heading)."""
+    sections: Dict[str, List[str]] = {}
+    current = None
+    for line in text.split("\n"):
+        if line.startswith("## "):
+            current = line
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    return {heading: "\n".join(lines).strip("\n") for heading, lines in sections.items()}
+
+
+def _loading_note_span(lines: List[str]) -> Optional[Tuple[int, int]]:
+    """(first, end) line indices of the block quote that opens with `LOADING_NOTE_START`, if any."""
+    start = next((i for i, line in enumerate(lines) if line.startswith(LOADING_NOTE_START)), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith(">")), len(lines))
+    return start, end
+
+
+def _replace_loading_note(text: str, our_text: str) -> str:
+    """`text` with its loading note replaced by `our_text`'s; unchanged if either has none (one removed on the Hub
+    stays removed)."""
+    lines, our_lines = text.split("\n"), our_text.split("\n")
+    span, our_span = _loading_note_span(lines), _loading_note_span(our_lines)
+    if span is None or our_span is None:
+        return text
+    return "\n".join(lines[: span[0]] + our_lines[our_span[0] : our_span[1]] + lines[span[1] :])
+
+
+def hub_card_text(repo_id: str, token: Optional[str] = None) -> Optional[str]:
+    """The README.md of the model repo `repo_id` on the Hub, or `None` if the repo or the file does not exist.
+
+    Raises:
+        `OSError`: the card could not be read (`LocalEntryNotFoundError` when the Hub cannot be reached, an HTTP
+        error otherwise).
+    """
+    try:
+        path = hf_hub_download(repo_id, "README.md", repo_type="model", token=token)
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError that means "unreachable", not "absent"
+        raise
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def _keep_hub_card(folder: str, repo_id: str, token: Optional[str]) -> bool:
+    """Merge the card on the Hub into `folder`'s README.md (see `merge_model_card`), so the upload keeps it.
+
+    Returns:
+        `bool`: `False` when the Hub's card could not be read: the caller then leaves README.md out of the upload
+        rather than overwrite a card it has not seen.
+    """
+    card_path = os.path.join(folder, "README.md")
+    if not os.path.isfile(card_path):
+        return True
+    try:
+        existing = hub_card_text(repo_id, token=token)
+    except OSError as error:  # unreachable, or an HTTP error: huggingface_hub's errors are OSErrors
+        logger.warning(f"Could not read the model card of {repo_id} ({error}); uploading without README.md.")
+        return False
+    if existing is not None:
+        with open(card_path, encoding="utf-8") as handle:
+            ours = handle.read()
+        with open(card_path, "w", encoding="utf-8") as handle:
+            handle.write(merge_model_card(existing, ours))
+    return True
 
 
 def _check_hub_dataset_id(dataset_name: Optional[str]) -> None:
@@ -290,6 +478,9 @@ def upload_to_hub(
 ) -> Union[CommitInfo, "Future[CommitInfo]"]:
     """Upload `folder` to the existing model repo `repo_id` (see `create_hub_repo`) in one commit.
 
+    A card already on the Hub is kept: `folder`'s README.md is first merged into it (`merge_model_card`, which
+    replaces only the sections ddim_plus writes), and the merged card is written back to `folder` and uploaded.
+
     Args:
         folder (`str` or `os.PathLike`): the folder to upload; with `run_as_future=True` it must stay unchanged until
             the future is done, since the upload reads it in the background.
@@ -304,13 +495,16 @@ def upload_to_hub(
     Returns:
         `huggingface_hub.CommitInfo` (its `str` is the commit URL), or a `Future` of it.
     """
+    ignore_patterns = list(ignore_patterns or [])
+    if not _keep_hub_card(os.fspath(folder), repo_id, token):
+        ignore_patterns.append("README.md")
     return upload_folder(
         repo_id=repo_id,
         folder_path=os.fspath(folder),
         commit_message=commit_message,
         token=token,
         create_pr=create_pr,
-        ignore_patterns=list(ignore_patterns) if ignore_patterns else None,
+        ignore_patterns=ignore_patterns or None,
         repo_type="model",
         run_as_future=run_as_future,
     )

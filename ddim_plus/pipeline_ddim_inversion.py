@@ -148,7 +148,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
             )
         return (image.to(device=self._execution_device, dtype=self.unet.dtype) * 2.0) - 1.0
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(
         self,
         image: ImageInput,
@@ -198,6 +198,7 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         if return_reconstruction:
             images = postprocess(self.decode(latents, num_inference_steps, timesteps), output_type)
         self.maybe_free_model_hooks()
+        latents = latents.contiguous()  # NCHW, whatever layout the images came in (numpy images are channels-last)
 
         if not return_dict:
             return (latents, images)
@@ -228,9 +229,9 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         for i, t in enumerate(self.progress_bar(scheduler.timesteps.tolist())):
             model_output = self.unet(latents, timesteps_on_device[i]).sample
             latents = scheduler.step(model_output, t, latents).prev_sample
-        return latents
+        return latents.contiguous()  # NCHW, as the loop's layout is an implementation detail
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def interpolate(
         self,
         latents_a: torch.Tensor,

@@ -144,7 +144,7 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
         """Set `pipe._interrupt = True` from a callback to stop the loop after the current step."""
         return getattr(self, "_interrupt", False)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(
         self,
         batch_size: int = 1,
@@ -262,7 +262,8 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
             if callback_on_step_end is not None:
                 local_tensors = {"latents": latents, "pred_original_sample": pred_original_sample}
                 callback_kwargs = {k: local_tensors[k] for k in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                # the timestep as diffusers' pipelines pass it: a tensor on the execution device
+                callback_outputs = callback_on_step_end(self, i, timesteps_on_device[i], callback_kwargs)
                 latents = callback_outputs.pop("latents", latents)
             if return_trajectory:
                 trajectory.append(latents)
@@ -273,9 +274,9 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
         self.maybe_free_model_hooks()
 
         if return_trajectory:
-            trajectory = torch.stack(trajectory)
+            trajectory = torch.stack(trajectory).contiguous()
             # an interrupt before the first step leaves no preview: an empty stack keeps the documented shape
-            previews = torch.stack(previews) if previews else latents.new_zeros((0, *latents.shape))
+            previews = torch.stack(previews).contiguous() if previews else latents.new_zeros((0, *latents.shape))
             if not return_dict:
                 return (images, trajectory, previews)
             return DDIMPlusPipelineOutput(images=images, trajectory=trajectory, pred_original_samples=previews)

@@ -151,7 +151,9 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
             variant (`str`, *optional*): weights variant, e.g. `"fp16"`.
             max_shard_size (`int` or `str`, *optional*): largest checkpoint shard.
             push_to_hub (`bool`, *optional*, defaults to `False`): also upload to the Hub; `kwargs` may hold
-                `repo_id` (defaults to the folder's name), `private`, `token`, `commit_message` and `create_pr`.
+                `repo_id` (defaults to the folder's name), `private`, `token`, `commit_message` and `create_pr`. A
+                card already on the Hub is kept, with the sections ddim_plus writes replaced; the folder's README.md
+                becomes that merged card.
             model_card (`huggingface_hub.ModelCard`, *optional*): the card to write (see `model_card`); by default
                 `self.model_card(repo_id)`, written only if the folder has no README.md yet (an edited card is kept).
         """
@@ -178,6 +180,9 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
         variant: Optional[str] = None,
     ) -> str:
         """Create (or reuse) the Hub repo `repo_id` and upload the saved pipeline and its model card to it.
+
+        A card already in the repo (one edited on the Hub) is kept, as diffusers' `load_or_create_model_card` keeps
+        it: only the sections ddim_plus writes are replaced (see `ddim_plus.hub.merge_model_card`).
 
         Args:
             repo_id (`str`): `"user/name"` or `"org/name"`.
@@ -234,16 +239,16 @@ def postprocess(sample: torch.Tensor, output_type: str) -> Union[List[PIL.Image.
     Args:
         sample (`torch.Tensor`): shape `(batch, C, H, W)`.
         output_type (`str`): `"pil"` (list of PIL images, mode "L" for one channel), `"np"` (float array
-            `(batch, H, W, C)` in [0, 1]), `"pt"` (tensor `(batch, C, H, W)` in [0, 1]) or `"latent"` (`sample`
-            unchanged).
+            `(batch, H, W, C)` in [0, 1]), `"pt"` (contiguous tensor `(batch, C, H, W)` in [0, 1]) or `"latent"`
+            (`sample`'s values, as a contiguous tensor).
 
     Returns:
         The images.
     """
     if output_type == "latent":
-        return sample
+        return sample.contiguous()  # NCHW as diffusers returns it, whatever layout the denoising loop used
     image = (sample / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
-        return image
+        return image.contiguous()
     image = image.cpu().permute(0, 2, 3, 1).float().numpy()
     return DiffusionPipeline.numpy_to_pil(image) if output_type == "pil" else image

@@ -156,11 +156,32 @@ class RecordedHub:
     for). An upload with `run_as_future=True` returns a `Future` that runs only when `result()` is called, so a test
     sees exactly when its caller waits, and that the folder was still intact then. Set `create_repo_error` to an
     exception to make `create_repo` fail as with a bad token.
+
+    The repo's README.md on the Hub is `card_on_hub` (`None`: the repo has none); `hf_hub_download` records each
+    read in `card_reads` and raises `card_read_error` when set. Each upload records the README.md it sends as `card`.
     """
 
     def __init__(self):
         self.calls = []
         self.create_repo_error = None
+        self.card_on_hub = None
+        self.card_read_error = None
+        self.card_reads = []
+
+    def hf_hub_download(self, repo_id, filename, repo_type=None, token=None, **kwargs):
+        import tempfile
+
+        from huggingface_hub.utils import EntryNotFoundError
+
+        self.card_reads.append(dict(repo_id=repo_id, filename=filename, repo_type=repo_type, token=token))
+        if self.card_read_error is not None:
+            raise self.card_read_error
+        if self.card_on_hub is None:
+            raise EntryNotFoundError(f"{filename} is not in {repo_id}")
+        path = os.path.join(tempfile.mkdtemp(prefix="recorded-hub-"), filename)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.card_on_hub)
+        return path
 
     def names(self):
         return [name for name, _ in self.calls]
@@ -199,6 +220,10 @@ class RecordedHub:
                 for name in files
             ]
             arguments["files"] = sorted(filter_repo_objects(names, ignore_patterns=ignore_patterns))
+            card_path = os.path.join(folder_path, "README.md")
+            if "README.md" in arguments["files"]:
+                with open(card_path, encoding="utf-8") as handle:
+                    arguments["card"] = handle.read()
             number = len(self.get("upload_folder"))
             return CommitInfo(
                 commit_url=f"https://huggingface.co/{repo_id}/commit/{number}",
@@ -223,10 +248,12 @@ class RecordedHub:
 
 @pytest.fixture
 def recorded_hub(monkeypatch):
-    """A `RecordedHub` standing in for huggingface_hub's `create_repo` and `upload_folder` in `ddim_plus.hub`."""
+    """A `RecordedHub` standing in for huggingface_hub's `create_repo`, `upload_folder` and `hf_hub_download` in
+    `ddim_plus.hub`."""
     import ddim_plus.hub
 
     hub = RecordedHub()
     monkeypatch.setattr(ddim_plus.hub, "create_repo", hub.create_repo)
     monkeypatch.setattr(ddim_plus.hub, "upload_folder", hub.upload_folder)
+    monkeypatch.setattr(ddim_plus.hub, "hf_hub_download", hub.hf_hub_download)
     return hub

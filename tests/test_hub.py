@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 
 import ddim_plus
 from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.hub import make_model_card, set_card_section
+from ddim_plus.hub import INSTALL_COMMAND, NOT_ON_PYPI, make_model_card, merge_model_card, set_card_section
 from ddim_plus.timestep_tuning import tuned_timesteps_entry
 
 TAGS = ["ddim-plus", "diffusers", "unconditional-image-generation", "ddim"]
@@ -58,7 +58,7 @@ def test_trainer_card_metadata_sections_and_model_index(tmp_path):
     assert loaded.data.model_name == "me/digits-ddim"
     assert "model-index:" in (tmp_path / "README.md").read_text()
     text = loaded.text
-    assert "pip install ddim-plus" in text and f"Saved with ddim_plus {ddim_plus.__version__}" in text
+    assert INSTALL_COMMAND in text and NOT_ON_PYPI in text and f"Saved with ddim_plus {ddim_plus.__version__}" in text
     assert 'DiffusionPipeline.from_pretrained("me/digits-ddim")' in text
     assert text.index("import ddim_plus") < text.index('DiffusionPipeline.from_pretrained("me/digits-ddim")')
     assert "![samples_10steps](samples_10steps.png)" in text and "![samples_50steps](samples_50steps.png)" in text
@@ -70,7 +70,13 @@ def test_trainer_card_metadata_sections_and_model_index(tmp_path):
     assert "Measured on 256 samples." in text
     assert "| learning_rate | 0.001 |" in text
     headings = [line for line in text.splitlines() if line.startswith("## ")]
-    assert headings == ["## How to use", "## Samples", "## Results", "## Training configuration"]
+    assert headings == [
+        "## How to use",
+        "## Other diffusers schedulers",
+        "## Samples",
+        "## Results",
+        "## Training configuration",
+    ]
 
 
 def test_pipeline_card_is_the_minimal_card_with_the_same_metadata(tmp_path):
@@ -78,9 +84,10 @@ def test_pipeline_card_is_the_minimal_card_with_the_same_metadata(tmp_path):
     card = ModelCard.load(tmp_path / "tiny" / "README.md")
     assert card.data.tags == TAGS and card.data.license == "apache-2.0"
     assert card.data.datasets is None and card.data.eval_results is None
-    assert "pip install ddim-plus" in card.text and f"ddim_plus {ddim_plus.__version__}" in card.text
+    assert INSTALL_COMMAND in card.text and f"ddim_plus {ddim_plus.__version__}" in card.text
     assert 'DiffusionPipeline.from_pretrained("tiny")' in card.text
-    assert [line for line in card.text.splitlines() if line.startswith("## ")] == ["## How to use"]
+    headings = [line for line in card.text.splitlines() if line.startswith("## ")]
+    assert headings == ["## How to use", "## Other diffusers schedulers"]
 
 
 @pytest.mark.parametrize("cls", [DDIMPlusPipeline, DDIMInversionPipeline])
@@ -90,7 +97,7 @@ def test_card_opens_with_the_import_line_and_the_error_without_it(cls):
     # the message diffusers raises is checked against a real run in test_pipeline_loading's stock-loading test
     assert f"fails with `AttributeError: module diffusers has no attribute {cls.__name__}`" in first_lines
     assert "the fix is the one line `import ddim_plus`" in first_lines
-    assert "pip install ddim-plus" in first_lines
+    assert "(not on PyPI: see How to use)" in first_lines
     assert f"registers {cls.__name__}" in text
 
 
@@ -330,3 +337,162 @@ def test_trainer_with_a_bad_token_stops_before_training(tmp_path, recorded_hub, 
         train.main(tiny_run_args(tmp_path))
     assert recorded_hub.names() == ["create_repo"]
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The card's install line and its advice for other diffusers schedulers, run as written
+# ----------------------------------------------------------------------------------------------------------------
+def test_the_cards_install_line_names_the_source_tree_and_says_the_package_is_not_on_pypi():
+    tomllib = pytest.importorskip("tomllib")
+    from conftest import REPO_ROOT
+
+    text = make_model_card("me/m", DDIMSchedulerPlus().config).text
+    assert "pip install ddim-plus" not in text  # no index serves that name
+    assert f"Saved with ddim_plus {ddim_plus.__version__}. {NOT_ON_PYPI}:\n\n```bash\n{INSTALL_COMMAND}\n```" in text
+    # the path stands for the source tree: the folder holding pyproject.toml, which names no repository to install
+    # from (a `Source` or `Repository` URL there would have to become the card's install line)
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert INSTALL_COMMAND.endswith("/path/to/ddim_plus") and project["name"] == "ddim-plus"
+    assert not {"Source", "Repository", "Homepage"} & set(project.get("urls", {}))
+
+
+def python_blocks(card_text, heading):
+    body = card_text.split(heading + "\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+
+
+@pytest.mark.parametrize("spacing", ["logsnr", "quadratic", "trailing"])
+def test_the_cards_other_scheduler_snippet_runs_with_stock_dpm_solver(tmp_path, monkeypatch, spacing):
+    """The how-to snippet, then the "Other diffusers schedulers" snippet, exactly as the card has them (the repo id
+    pointed at the saved folder), with stock `DPMSolverMultistepScheduler`. What is checked is the schedulers' part,
+    so the UNet's forward is a cheap linear stand-in: the snippets' 16-image batches stay fast."""
+    from diffusers import DPMSolverMultistepScheduler, UNet2DModel
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+
+    monkeypatch.setattr(UNet2DModel, "forward", lambda self, sample, timestep, **kwargs: UNet2DOutput(0.1 * sample))
+
+    folder = tmp_path / "tiny"
+    DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus(timestep_spacing=spacing)).save_pretrained(
+        folder
+    )
+    card = (folder / "README.md").read_text()
+    (how_to,) = python_blocks(card, "## How to use")
+    (other,) = python_blocks(card, "## Other diffusers schedulers")
+    namespace = {}
+    exec(how_to.replace('"tiny"', repr(str(folder))), namespace)
+    config = namespace["pipeline"].scheduler.config
+    if spacing in ("logsnr", "quadratic"):
+        # what the card warns about: a stock scheduler raises on this spacing
+        with pytest.raises(ValueError):
+            DPMSolverMultistepScheduler.from_config(config).set_timesteps(20)
+    exec(other, namespace)
+    pipeline = namespace["pipeline"]
+    assert type(pipeline.scheduler) is DPMSolverMultistepScheduler and len(namespace["images"]) == 16
+    expected = DDIMSchedulerPlus(timestep_spacing=spacing)
+    expected.set_timesteps(20)
+    if spacing in ("logsnr", "quadratic"):
+        assert pipeline.scheduler.timesteps.tolist() == expected.timesteps.tolist()
+        pipeline(batch_size=1, num_inference_steps=3)  # the stock spacing the card sets serves step counts
+    else:
+        assert pipeline.scheduler.config.timestep_spacing == spacing
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A card edited on the Hub is kept: only the sections ddim_plus writes are replaced
+# ----------------------------------------------------------------------------------------------------------------
+EDITED_CARD = """---
+license: mit
+tags:
+- my-tag
+---
+
+# My digits model
+
+> **Load with `import ddim_plus` first** (an old note).
+>
+> Old second line.
+
+Trained by me on my own digits.
+
+## How to use
+
+old instructions
+
+## My notes
+
+Keep this text.
+
+## Results
+
+| steps | FD |
+|---|---|
+| 10 | 9.9 |
+"""
+
+
+def test_push_to_hub_keeps_the_card_edited_on_the_hub(recorded_hub, offline_hf_home):
+    recorded_hub.card_on_hub = EDITED_CARD
+    pipe = DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus(timestep_spacing="logsnr"))
+    pipe.push_to_hub("someone/tiny-ddim", token="hf_test")
+    assert recorded_hub.card_reads == [
+        dict(repo_id="someone/tiny-ddim", filename="README.md", repo_type="model", token="hf_test")
+    ]
+    (upload,) = recorded_hub.get("upload_folder")
+    uploaded, ours = ModelCard(upload["card"]), pipe.model_card("someone/tiny-ddim")
+    # theirs: title, description, their own section, a section ours does not write; in their order
+    assert uploaded.text.startswith("\n# My digits model\n\n> **Load with `import ddim_plus` first**")
+    assert "Trained by me on my own digits." in uploaded.text and "## My notes\n\nKeep this text." in uploaded.text
+    assert "| 10 | 9.9 |" in uploaded.text
+    # ours: the loading note, the how-to and the other-schedulers section, replaced or appended
+    assert (
+        "an old note" not in uploaded.text
+        and "Old second line" not in uploaded.text
+        and "old instructions" not in uploaded.text
+    )
+    our_note = ours.text.split("# someone/tiny-ddim\n\n", 1)[1].split("\n\nA DDIM pipeline")[0]
+    assert our_note.startswith("> **Load with `import ddim_plus` first**") and our_note in uploaded.text
+    for heading in ("## How to use", "## Other diffusers schedulers"):
+        body = ours.text.split(heading + "\n", 1)[1].split("\n## ", 1)[0].strip()
+        assert f"{heading}\n\n{body}\n" in uploaded.text
+    headings = [line for line in uploaded.text.splitlines() if line.startswith("## ")]
+    assert headings == ["## How to use", "## My notes", "## Results", "## Other diffusers schedulers"]
+    # metadata: theirs kept, ours added where missing
+    assert uploaded.data.license == "mit" and uploaded.data.tags == ["my-tag", *TAGS]
+    assert uploaded.data.library_name == "diffusers" and uploaded.data.pipeline_tag == "unconditional-image-generation"
+
+
+def test_merging_a_card_into_itself_changes_nothing_and_a_new_repo_gets_ours(recorded_hub, offline_hf_home):
+    card = trainer_like_card().content
+    assert merge_model_card(card, card) == card
+    pipe = DDIMInversionPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus())
+    pipe.push_to_hub("someone/tiny-inversion")  # no README.md on the Hub yet
+    assert recorded_hub.get("upload_folder")[0]["card"] == pipe.model_card("someone/tiny-inversion").content
+
+
+def test_trainer_results_replace_the_hubs_and_keep_its_metadata():
+    merged = ModelCard(merge_model_card(EDITED_CARD, trainer_like_card().content))
+    assert "| 10 | 9.9 |" not in merged.text and "| 50 | 256 | 0.9 | 1.25 |" in merged.text
+    assert "## My notes\n\nKeep this text." in merged.text
+    assert merged.data.license == "mit" and merged.data.datasets == ["ylecun/mnist"]
+    assert {r.metric_value for r in merged.data.eval_results} == {0.875, 1.5, 0.9, 1.25}
+
+
+def test_an_unreadable_hub_card_is_left_alone(recorded_hub, offline_hf_home, caplog):
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    recorded_hub.card_read_error = LocalEntryNotFoundError("Connection error")
+    DDIMPlusPipeline(unet=make_tiny_unet(), scheduler=DDIMSchedulerPlus()).push_to_hub("someone/tiny-ddim")
+    (upload,) = recorded_hub.get("upload_folder")
+    assert upload["files"] == [name for name in PIPELINE_FILES if name != "README.md"] and "card" not in upload
+    assert "Could not read the model card of someone/tiny-ddim" in caplog.text
+
+
+def test_publisher_snapshots_keep_the_card_edited_on_the_hub(recorded_hub):
+    from ddim_plus.hub import HubPublisher
+
+    recorded_hub.card_on_hub = EDITED_CARD
+    publisher = HubPublisher("me/digits-ddim")
+    publisher.upload_snapshot(lambda folder: trainer_like_card().save(os.path.join(folder, "README.md")), "Epoch 1")
+    publisher.wait()
+    card = recorded_hub.get("upload_folder")[0]["card"]
+    assert "## My notes\n\nKeep this text." in card and "| 50 | 256 | 0.9 | 1.25 |" in card

@@ -224,3 +224,22 @@ def test_bad_interpolation_arguments(latents_a, latents_b, kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         pipe.interpolate(latents_a, latents_b, **{"num_inference_steps": 3, **kwargs})
     assert calls == []
+
+
+@pytest.mark.parametrize("output_type", ["pt", "latent"])
+def test_outputs_are_ordinary_contiguous_nchw_tensors(output_type):
+    """As diffusers' pipelines return them (`@torch.no_grad()`, NCHW), for every image format, including numpy
+    images, which are channels-last in memory."""
+    from test_pipeline_ddim_plus import assert_ordinary_tensor
+
+    pipe = make_pipe()
+    images = np.random.default_rng(0).random((2, 8, 8, 3), dtype=np.float32)
+    out = pipe(images, num_inference_steps=2, refine=False, return_reconstruction=True, output_type=output_type)
+    frames = pipe.interpolate(
+        out.latents[0], out.latents[1], num_frames=2, num_inference_steps=2, output_type=output_type
+    )
+    decoded = pipe.decode(out.latents, num_inference_steps=2)
+    assert out.latents.shape == out.images.shape == frames.images.shape == decoded.shape == (2, 3, 8, 8)
+    assert decoded.is_contiguous()
+    for tensor in (out.latents, out.images, frames.images):
+        assert_ordinary_tensor(tensor)

@@ -206,7 +206,9 @@ def test_callback_sees_every_step_and_can_replace_latents_or_interrupt():
         callback_on_step_end=record,
         callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
     )
-    assert [(i, t) for i, t, _ in seen] == list(enumerate(pipe.scheduler.timesteps.tolist()))
+    # t as diffusers' pipelines pass it: the scheduler's timestep as a tensor
+    assert all(isinstance(t, torch.Tensor) and t.ndim == 0 for _, t, _ in seen)
+    assert [(i, int(t)) for i, t, _ in seen] == list(enumerate(pipe.scheduler.timesteps.tolist()))
     assert all(keys == ["latents", "pred_original_sample"] for _, _, keys in seen)
     assert pipe.num_timesteps == STEPS
 
@@ -225,6 +227,25 @@ def test_callback_sees_every_step_and_can_replace_latents_or_interrupt():
 
     out = pipe(latents=latents, num_inference_steps=STEPS, callback_on_step_end=stop_after_two, return_trajectory=True)
     assert len(calls) == 2 and out.trajectory.shape[0] == 3
+
+
+def assert_ordinary_tensor(tensor):
+    """What a diffusers user does with an output: view it flat, write into it, clamp it in place, track gradients."""
+    assert isinstance(tensor, torch.Tensor) and tensor.is_contiguous() and not tensor.is_inference()
+    assert not tensor.requires_grad
+    tensor.view(tensor.shape[0], -1)
+    tensor[0] = 0.25
+    tensor.clamp_(0, 1)
+    tensor.requires_grad_()
+
+
+@pytest.mark.parametrize("output_type", ["pt", "latent"])
+def test_outputs_are_ordinary_contiguous_nchw_tensors(output_type):
+    """As `DDIMPipeline` returns them (`@torch.no_grad()`, NCHW), whatever layout the loop runs in."""
+    out = make_pipe()(batch_size=2, num_inference_steps=2, output_type=output_type, return_trajectory=True)
+    assert out.images.shape == (2, 3, 8, 8)
+    for tensor in (out.images, out.trajectory, out.pred_original_samples):
+        assert_ordinary_tensor(tensor)
 
 
 def test_custom_timesteps_are_visited_in_order():
