@@ -66,6 +66,17 @@ def _device(text: str) -> str:
     return text
 
 
+def _model_flag(command: str):
+    """The type of a hidden `--model`: diffusers users write it, but MODEL is the first argument."""
+
+    def refuse(text: str) -> str:
+        raise argparse.ArgumentTypeError(
+            f"MODEL is the first argument after the command, not a flag: ddim-plus {command} {text} [options]"
+        )
+
+    return refuse
+
+
 def _int_list(text: str) -> List[int]:
     return [_positive_int(part) for part in text.split(",") if part.strip()] or _positive_int("")
 
@@ -237,7 +248,11 @@ def _load_error_message(model: str, variant: Optional[str], error: Exception) ->
 
     reason = " ".join(str(error).split())  # diffusers' messages span lines; the command reports one
     if os.path.isdir(model):
-        hint = f" (was it saved with variant={variant!r}?)" if variant else ""
+        parent = os.path.dirname(os.path.abspath(model))
+        if os.path.isfile(os.path.join(parent, "model_index.json")) and not variant:
+            hint = f" (a part or checkpoint of a pipeline: pass the folder with model_index.json, {parent!r})"
+        else:
+            hint = f" (was it saved with variant={variant!r}?)" if variant else ""
         return f"MODEL {model!r} is not a loadable pipeline folder{hint}: {reason}"
     try:
         validate_repo_id(model)
@@ -332,6 +347,26 @@ def run_sample(args) -> None:
         print(f"wrote {args.num} samples ({settings}) to {args.out}")
 
 
+def _image_files(folder: str) -> List[str]:
+    """The image files directly in `folder`, sorted by name."""
+    extensions = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.lower().endswith(extensions))
+
+
+def _expand_image_arguments(paths: Sequence[str]) -> List[str]:
+    """IMAGE arguments with each folder replaced by the image files in it (sorted by name)."""
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = _image_files(path)
+        if not found:
+            raise CommandError(f"IMAGE {path!r} is a folder without .png, .jpg, .bmp or .webp files.", exit_code=2)
+        files += found
+    return files
+
+
 def _load_images(paths: Sequence[str], channels: int, size: int):
     from .evaluation.images import load_images
 
@@ -373,7 +408,8 @@ def run_invert(args) -> None:
     pipe = load_pipeline(args.model, args.spacing, **model_options(args))
     inversion = DDIMInversionPipeline(**pipe.components)
     _set_progress(inversion, args.quiet)
-    images = _load_images(args.images, pipe.unet.config.in_channels, pipe.unet.config.sample_size)
+    files = _expand_image_arguments(args.images)
+    images = _load_images(files, pipe.unet.config.in_channels, pipe.unet.config.sample_size)
     output = inversion(
         images,
         num_inference_steps=args.steps,
@@ -387,7 +423,7 @@ def run_invert(args) -> None:
         "num_inference_steps": str(args.steps),
         "timestep_spacing": str(pipe.scheduler.config.timestep_spacing),
         "refine": str(not args.no_refine),
-        "images": ",".join(os.path.basename(p) for p in args.images),
+        "images": ",".join(os.path.basename(p) for p in files),
     }
     save_latents(output.latents, args.out, metadata)
     print(f"wrote latents {tuple(output.latents.shape)} to {args.out}")
@@ -469,11 +505,7 @@ def _load_reference(reference: str, channels: int, size: int):
     if reference.endswith(".npy") and os.path.isfile(reference):
         return torch.from_numpy(np.load(reference)).float()
     if os.path.isdir(reference):
-        files = sorted(
-            os.path.join(reference, name)
-            for name in os.listdir(reference)
-            if name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp"))
-        )
+        files = _image_files(reference)
         if len(files) < 2:
             raise CommandError(f"reference folder {reference!r} holds {len(files)} image(s); need at least 2.")
         return _load_images(files, channels, size)
@@ -701,6 +733,7 @@ def _add_command(
     --revision, --quiet (and --spacing if `spacing`, --order if `order`); `model_options` hands them on."""
     parser = commands.add_parser(name, help=help, description=description)
     parser.add_argument("model", metavar="MODEL", help="a folder written by save_pretrained, or a Hub model id")
+    parser.add_argument("--model", dest="model_flag", type=_model_flag(name), help=argparse.SUPPRESS)
     if spacing:
         parser.add_argument(
             "--spacing",
@@ -797,7 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Invert images to their DDIM latents x_T (decoding them with the same steps gives the images "
         "back). Images are converted to the model's channels and resized to its size if needed.",
     )
-    invert.add_argument("images", metavar="IMAGE", nargs="+", help="image files to invert")
+    invert.add_argument(
+        "images", metavar="IMAGE", nargs="+", help="image files to invert, or folders (their images, sorted by name)"
+    )
     invert.add_argument("--steps", type=_positive_int, default=50, help="number of inversion steps S (default: 50)")
     invert.add_argument(
         "--no-refine", action="store_true", help="plain DDIM inversion (the paper's), without fixed-point refinement"
