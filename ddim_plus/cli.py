@@ -242,6 +242,18 @@ def model_options(args) -> dict:
     )
 
 
+def _saved_variants(folder: str) -> set:
+    """The variants of the weights files in the component folders, e.g. {"fp16"} for unet/*.fp16.safetensors."""
+    variants = set()
+    for component in os.listdir(folder):
+        if os.path.isdir(os.path.join(folder, component)):
+            for name in os.listdir(os.path.join(folder, component)):
+                parts = name.split(".")
+                if len(parts) == 3 and parts[-1] in ("safetensors", "bin"):
+                    variants.add(parts[1])
+    return variants
+
+
 def _load_error_message(model: str, variant: Optional[str], error: Exception) -> str:
     """One line saying why MODEL did not load and what to pass instead."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -249,10 +261,15 @@ def _load_error_message(model: str, variant: Optional[str], error: Exception) ->
     reason = " ".join(str(error).split())  # diffusers' messages span lines; the command reports one
     if os.path.isdir(model):
         parent = os.path.dirname(os.path.abspath(model))
-        if os.path.isfile(os.path.join(parent, "model_index.json")) and not variant:
+        saved_variants = sorted(_saved_variants(model))
+        if os.path.isfile(os.path.join(parent, "model_index.json")):
             hint = f" (a part or checkpoint of a pipeline: pass the folder with model_index.json, {parent!r})"
+        elif saved_variants and variant not in saved_variants:
+            hint = (
+                f" (its weights are saved as variant {', '.join(saved_variants)}: pass --variant {saved_variants[0]})"
+            )
         else:
-            hint = f" (was it saved with variant={variant!r}?)" if variant else ""
+            hint = ""
         return f"MODEL {model!r} is not a loadable pipeline folder{hint}: {reason}"
     try:
         validate_repo_id(model)

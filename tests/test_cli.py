@@ -443,6 +443,7 @@ def test_variant_loads_a_folder_saved_with_that_variant_only(tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"MODEL {str(folder)!r} is not a loadable pipeline folder" in err
+    assert "its weights are saved as variant fp16: pass --variant fp16" in err
     assert not (tmp_path / "x.png").exists()
     assert main(argv + ["--variant", "fp16"]) == 0
     assert (tmp_path / "x.png").exists()
