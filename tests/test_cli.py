@@ -467,9 +467,9 @@ def test_half_precision_samples_are_close_to_float32(rgb_model_dir, tmp_path, ca
         assert f"in {dtype}" in capsys.readouterr().err
         difference = np.abs(pixels - reference)
         assert difference.any()  # the dtype reached the model
-        # bfloat16 keeps 8 significant bits (float16 11): a pixel is within a few 8-bit levels of float32 on
-        # average, and none of the 6 x 8 x 8 x 3 values is off by more than a quarter of the range
-        assert difference.mean() <= 3 and difference.max() <= 64, (dtype, difference.mean(), difference.max())
+        # bfloat16 keeps 8 significant bits (float16 11): on average a pixel is within one 8-bit level of float32,
+        # and none of the 6 x 8 x 8 x 3 values is off by more than 48 levels (the random UNet amplifies rounding)
+        assert difference.mean() <= 1 and difference.max() <= 48, (dtype, difference.mean(), difference.max())
 
 
 def test_a_dtype_the_cpu_cannot_run_is_refused_naming_the_fix(model_dir, tmp_path, capsys, monkeypatch):
