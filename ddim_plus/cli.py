@@ -15,7 +15,11 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from . import __version__
 from .ddim_math import DIFFUSERS_TIMESTEP_SPACINGS, SIGMA_HAT, TIMESTEP_SPACINGS
+
+DTYPES = ("float32", "float16", "bfloat16")
+LATENTS_EXTENSIONS = (".safetensors", ".pt", ".pth")
 
 
 class CommandError(Exception):
@@ -62,6 +66,17 @@ def _device(text: str) -> str:
     return text
 
 
+def _model_flag(command: str):
+    """The type of a hidden `--model`: diffusers users write it, but MODEL is the first argument."""
+
+    def refuse(text: str) -> str:
+        raise argparse.ArgumentTypeError(
+            f"MODEL is the first argument after the command, not a flag: ddim-plus {command} {text} [options]"
+        )
+
+    return refuse
+
+
 def _int_list(text: str) -> List[int]:
     return [_positive_int(part) for part in text.split(",") if part.strip()] or _positive_int("")
 
@@ -84,6 +99,16 @@ def _image_file(text: str) -> str:
     if PIL.Image.registered_extensions().get(extension) not in PIL.Image.SAVE:
         raise argparse.ArgumentTypeError(
             f"cannot write an image as {extension or 'a file without extension'!r} ({text!r}); use e.g. .png or .jpg"
+        )
+    return text
+
+
+def _latents_file(text: str) -> str:
+    """A latents file whose extension says its format, checked before any work."""
+    if os.path.splitext(text)[1].lower() not in LATENTS_EXTENSIONS:
+        raise argparse.ArgumentTypeError(
+            f"cannot tell the format of {text!r} from its extension; use .safetensors (safetensors) or .pt / .pth "
+            "(torch.save)"
         )
     return text
 
@@ -111,26 +136,84 @@ def _spacing_list(text: str) -> List[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # Shared helpers
 # ----------------------------------------------------------------------------------------------------------------
+def run_device(device: Optional[str], state) -> str:
+    """`--device` when given, else the device accelerate picks for this process (the GPU when there is one)."""
+    if device is not None:
+        return device
+    # Plain "cpu", never accelerate's "cpu:0": the pipeline's batch-of-one calls round differently on the two.
+    return "cpu" if state.device.type == "cpu" else str(state.device)
+
+
+def _runs_on_cpu(dtype: str) -> bool:
+    """Whether this torch build has the CPU kernels a UNet needs in `dtype` (older builds lack float16 ones)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.ones(1, 4, 4, 4, dtype=getattr(torch, dtype))
+    try:
+        F.silu(F.group_norm(F.conv2d(x, torch.ones(4, 4, 3, 3, dtype=x.dtype), padding=1), 2))
+    except RuntimeError:
+        return False
+    return True
+
+
+def _dtype_keyword() -> str:
+    # diffusers releases that read `dtype` deprecate `torch_dtype`; older ones read only `torch_dtype`
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
 def load_pipeline(
     model: str,
     spacing: Optional[str] = None,
     sigma_hat: bool = False,
-    device: str = "cpu",
-    quiet: bool = False,
     order: Optional[int] = None,
+    device: Optional[str] = None,
+    dtype: str = "float32",
+    variant: Optional[str] = None,
+    revision: Optional[str] = None,
+    quiet: bool = False,
+    command: Optional[str] = None,
 ):
-    """Load MODEL as a `DDIMPlusPipeline`, optionally with another spacing, solver order or the sigma-hat variance."""
+    """Load MODEL as a `DDIMPlusPipeline`: the one loader of every command (`model_options(args)` passes the shared
+    options of `_add_command`).
+
+    Args:
+        model (`str`): a folder written by ``save_pretrained`` or a Hub model id.
+        spacing (`str`, *optional*): overrides the saved `timestep_spacing` (and ignores stored tuned schedules).
+        sigma_hat (`bool`, defaults to False): use the paper's sigma-hat variance.
+        order (`int`, *optional*): overrides the saved `ddim_solver_order`.
+        device (`str`, *optional*): defaults to the device accelerate picks for this process (the GPU if any).
+        dtype (`str`, defaults to ``"float32"``): one of `DTYPES`, passed to ``from_pretrained``.
+        variant, revision (`str`, *optional*): passed to ``from_pretrained``.
+        quiet (`bool`, defaults to False): no progress bars.
+        command (`str`, *optional*): when given, "ddim-plus COMMAND: running on DEVICE in DTYPE" goes to stderr
+            (main process only), so stdout stays the command's output.
+    """
+    import torch
     from diffusers.utils import logging as diffusers_logging
 
     from . import DDIMPlusPipeline, DDIMSchedulerPlus
+    from .evaluation.sampling import process_state
 
+    state = process_state()
+    chosen = run_device(device, state)
+    if torch.device(chosen).type == "cpu" and not _runs_on_cpu(dtype):
+        raise CommandError(
+            f"--dtype {dtype} does not run on the CPU with torch {torch.__version__}: use --dtype bfloat16 or "
+            "float32 on the CPU (or --device cuda).",
+            exit_code=2,
+        )
     if quiet:
         diffusers_logging.disable_progress_bar()
+    options = {_dtype_keyword(): getattr(torch, dtype), "variant": variant, "revision": revision}
     try:
-        pipe = DDIMPlusPipeline.from_pretrained(model)
+        pipe = DDIMPlusPipeline.from_pretrained(model, **options)
     except Exception as error:  # diffusers raises OSError, ValueError or EnvironmentError depending on the cause
-        hint = "" if os.path.isdir(model) else " (no such folder; as a Hub id it could not be fetched)"
-        raise CommandError(f"could not load model {model!r}{hint}: {error}") from error
+        raise CommandError(_load_error_message(model, variant, error)) from error
     overrides = {}
     if spacing is not None:
         # an explicit spacing is what the user asked for, even where a tuned schedule is stored for the same S
@@ -141,7 +224,61 @@ def load_pipeline(
         overrides["ddim_solver_order"] = order
     if overrides:
         pipe.scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, **overrides)
-    return pipe.to(device)
+    if command is not None and state.is_main_process:
+        source = "--device" if device is not None else "accelerate's device; --device overrides"
+        print(f"ddim-plus {command}: running on {chosen} ({source}) in {dtype}", file=sys.stderr)
+    return pipe.to(chosen)
+
+
+def model_options(args) -> dict:
+    """The options every model-loading command shares (see `_add_command`), as `load_pipeline` keywords."""
+    return dict(
+        device=args.device,
+        dtype=args.dtype,
+        variant=args.variant,
+        revision=args.revision,
+        quiet=args.quiet,
+        command=args.command,
+    )
+
+
+def _saved_variants(folder: str) -> set:
+    """The variants of the weights files in the component folders, e.g. {"fp16"} for unet/*.fp16.safetensors."""
+    variants = set()
+    for component in os.listdir(folder):
+        if os.path.isdir(os.path.join(folder, component)):
+            for name in os.listdir(os.path.join(folder, component)):
+                parts = name.split(".")
+                if len(parts) == 3 and parts[-1] in ("safetensors", "bin"):
+                    variants.add(parts[1])
+    return variants
+
+
+def _load_error_message(model: str, variant: Optional[str], error: Exception) -> str:
+    """One line saying why MODEL did not load and what to pass instead."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    reason = " ".join(str(error).split())  # diffusers' messages span lines; the command reports one
+    if os.path.isdir(model):
+        parent = os.path.dirname(os.path.abspath(model))
+        saved_variants = sorted(_saved_variants(model))
+        if os.path.isfile(os.path.join(parent, "model_index.json")):
+            hint = f" (a part or checkpoint of a pipeline: pass the folder with model_index.json, {parent!r})"
+        elif saved_variants and variant not in saved_variants:
+            hint = (
+                f" (its weights are saved as variant {', '.join(saved_variants)}: pass --variant {saved_variants[0]})"
+            )
+        else:
+            hint = ""
+        return f"MODEL {model!r} is not a loadable pipeline folder{hint}: {reason}"
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return (
+            f"MODEL {model!r}: no such folder. Pass a folder written by save_pretrained (or the trainer's "
+            "--output_dir), or a Hub model id such as google/ddpm-cifar10-32."
+        )
+    return f"MODEL {model!r}: no such folder, and it could not be loaded as a Hub model id: {reason}"
 
 
 def _require_extra(extra: str, modules: Sequence[str]) -> None:
@@ -180,28 +317,26 @@ def _set_progress(pipe, quiet: bool) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Subcommands
 # ----------------------------------------------------------------------------------------------------------------
-def _launch_state(args):
-    """accelerate's state for this process and the device to sample on; refuses fewer images than processes."""
+def _launch_state(num: int):
+    """accelerate's state for this process; refuses fewer images than launched processes."""
     from .evaluation.sampling import process_state
 
     state = process_state()
-    if args.num < state.num_processes:
+    if num < state.num_processes:
         raise CommandError(
-            f"--num {args.num} is smaller than the {state.num_processes} launched processes; ask for at least "
+            f"--num {num} is smaller than the {state.num_processes} launched processes; ask for at least "
             f"{state.num_processes} images or launch fewer processes (--num_processes).",
             exit_code=2,
         )
-    # Plain "cpu", never accelerate's "cpu:0": the pipeline's batch-of-one calls round differently on the two.
-    device = args.device or ("cpu" if state.num_processes == 1 or state.device.type == "cpu" else str(state.device))
-    return state, device
+    return state
 
 
 def run_sample(args) -> None:
     from .evaluation.images import make_grid
     from .evaluation.sampling import SampleFolderError, generate_images
 
-    state, device = _launch_state(args)
-    pipe = load_pipeline(args.model, args.spacing, args.sigma_hat, device, quiet=args.quiet, order=args.order)
+    state = _launch_state(args.num)
+    pipe = load_pipeline(args.model, args.spacing, args.sigma_hat, args.order, **model_options(args))
     _set_progress(pipe, args.quiet or not state.is_main_process)
     try:
         generated = generate_images(
@@ -229,6 +364,26 @@ def run_sample(args) -> None:
         print(f"wrote {args.num} samples ({settings}) to {args.out}")
 
 
+def _image_files(folder: str) -> List[str]:
+    """The image files directly in `folder`, sorted by name."""
+    extensions = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.lower().endswith(extensions))
+
+
+def _expand_image_arguments(paths: Sequence[str]) -> List[str]:
+    """IMAGE arguments with each folder replaced by the image files in it (sorted by name)."""
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = _image_files(path)
+        if not found:
+            raise CommandError(f"IMAGE {path!r} is a folder without .png, .jpg, .bmp or .webp files.", exit_code=2)
+        files += found
+    return files
+
+
 def _load_images(paths: Sequence[str], channels: int, size: int):
     from .evaluation.images import load_images
 
@@ -238,17 +393,40 @@ def _load_images(paths: Sequence[str], channels: int, size: int):
         raise CommandError(str(error)) from error
 
 
-def run_invert(args) -> None:
-    from safetensors.torch import save_file
+def save_latents(latents, path: str, metadata: dict) -> None:
+    """Write latents in the format the extension names: safetensors, or ``torch.save`` for .pt / .pth."""
+    latents = latents.detach().cpu().contiguous()
+    if path.lower().endswith(".safetensors"):
+        from safetensors.torch import save_file
 
+        save_file({"latents": latents}, path, metadata=metadata)
+    else:
+        import torch
+
+        torch.save({"latents": latents, "metadata": metadata}, path)
+
+
+def load_latents(path: str):
+    """The latents `save_latents` wrote, from either format."""
+    import torch
+
+    if path.lower().endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)["latents"]
+    return torch.load(path, map_location="cpu", weights_only=True)["latents"]
+
+
+def run_invert(args) -> None:
     from . import DDIMInversionPipeline, InversionRefinement
     from .evaluation.images import make_grid
     from .evaluation.reconstruction import mean_squared_error
 
-    pipe = load_pipeline(args.model, args.spacing, device=args.device or "cpu", quiet=args.quiet)
+    pipe = load_pipeline(args.model, args.spacing, **model_options(args))
     inversion = DDIMInversionPipeline(**pipe.components)
     _set_progress(inversion, args.quiet)
-    images = _load_images(args.images, pipe.unet.config.in_channels, pipe.unet.config.sample_size)
+    files = _expand_image_arguments(args.images)
+    images = _load_images(files, pipe.unet.config.in_channels, pipe.unet.config.sample_size)
     output = inversion(
         images,
         num_inference_steps=args.steps,
@@ -262,23 +440,35 @@ def run_invert(args) -> None:
         "num_inference_steps": str(args.steps),
         "timestep_spacing": str(pipe.scheduler.config.timestep_spacing),
         "refine": str(not args.no_refine),
-        "images": ",".join(os.path.basename(p) for p in args.images),
+        "images": ",".join(os.path.basename(p) for p in files),
     }
-    save_file({"latents": output.latents.detach().cpu().contiguous()}, args.out, metadata=metadata)
+    save_latents(output.latents, args.out, metadata)
     print(f"wrote latents {tuple(output.latents.shape)} to {args.out}")
     if args.reconstruction is not None:
-        _write_image(make_grid(output.images, num_columns=len(images), scale=args.scale), args.reconstruction)
+        one_file = args.grid or len(images) == 1
+        paths = [args.reconstruction] if one_file else reconstruction_paths(args.reconstruction, len(images))
+        groups = [output.images] if one_file else [image[None] for image in output.images]
+        for path, group in zip(paths, groups):
+            grid = make_grid(group, num_columns=len(group), padding=1 if args.grid else 0, scale=args.scale)
+            _write_image(grid, path)
         mse = mean_squared_error(output.images, images)
-        print(f"reconstruction MSE (per pixel, [0, 1]): {mse:.3g}; written to {args.reconstruction}")
+        print(f"reconstruction MSE (per pixel, [0, 1]): {mse:.3g}; written to {', '.join(paths)}")
+
+
+def reconstruction_paths(path: str, count: int) -> List[str]:
+    """Where `count` reconstructions go without --grid: ``recon.png`` -> ``recon-0.png``, ``recon-1.png``, ..."""
+    stem, extension = os.path.splitext(path)
+    return [f"{stem}-{i}{extension}" for i in range(count)]
 
 
 def _load_latents_pair(path: str):
+    import pickle
+
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     try:
-        latents = load_file(path)["latents"]
-    except (OSError, KeyError, SafetensorError) as error:
+        latents = load_latents(path)
+    except (OSError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError, SafetensorError) as error:
         message = f"could not read latents from {path!r} (write them with `ddim-plus invert`): {error}"
         raise CommandError(message) from error
     if latents.shape[0] < 2:
@@ -287,26 +477,36 @@ def _load_latents_pair(path: str):
 
 
 def run_interpolate(args) -> None:
+    import numpy as np
+    import torch
+
     from . import DDIMInversionPipeline
+    from .ddim_math import slerp
     from .evaluation.images import make_grid
 
-    pipe = load_pipeline(args.model, args.spacing, device=args.device or "cpu", quiet=args.quiet)
-    interpolation = DDIMInversionPipeline(**pipe.components)
-    _set_progress(interpolation, args.quiet)
+    pipe = load_pipeline(args.model, args.spacing, order=args.order, **model_options(args))
+    _set_progress(pipe, args.quiet)
     if args.latents is not None:
         latents_a, latents_b = _load_latents_pair(args.latents)
         latents_a, latents_b = latents_a.to(pipe.unet.dtype), latents_b.to(pipe.unet.dtype)
-        source = f"the first two latents of {args.latents}"
+        # Inverted latents decode with the unclipped ODE that inversion runs backwards, so the end frames reproduce
+        # the images they were inverted from (`sample`'s clipping would change them).
+        interpolation = DDIMInversionPipeline(**pipe.components)
+        _set_progress(interpolation, args.quiet)
+        images = interpolation.interpolate(
+            latents_a, latents_b, num_frames=args.frames, num_inference_steps=args.steps, output_type="np"
+        ).images
+        source = f"the first two latents of {args.latents} (decoded as `invert` reconstructs)"
     else:
-        # x_T drawn as `sample` draws it from a seed
+        # x_T drawn as `sample` draws it from a seed, decoded by `sample`'s sampler at eta = 0, so the end frames
+        # are the images of `sample --seed A` and `--seed B`
         latents_a = pipe.prepare_latents(1, _generators([args.seed_a]), None)
         latents_b = pipe.prepare_latents(1, _generators([args.seed_b]), None)
+        frames = torch.cat([slerp(latents_a, latents_b, float(f)) for f in np.linspace(0.0, 1.0, args.frames)])
+        images = pipe(
+            batch_size=args.frames, latents=frames, eta=0.0, num_inference_steps=args.steps, output_type="np"
+        ).images
         source = f"seeds {args.seed_a} and {args.seed_b}"
-    # Both decode with the inversion pipeline's unclipped ODE (section 5.3 runs the paper's eta = 0 DDIM, which does
-    # not clip), so the end frames of inverted latents reproduce their reconstructions.
-    images = interpolation.interpolate(
-        latents_a, latents_b, num_frames=args.frames, num_inference_steps=args.steps, output_type="np"
-    ).images
     _write_image(make_grid(images, num_columns=args.frames, scale=args.scale), args.out)
     print(f"wrote a {args.frames}-frame slerp between {source} ({args.steps} steps) to {args.out}")
 
@@ -322,11 +522,7 @@ def _load_reference(reference: str, channels: int, size: int):
     if reference.endswith(".npy") and os.path.isfile(reference):
         return torch.from_numpy(np.load(reference)).float()
     if os.path.isdir(reference):
-        files = sorted(
-            os.path.join(reference, name)
-            for name in os.listdir(reference)
-            if name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp"))
-        )
+        files = _image_files(reference)
         if len(files) < 2:
             raise CommandError(f"reference folder {reference!r} holds {len(files)} image(s); need at least 2.")
         return _load_images(files, channels, size)
@@ -371,7 +567,7 @@ def run_evaluate(args) -> None:
 
     from tqdm.auto import tqdm
 
-    from .evaluation.fid import FeatureWeightsUnavailableError
+    from .evaluation.fid import FeatureWeightsUnavailableError, FrechetDistance, full_rank_num_images
     from .evaluation.quality import (
         STOCK_PREFIX,
         ReferenceSetTooSmallError,
@@ -381,10 +577,25 @@ def run_evaluate(args) -> None:
     )
     from .evaluation.sampling import SampleFolderError
 
-    state, device = _launch_state(args)
-    pipe = load_pipeline(args.model, device=device, quiet=args.quiet, order=args.order)
+    pipe = load_pipeline(args.model, order=args.order, **model_options(args))
     features = _evaluation_features(args.features, args.reference, pipe.unet.config.in_channels)
     reference = _load_reference(args.reference, pipe.unet.config.in_channels, pipe.unet.config.sample_size)
+    try:
+        metric = FrechetDistance(features, device=pipe.device)  # extracted where the sampler runs
+    except FeatureWeightsUnavailableError as error:
+        raise CommandError(str(error)) from error
+    dimension = metric.num_features
+    num = args.num or full_rank_num_images(dimension)
+    state = _launch_state(num)
+    note = None
+    if num <= dimension:
+        note = (
+            f"--num {num} generated images for {dimension}-dimensional {metric.features_name} features: their "
+            f"covariance is rank-deficient (it needs more than {dimension} images), so these distances are biased "
+            f"and only comparable at the same --num; use --num {full_rank_num_images(dimension)} or more."
+        )
+        if state.is_main_process:
+            print(f"ddim-plus evaluate: warning: {note}", file=sys.stderr)
     etas = list(args.eta) + ([SIGMA_HAT] if args.sigma_hat and SIGMA_HAT not in args.eta else [])
     spacings = args.spacings or [None]
     # diffusers' stock scheduler has no sigma-hat: those cells are skipped.
@@ -397,9 +608,9 @@ def run_evaluate(args) -> None:
                 steps=args.steps,
                 etas=etas,
                 spacings=spacings,
-                features=features,
+                features=metric,
                 reference_images=reference,
-                num_images=args.num,
+                num_images=num,
                 seed=args.seed,
                 batch_size=args.batch_size,
                 on_result=lambda result: bar.update(1),
@@ -416,6 +627,8 @@ def run_evaluate(args) -> None:
     if not state.is_main_process:
         return
     title = f"# Steps vs quality: `{args.model}`, solver order {pipe.scheduler.config.ddim_solver_order}"
+    if note is not None:
+        title += f"\n\n**Warning**: {note}"
     markdown = results_to_markdown(results, title=title)
     print(markdown)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -447,7 +660,7 @@ def run_tune_steps(args) -> None:
     )
 
     scheduler_config_path(args.model)  # a local folder to write into, checked before any work
-    pipe = load_pipeline(args.model, device=args.device, quiet=args.quiet)
+    pipe = load_pipeline(args.model, **model_options(args))
     check_tuning_arguments(pipe.scheduler.config.num_train_timesteps, args.steps, args.order, args.teacher_steps)
     budget = tuning_cost(args.steps, args.teacher_steps, args.max_trials)
     print(
@@ -480,16 +693,64 @@ def run_tune_steps(args) -> None:
     )
 
 
+def environment_report() -> str:
+    """Versions, platform, devices and the dtypes each runs, as `ddim-plus env` prints them for a bug report."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    from .evaluation.sampling import process_state
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    devices = ["cpu (" + ", ".join(dtype for dtype in DTYPES if _runs_on_cpu(dtype)) + ")"]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            properties = torch.cuda.get_device_properties(index)
+            dtypes = ["float32", "float16"] + (["bfloat16"] if torch.cuda.is_bf16_supported() else [])
+            devices.append(
+                f"cuda:{index} {properties.name}, {properties.total_memory / 2**30:.0f} GiB, compute capability "
+                f"{properties.major}.{properties.minor} ({', '.join(dtypes)})"
+            )
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        devices.append("mps")
+    optional = ("torchmetrics", "torch-fidelity", "transformers", "matplotlib", "datasets", "tensorboard")
+    lines = [
+        f"- `ddim_plus` version: {__version__}",
+        f"- `diffusers` version: {version('diffusers')}",
+        f"- `torch` version: {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"- `accelerate` version: {version('accelerate')}",
+        f"- `huggingface_hub` version: {version('huggingface_hub')}",
+        f"- Optional packages: {', '.join(f'{name} {version(name)}' for name in optional)}",
+        f"- Python version: {platform.python_version()}",
+        f"- Platform: {platform.platform()}",
+        f"- Default device (accelerate): {process_state().device}",
+        f"- Devices (dtypes they run): {'; '.join(devices)}",
+    ]
+    return "\n".join(lines)
+
+
+def run_env(args) -> None:
+    print("Copy-and-paste the text below into your bug report.\n")
+    print(environment_report())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------------------------
 def _add_command(
     commands, name: str, help: str, description: str, spacing: bool = True, order: bool = False
 ) -> argparse.ArgumentParser:
-    """A subcommand with the arguments every command takes: MODEL, --device, --quiet (and --spacing if `spacing`,
-    --order if `order`)."""
+    """A subcommand with the arguments every model-loading command takes: MODEL, --device, --dtype, --variant,
+    --revision, --quiet (and --spacing if `spacing`, --order if `order`); `model_options` hands them on."""
     parser = commands.add_parser(name, help=help, description=description)
     parser.add_argument("model", metavar="MODEL", help="a folder written by save_pretrained, or a Hub model id")
+    parser.add_argument("--model", dest="model_flag", type=_model_flag(name), help=argparse.SUPPRESS)
     if spacing:
         parser.add_argument(
             "--spacing",
@@ -510,8 +771,23 @@ def _add_command(
         "--device",
         type=_device,
         default=None,
-        help="torch device to run on, e.g. cpu or cuda (default: cpu; under `accelerate launch` with several "
-        "processes, each process's own device)",
+        help="torch device to run on, e.g. cpu, cuda or cuda:1 (default: the device accelerate picks, the GPU when "
+        "there is one, else the CPU; under `accelerate launch`, each process's own device); printed on stderr",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="precision the model is loaded and run in, passed to from_pretrained (default: float32); float16 "
+        "is for GPUs (refused on a CPU whose torch cannot run it: use bfloat16 there)",
+    )
+    parser.add_argument(
+        "--variant",
+        default=None,
+        help="weights variant to load, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors (default: none)",
+    )
+    parser.add_argument(
+        "--revision", default=None, help="Hub branch, tag or commit of MODEL (default: main; ignored for folders)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -537,6 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddim-plus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"ddim-plus {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -570,7 +847,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Invert images to their DDIM latents x_T (decoding them with the same steps gives the images "
         "back). Images are converted to the model's channels and resized to its size if needed.",
     )
-    invert.add_argument("images", metavar="IMAGE", nargs="+", help="image files to invert")
+    invert.add_argument(
+        "images", metavar="IMAGE", nargs="+", help="image files to invert, or folders (their images, sorted by name)"
+    )
     invert.add_argument("--steps", type=_positive_int, default=50, help="number of inversion steps S (default: 50)")
     invert.add_argument(
         "--no-refine", action="store_true", help="plain DDIM inversion (the paper's), without fixed-point refinement"
@@ -578,14 +857,27 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument(
         "--refine-iterations", type=int, default=10, help="most extra model calls per refined step (default: 10)"
     )
-    invert.add_argument("--out", required=True, help="safetensors file for the latents (key 'latents')")
+    invert.add_argument(
+        "--out",
+        type=_latents_file,
+        required=True,
+        help="file for the latents (key 'latents'), written as its extension says: .safetensors, or .pt / .pth "
+        "(torch.save of {'latents', 'metadata'})",
+    )
     invert.add_argument(
         "--reconstruction",
         type=_image_file,
         default=None,
-        help="also decode the latents and save the images here; prints the MSE",
+        help="also decode the latents, print the MSE and save the reconstruction as plain images: one image is "
+        "written to this file; several to NAME-0.EXT, NAME-1.EXT, ... (in the order given), or to this file as "
+        "one grid with --grid",
     )
-    invert.add_argument("--scale", type=_positive_int, default=4, help="pixel upscaling of the image (default: 4)")
+    invert.add_argument(
+        "--grid", action="store_true", help="write several reconstructions as one bordered grid, in a row"
+    )
+    invert.add_argument(
+        "--scale", type=_positive_int, default=1, help="pixel upscaling of the reconstruction (default: 1)"
+    )
     invert.set_defaults(run=run_invert)
 
     interpolate = _add_command(
@@ -593,12 +885,19 @@ def build_parser() -> argparse.ArgumentParser:
         "interpolate",
         help="decode a spherical interpolation between two x_T",
         description="Decode a spherical interpolation (slerp, paper section 5.3) between two latents x_T: drawn "
-        "from two seeds, or the first two latents of a file written by `ddim-plus invert`. Decoding is "
-        "DDIMInversionPipeline.interpolate: eta = 0 DDIM without clipping.",
+        "from two seeds, or the first two latents of a file written by `ddim-plus invert`. Seeds decode with "
+        "`sample`'s sampler at eta = 0 (the saved scheduler config: spacing, solver order, clipping; --spacing and "
+        "--order as in `sample`), so the first and last frames are the images of `sample --seed A` and `--seed B` "
+        "(up to 1/255 where batched convolutions round a pixel the other way). Inverted latents decode as `invert` "
+        "reconstructs (DDIMInversionPipeline.interpolate: eta = 0 DDIM without clipping), so the end frames are "
+        "the reconstructions.",
+        order=True,
     )
     interpolate.add_argument("--seed-a", type=int, default=1, help="seed of the first x_T (default: 1)")
     interpolate.add_argument("--seed-b", type=int, default=2, help="seed of the second x_T (default: 2)")
-    interpolate.add_argument("--latents", default=None, help="safetensors from `invert`; overrides the seeds")
+    interpolate.add_argument(
+        "--latents", type=_latents_file, default=None, help="latents file from `invert`; overrides the seeds"
+    )
     interpolate.add_argument("--frames", type=int, default=8, help="images along the path, ends included (default: 8)")
     interpolate.add_argument("--steps", type=_positive_int, default=50, help="decoding steps (default: 50)")
     interpolate.add_argument(
@@ -647,7 +946,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="real images: digits (the bundled 8x8 digits), a folder of images or a (N, H, W, C) .npy in [0, 1] "
         "(default: digits)",
     )
-    evaluate.add_argument("--num", type=_positive_int, default=256, help="generated images per cell (default: 256)")
+    evaluate.add_argument(
+        "--num",
+        type=_positive_int,
+        default=None,
+        help="generated images per cell (default: max(256, D + 1) for features of dimension D, the fewest whose "
+        "covariance has full rank: 256 for digits (D = 32), 385 for DINOv2-small, 769 for DINOv2-base, 2049 for "
+        "Inception; fewer than D + 1 are run but flagged, since the distance is then biased)",
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="image i starts from seed SEED + i (default: 0)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default: 64)")
     evaluate.add_argument(
@@ -679,6 +985,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--seed", type=int, default=0, help="seed of the latents (default: 0)")
     tune.set_defaults(run=run_tune_steps)
+
+    env = commands.add_parser(
+        "env",
+        help="print versions, platform and devices for a bug report",
+        description="Print the versions of ddim_plus, diffusers, torch, accelerate, huggingface_hub and the optional "
+        "packages, Python, the platform, and the devices with the dtypes each runs, ready to paste into a bug "
+        "report (as `diffusers-cli env`).",
+    )
+    env.set_defaults(run=run_env)
     return parser
 
 

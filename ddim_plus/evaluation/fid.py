@@ -34,6 +34,14 @@ FEATURE_KINDS = ("digits", "inception", "dinov2")
 # Inception weights where torch-fidelity's download puts them (torch hub's checkpoints folder).
 DINOV2_REPO_IDS = ("facebook/dinov2-small", "facebook/dinov2-base", "facebook/dinov2-large", "facebook/dinov2-giant")
 INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+MIN_NUM_IMAGES = 256  # the smallest default set, well above the digits features' 32 dimensions
+
+
+def full_rank_num_images(num_features: int) -> int:
+    """The default number of generated images for features of dimension `num_features`: at least `MIN_NUM_IMAGES`
+    and more than `num_features`, the fewest whose covariance can have full rank (Inception 2049, DINOv2-base 769).
+    """
+    return max(MIN_NUM_IMAGES, num_features + 1)
 
 
 class FeatureWeightsUnavailableError(RuntimeError):

@@ -81,7 +81,7 @@ def quality_sweep(
     steps: Sequence[int] = (10, 20, 50, 100),
     etas: Sequence[Union[float, str]] = (0.0,),
     spacings: Sequence[Optional[str]] = (None,),
-    features: Union[str, torch.nn.Module] = "digits",
+    features: Union[str, torch.nn.Module, FrechetDistance] = "digits",
     reference_images: Optional[ImageBatch] = None,
     num_images: int = 256,
     seed: int = 0,
@@ -102,7 +102,8 @@ def quality_sweep(
             schedules included; such cells are labelled ``"tuned"``); a name sets `timestep_spacing` of
             `DDIMSchedulerPlus` (and ignores tuned schedules); ``"tuned"`` runs the tuned schedules stored for every
             S in `steps` (see `ddim_plus.optimize_timesteps`); ``"stock:leading"`` etc. runs diffusers' `DDIMPipeline`.
-        features (`str` or `torch.nn.Module`, defaults to ``"digits"``): see `FrechetDistance`.
+        features (`str`, `torch.nn.Module` or `FrechetDistance`, defaults to ``"digits"``): see `FrechetDistance`;
+            a `FrechetDistance` (without reference images yet) is used as it is.
         reference_images (`np.ndarray` or `torch.Tensor`, *optional*): the real set; defaults to the 1,797 bundled
             digits at the model's resolution and channels.
         num_images (`int`, defaults to 256): generated images per cell (>= 2; FD is biased upwards at small N, so
@@ -133,7 +134,7 @@ def quality_sweep(
                 f"order {order}; run `ddim-plus tune-steps MODEL --steps S --order {order}` for each first."
             )
     # Features are extracted where the sampler runs (each process's GPU under `accelerate launch`).
-    metric = FrechetDistance(features, device=pipe.device)
+    metric = features if isinstance(features, FrechetDistance) else FrechetDistance(features, device=pipe.device)
     if reference_images is None:
         channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
         reference_images = digits_reference_images(resolution=size, channels=channels)
