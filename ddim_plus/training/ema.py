@@ -1,5 +1,6 @@
 """The EMA of the UNet's weights, and the accelerate hooks that checkpoint the UNet and its EMA in diffusers format."""
 
+import contextlib
 import os
 
 
@@ -62,3 +63,23 @@ def register_checkpoint_hooks(accelerator, ema_model=None) -> None:
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+@contextlib.contextmanager
+def ema_weights(model, ema_model=None):
+    """Swap the EMA weights into `model` for the duration of the block, then put the raw weights back (training goes
+    on with them). Without `ema_model` the block sees the raw weights.
+
+    Args:
+        model (`torch.nn.Module`): the (unwrapped) UNet being trained.
+        ema_model (`diffusers.training_utils.EMAModel`, *optional*): its EMA.
+    """
+    if ema_model is None:
+        yield model
+        return
+    ema_model.store(model.parameters())
+    ema_model.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        ema_model.restore(model.parameters())

@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ddim_plus import train
+from ddim_plus.training import args as train_args
 
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
 
@@ -320,7 +321,7 @@ def test_fixed_sets_are_argparse_choices_listed_in_help(tmp_path, capsys, flag, 
         f"argument {flag}: invalid choice: '{value}'" in error or f"argument {flag}: invalid choice: {value} " in error
     )
     with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
+        train_args.parse_args(["--help"])
     usage = capsys.readouterr().out
     assert all(choice in usage for choice in choices)
 
@@ -329,7 +330,7 @@ def test_every_beta_schedule_builds_before_training():
     from ddim_plus.ddim_math import BETA_SCHEDULES
 
     for schedule in BETA_SCHEDULES:
-        scheduler = train.build_noise_scheduler(train.parse_args(["--ddpm_beta_schedule", schedule]))
+        scheduler = train_args.build_noise_scheduler(train_args.parse_args(["--ddpm_beta_schedule", schedule]))
         assert scheduler.config.beta_schedule == schedule
         # Every abar_t in (0, 1] and decreasing: the schedule is usable for training.
         abar = scheduler.alphas_cumprod
@@ -631,7 +632,7 @@ def test_a_user_mistake_prints_the_message_not_a_traceback(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------------------------------------
 def test_the_anchor_command_parses_with_the_anchors_meaning_and_unet():
     # train_unconditional's README command and the flags its scripts pass.
-    args = train.parse_args(
+    args = train_args.parse_args(
         [
             "--dataset_name", "huggan/flowers-102-categories", "--resolution", "64", "--center_crop", "--random_flip",
             "--output_dir", "ddpm-ema-flowers-64", "--train_batch_size", "16", "--num_epochs", "100",
@@ -643,20 +644,20 @@ def test_the_anchor_command_parses_with_the_anchors_meaning_and_unet():
     )  # fmt: skip
     assert args.ddim_num_inference_steps == 100 and args.report_to == "wandb"
     assert (args.save_images_epochs, args.save_model_epochs) == (5, 5)
-    train.validate_args(args)
+    train_args.validate_args(args)
     # Without --model_config_name_or_path, 64 pixels get train_unconditional's UNet (its source's values).
-    config = train.build_unet_config(args, 3)
+    config = train_args.build_unet_config(args, 3)
     assert config["block_out_channels"] == (128, 128, 256, 256, 512, 512) and config["layers_per_block"] == 2
     assert config["down_block_types"] == ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D")
     assert config["up_block_types"] == ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4
     assert config["sample_size"] == 64 and config["in_channels"] == config["out_channels"] == 3
     # Below 32 pixels the small default stays (the digits' 8x8).
-    assert train.build_unet_config(train.parse_args([]), 1)["block_out_channels"] == (16, 32, 32)
+    assert train_args.build_unet_config(train_args.parse_args([]), 1)["block_out_channels"] == (16, 32, 32)
 
 
 def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
+        train_args.parse_args(["--help"])
     usage = " ".join(capsys.readouterr().out.split())
     for default in ("(default: logsnr)", "(default: 20)", "(default: 7200)", "(default: tensorboard)"):
         assert default in usage
@@ -681,7 +682,7 @@ def test_every_flag_is_in_the_documented_table():
         if len(cells) == 3 and cells[0].startswith("`--"):
             for flag in re.findall(r"`(--[\w-]+)`", cells[0]):
                 table[flag] = cells[1].strip("`")
-    for action in train.build_parser()._actions:
+    for action in train_args.build_parser()._actions:
         if action.dest == "help":
             continue
         for flag in action.option_strings:
