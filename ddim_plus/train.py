@@ -14,7 +14,6 @@ The output folder holds the pipeline (`model_index.json`, `unet/` with the EMA w
 Flags follow diffusers' `examples/unconditional_image_generation/train_unconditional.py`; see docs/training.md.
 """
 
-import json
 import logging
 import math
 import os
@@ -39,24 +38,35 @@ from ddim_plus.training.args import (
     GRID_SAMPLES,
     InputError,
     as_flags,
+    check_restart,
+    describe_recipe,
     input_errors,
     parse_args,
     prepare_run,
     run_record,
+    uses_bundled_digits,
     validate_args,
 )
-from ddim_plus.training.checkpoints import check_resume, checkpoint_step, remove_run_outputs, save_checkpoint
-from ddim_plus.training.data import DIGITS_DATASET_NAME, TrainingImages
+from ddim_plus.training.checkpoints import (
+    check_resume,
+    checkpoint_step,
+    kill_point,
+    remove_run_outputs,
+    remove_unfinished,
+    save_checkpoint,
+    write_run_record,
+)
+from ddim_plus.training.data import TrainingImages
 from ddim_plus.training.ema import create_ema_model, ema_weights, register_checkpoint_hooks
 from ddim_plus.training.loss import diffusion_loss, min_snr_loss_weights, sample_noise_and_timesteps, step_generator
 from ddim_plus.training.outputs import (
+    DebugLog,
     export_snapshot,
     finish_outputs,
     fresh_staging_dir,
     log_grid,
     model_card,
     start_publishing,
-    weights_digest,
 )
 
 logger = get_logger(__name__, log_level="INFO")
@@ -141,13 +151,15 @@ def create_dataloader(args, run: dict, accelerator: Accelerator):
     return train_dataset, accelerator.prepare(train_dataloader)
 
 
-def check_run_length(args, checkpoint, settings: dict) -> None:
-    """Refuse a checkpoint of another run or past this one's end; warn about a changed length or a long warm-up."""
-    if checkpoint is not None:
-        with input_errors():
-            warning = check_resume(checkpoint, settings)
-        if warning:
-            logger.warning(as_flags(warning))
+def check_run_length(args, run: dict, settings: dict) -> None:
+    """Refuse a checkpoint (or an unfinished run to start over) of another run, or a checkpoint past this one's end;
+    warn about a changed length or a long warm-up."""
+    with input_errors():
+        if run["restart"] is not None:
+            check_restart(args.output_dir, run["restart"], settings)
+        warning = check_resume(run["checkpoint"], settings) if run["checkpoint"] is not None else None
+    if warning:
+        logger.warning(as_flags(warning))
     max_train_steps = settings["max_train_steps"]
     if args.lr_scheduler != "constant" and args.lr_warmup_steps > max_train_steps / 2:
         logger.warning(
@@ -170,29 +182,40 @@ def create_lr_scheduler(args, optimizer, max_train_steps: int, num_processes: in
     )
 
 
-def open_debug_log(args, accelerator: Accelerator):
-    """With `--debug_log`, this process's `process-<i>.debug.jsonl` in `output_dir`, opened to append; else `None`."""
-    if not args.debug_log:
-        return None
-    debug_path = os.path.join(args.output_dir, f"process-{accelerator.process_index}.debug.jsonl")
-    return open(debug_path, "a", encoding="utf-8")
+def resume(accelerator: Accelerator, checkpoint: str, max_train_steps: int) -> int:
+    """Load the state saved in `checkpoint` (weights, EMA, optimiser, LR schedule, RNGs); returns its step."""
+    accelerator.print(f"Resuming from {checkpoint}")
+    accelerator.load_state(checkpoint)
+    global_step = checkpoint_step(checkpoint)
+    if global_step == max_train_steps:
+        logger.info(f"{checkpoint} is the run's last step: writing its final outputs")
+    return global_step
 
 
-def take_output_dir(args, accelerator: Accelerator):
-    """Start the Hub upload (`--push_to_hub`), clear another run (`--overwrite_output_dir`) and create `output_dir`:
-    the first writes of the run, after every check. Returns the Hub publisher, or `None`."""
+def take_output_dir(args, accelerator: Accelerator, run: dict, settings: dict):
+    """Start the Hub upload (`--push_to_hub`), clear another run (`--overwrite_output_dir`) or this run's unfinished
+    files, create `output_dir` and record the run in it: the first writes of the run, after every check. Returns the
+    Hub publisher, or `None`."""
     publisher = None
     if args.push_to_hub and accelerator.is_main_process:
         # Before anything is trained or written: a bad token or a missing permission fails here.
         publisher = start_publishing(args)
-    if args.overwrite_output_dir and accelerator.is_main_process:
-        removed = remove_run_outputs(args.output_dir, args.logging_dir)
-        if removed:
-            logger.info(f"`--overwrite_output_dir`: removed {', '.join(removed)} from {args.output_dir}")
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir or run["restart"] is not None:
+            removed = remove_run_outputs(args.output_dir, args.logging_dir)
+            reason = "`--overwrite_output_dir`" if args.overwrite_output_dir else "No checkpoint: starting over"
+            if removed:
+                logger.info(f"{reason}: removed {', '.join(removed)} from {args.output_dir}")
+        elif run["checkpoint"] is not None:
+            removed = remove_unfinished(args.output_dir)
+            if removed:
+                logger.info(f"Removed the unfinished {', '.join(removed)} from {args.output_dir}")
     accelerator.wait_for_everyone()
     # On every process: each writes its share of the checkpoints (and its debug log) into this folder.
     os.makedirs(args.output_dir, exist_ok=True)
     if accelerator.is_main_process:
+        # Before any other file: a run killed before its first checkpoint can be started over (`restart`).
+        write_run_record(args.output_dir, settings)
         # Never the Hub token: trackers write their config to disk (tensorboard's hparams.yml) or upload it (wandb).
         tracked = {
             key: value
@@ -253,7 +276,7 @@ def final_samples(args, accelerator, unet, ema_model, scheduler, staging_dir: st
     Returns:
         `(grid file names, metrics rows, whether they are scored)`.
     """
-    scored = args.train_data_dir is None and args.dataset_name == DIGITS_DATASET_NAME
+    scored = uses_bundled_digits(args)
     if scored:
         from ddim_plus.evaluation.digits import digits_reference_images, digits_report
         from ddim_plus.evaluation.fid import FrechetDistance
@@ -314,6 +337,7 @@ def main(argv=None) -> str:
     with input_errors():
         validate_args(args)
     accelerator = create_accelerator(args)
+    logger.info(describe_recipe(args))
     with input_errors():
         run = prepare_run(args, accelerator)
     set_seed(args.seed)
@@ -339,18 +363,14 @@ def main(argv=None) -> str:
     updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    settings = run_record(args, accelerator.num_processes, max_train_steps)
-    check_run_length(args, run["checkpoint"], settings)
-    publisher = take_output_dir(args, accelerator)  # nothing has been written before this
+    settings = run_record(args, run["data"], accelerator.num_processes, max_train_steps)
+    check_run_length(args, run, settings)
+    publisher = take_output_dir(args, accelerator, run, settings)  # nothing has been written before this
 
     lr_scheduler = create_lr_scheduler(args, optimizer, max_train_steps, accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     register_checkpoint_hooks(accelerator, ema_model)
-    global_step = 0
-    if run["checkpoint"] is not None:
-        accelerator.print(f"Resuming from {run['checkpoint']}")
-        accelerator.load_state(run["checkpoint"])
-        global_step = checkpoint_step(run["checkpoint"])
+    global_step = resume(accelerator, run["checkpoint"], max_train_steps) if run["checkpoint"] else 0
     first_epoch = global_step // updates_per_epoch
     # Checkpoints are saved only after optimiser steps, so a resume starts at a whole number of them.
     batches_to_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
@@ -360,7 +380,7 @@ def main(argv=None) -> str:
         f"images ({accelerator.num_processes} processes x {args.train_batch_size} x "
         f"{args.gradient_accumulation_steps} accumulation); starting at step {global_step}"
     )
-    debug_file = open_debug_log(args, accelerator)
+    debug_log = DebugLog(args.output_dir, accelerator.process_index) if args.debug_log else None
     sampling_scheduler = DDIMSchedulerPlus.from_config(noise_scheduler.config)
 
     progress_bar = tqdm(
@@ -411,11 +431,10 @@ def main(argv=None) -> str:
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
-            if debug_file is not None:
-                record = dict(logs, step=global_step, process=accelerator.process_index, indices=step_indices)
-                debug_file.write(json.dumps(record) + "\n")
-                debug_file.flush()
+            if debug_log is not None:
+                debug_log.write(dict(logs, step=global_step, indices=step_indices))
             step_losses, step_indices = [], []
+            kill_point(f"step-{global_step}")
 
             if global_step % args.checkpointing_steps == 0:
                 path = save_checkpoint(
@@ -447,11 +466,8 @@ def main(argv=None) -> str:
     accelerator.wait_for_everyone()
 
     final_unet = accelerator.unwrap_model(unet)
-    if debug_file is not None:
-        final = {"final": True, "process": accelerator.process_index, "step": global_step}
-        final.update(weights=weights_digest(final_unet), lr=lr_scheduler.get_last_lr()[0])
-        debug_file.write(json.dumps(final) + "\n")
-        debug_file.close()
+    if debug_log is not None:
+        debug_log.close(final_unet, step=global_step, lr=lr_scheduler.get_last_lr()[0])
     if accelerator.is_main_process:
         staging_dir = fresh_staging_dir(args.output_dir)
         grids, metrics, scored = final_samples(

@@ -6,7 +6,7 @@ import contextlib
 import importlib
 import os
 import re
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from accelerate.logging import get_logger
@@ -14,8 +14,12 @@ from diffusers import UNet2DModel
 
 from ddim_plus import DDIMSchedulerPlus, ddim_math
 from ddim_plus.training.checkpoints import (
+    RUN_RECORD_NAME,
     check_checkpoint_compatible,
+    compare_run_records,
+    data_fingerprint,
     find_run_outputs,
+    read_run_record,
     resolve_checkpoint,
 )
 from ddim_plus.training.data import (
@@ -29,6 +33,11 @@ logger = get_logger(__name__, log_level="INFO")
 
 # Samples shown in each final grid; only data with a quality metric (the bundled digits) needs more.
 GRID_SAMPLES = 64
+# The values of the flags a user leaves out that depend on the data: the bundled digits keep the recipe the demo is
+# tuned with; any other data gets diffusers' train_unconditional's defaults.
+DIGITS_RECIPE = {"resolution": 8, "learning_rate": 1e-3, "train_batch_size": 64, "lr_warmup_steps": 100}
+ANCHOR_RECIPE = {"resolution": 64, "learning_rate": 1e-4, "train_batch_size": 16, "lr_warmup_steps": 500}
+RECIPE_HELP = "default: the bundled digits' recipe on them, train_unconditional's on other data (see the log)"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # The flags that shape a run's trajectory: a checkpoint records them, and resuming with any of them changed would
 # silently continue another run (`max_train_steps` is recorded too, but only warned about).
@@ -81,7 +90,13 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     add("--train_data_dir", default=None, help="a folder of images (imagefolder); used instead of --dataset_name")
     add("--cache_dir", default=None, help="where datasets are cached")
     add("--image_column", default=None, help="column holding the images (default: the first image column)")
-    add("--resolution", type=int, default=8, help="side of the square training images (digits: 8, their own)")
+    add(
+        "--resolution",
+        type=int,
+        default=None,
+        help=f"side of the square training images (default: {DIGITS_RECIPE['resolution']} for the bundled digits, "
+        f"their own; {ANCHOR_RECIPE['resolution']} for other data, as train_unconditional)",
+    )
     add("--center_crop", action="store_true", help="crop the centre (default: a random crop)")
     add(
         "--preserve_input_precision",
@@ -94,7 +109,8 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     add(
         "--model_config_name_or_path",
         default=None,
-        help="UNet2DModel config (default: a small UNet below 32 pixels, train_unconditional's UNet from 32)",
+        help="UNet2DModel config: a folder or Hub id holding config.json, or that file (default: a small UNet below "
+        "32 pixels, train_unconditional's UNet from 32)",
     )
     add(
         "--pretrained_model_name_or_path",
@@ -174,14 +190,14 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     add("--output_dir", default="ddim-plus-digits", help="where the pipeline, checkpoints and logs go")
     add("--overwrite_output_dir", action="store_true", help="delete another run's outputs in output_dir first")
     add("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation and noise")
-    add("--train_batch_size", type=int, default=64, help="images per process per micro-batch")
+    add("--train_batch_size", type=int, default=None, help=f"images per process per micro-batch ({RECIPE_HELP})")
     add("--num_epochs", type=int, default=100, help="passes over the data (unless --max_train_steps is given)")
     add("--max_train_steps", type=int, default=None, help="optimiser steps in all (overrides --num_epochs)")
     add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimiser step")
     add("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
-    add("--learning_rate", type=float, default=1e-3, help="peak learning rate")
+    add("--learning_rate", type=float, default=None, help=f"peak learning rate ({RECIPE_HELP})")
     add("--lr_scheduler", default="cosine", choices=LR_SCHEDULERS, help="learning-rate schedule")
-    add("--lr_warmup_steps", type=int, default=100, help="optimiser steps of linear warm-up")
+    add("--lr_warmup_steps", type=int, default=None, help=f"optimiser steps of linear warm-up ({RECIPE_HELP})")
     add("--adam_beta1", type=float, default=0.95, help="AdamW beta1")
     add("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
     add("--adam_weight_decay", type=float, default=1e-6, help="AdamW weight decay")
@@ -221,10 +237,55 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, description: Optional[str] = None) -> argparse.Namespace:
-    return build_parser(description).parse_args(argv)
+    """The flags, with the data-dependent ones left out filled in by `apply_recipe` (listed in
+    `args.recipe_defaults`)."""
+    args = build_parser(description).parse_args(argv)
+    args.recipe_defaults = apply_recipe(args)
+    return args
 
 
-FLAG_NAMES = frozenset(vars(parse_args([])))
+FLAG_NAMES = frozenset(action.dest for action in build_parser()._actions)
+
+
+def uses_bundled_digits(args: argparse.Namespace) -> bool:
+    return args.train_data_dir is None and args.dataset_name == DIGITS_DATASET_NAME
+
+
+def apply_recipe(args: argparse.Namespace) -> Tuple[str, ...]:
+    """Fill in the data-dependent flags left out (`None`) from `DIGITS_RECIPE` for the bundled digits, else from
+    `ANCHOR_RECIPE`; returns the names of the flags filled in."""
+    recipe = DIGITS_RECIPE if uses_bundled_digits(args) else ANCHOR_RECIPE
+    applied = tuple(name for name in recipe if getattr(args, name) is None)
+    for name in applied:
+        setattr(args, name, recipe[name])
+    return applied
+
+
+def describe_recipe(args: argparse.Namespace) -> str:
+    """The log's first lines: the recipe chosen and why, the resolution, the UNet, and each default applied."""
+    if uses_bundled_digits(args):
+        recipe = "the bundled digits' recipe (the data is the bundled digits)"
+    else:
+        data = f"--dataset_name {args.dataset_name}"
+        if args.train_data_dir is not None:
+            data = f"--train_data_dir {args.train_data_dir}"
+        recipe = f"diffusers train_unconditional's defaults (the data, {data}, is not the bundled digits)"
+    if args.pretrained_model_name_or_path is not None:
+        unet = f"the UNet of --pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
+    elif args.model_config_name_or_path is not None:
+        unet = f"--model_config_name_or_path {args.model_config_name_or_path}"
+    elif args.resolution < ANCHOR_MIN_RESOLUTION:
+        unet = (
+            "a small UNet (16/32/32 channels, no attention; train_unconditional's UNet needs a `--resolution` of "
+            f"{ANCHOR_MIN_RESOLUTION} or more)"
+        )
+    else:
+        unet = "train_unconditional's UNet (128/128/256/256/512/512 channels, attention at the fifth level)"
+    applied = ", ".join(f"--{name} {getattr(args, name)}" for name in args.recipe_defaults) or "none"
+    return (
+        f"Recipe: {recipe}.\nResolution: {args.resolution}x{args.resolution}; UNet: {unet}.\n"
+        f"Defaults applied for flags left out: {applied}."
+    )
 
 
 def unet_downsampling_factor(unet_config: dict) -> int:
@@ -356,13 +417,35 @@ def anchor_unet_config(resolution: int, num_channels: int) -> dict:
     }
 
 
+# train_unconditional's UNet halves its input five times: below this it has no room.
+ANCHOR_MIN_RESOLUTION = 32
+
+
+def load_flag_config(flag: str, config_class, name_or_path: str, **kwargs) -> dict:
+    """`config_class.load_config(name_or_path, **kwargs)` for the flag `flag`, with a one-line error naming the flag
+    when the config is missing or unreadable."""
+    try:
+        return dict(config_class.load_config(name_or_path, **kwargs))
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(
+            f"`--{flag}`={name_or_path!r}: no {config_class.__name__} config could be loaded ({type(error).__name__}:"
+            f" {reason[:300]}{'...' if len(reason) > 300 else ''}). Pass a folder or Hub id holding its config.json"
+            f"{' (in `' + kwargs['subfolder'] + '/`)' if kwargs.get('subfolder') else ', or that file'}."
+        ) from error
+
+
 def build_unet_config(args: argparse.Namespace, num_channels: int) -> dict:
     """The UNet's config, sized to the data's resolution and channels: `--pretrained_model_name_or_path`'s,
     `--model_config_name_or_path`, or the default (`default_unet_config` below 32 pixels, `anchor_unet_config` from
     32)."""
     if args.pretrained_model_name_or_path is not None:
-        config = dict(
-            UNet2DModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision)
+        config = load_flag_config(
+            "pretrained_model_name_or_path",
+            UNet2DModel,
+            args.pretrained_model_name_or_path,
+            subfolder="unet",
+            revision=args.revision,
         )
         if config["in_channels"] != num_channels:
             raise ValueError(
@@ -372,9 +455,9 @@ def build_unet_config(args: argparse.Namespace, num_channels: int) -> dict:
             )
         config.update(sample_size=args.resolution)
     elif args.model_config_name_or_path is not None:
-        config = dict(UNet2DModel.load_config(args.model_config_name_or_path))
+        config = load_flag_config("model_config_name_or_path", UNet2DModel, args.model_config_name_or_path)
         config.update(sample_size=args.resolution, in_channels=num_channels, out_channels=num_channels)
-    elif args.resolution < 32:
+    elif args.resolution < ANCHOR_MIN_RESOLUTION:
         config = default_unet_config(args.resolution, num_channels)
     else:
         config = anchor_unet_config(args.resolution, num_channels)
@@ -399,8 +482,12 @@ def build_noise_scheduler(args: argparse.Namespace) -> DDIMSchedulerPlus:
             ddim_solver_order=args.ddim_solver_order,
         )
     else:
-        config = DDIMSchedulerPlus.load_config(
-            args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
+        config = load_flag_config(
+            "pretrained_model_name_or_path",
+            DDIMSchedulerPlus,
+            args.pretrained_model_name_or_path,
+            subfolder="scheduler",
+            revision=args.revision,
         )
         scheduler = DDIMSchedulerPlus.from_config(
             config,
@@ -421,8 +508,9 @@ def prepare_run(args: argparse.Namespace, accelerator) -> dict:
     """Everything that can fail on bad flags or data, done before any file is written.
 
     Returns:
-        `dict`: `dataset`, `image_column`, `num_channels`, `unet_config`, `noise_scheduler` and `checkpoint` (a
-        folder or `None`).
+        `dict`: `dataset`, `image_column`, `num_channels`, `unet_config`, `noise_scheduler`, `checkpoint` (a folder
+        or `None`), `data` (the data's fingerprint) and `restart` (the record of the unfinished run in `output_dir`
+        that `--resume_from_checkpoint latest` starts over, as it has no complete checkpoint; else `None`).
     """
     noise_scheduler = build_noise_scheduler(args)
     if args.pretrained_model_name_or_path is not None:
@@ -443,18 +531,31 @@ def prepare_run(args: argparse.Namespace, accelerator) -> dict:
             f"prediction_type {config.prediction_type}" + (f" (instead of {', '.join(replaced)})" if replaced else "")
         )
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint == "latest" and checkpoint is None:
-        accelerator.print(f"No checkpoint in {args.output_dir}, starting from scratch.")
     own_checkpoint = checkpoint is not None and os.path.realpath(os.path.dirname(os.path.abspath(checkpoint))) == (
         os.path.realpath(args.output_dir)
     )
     outputs = find_run_outputs(args.output_dir, args.logging_dir)
-    if outputs and not own_checkpoint and not args.overwrite_output_dir:
+    restart = None
+    if outputs and args.resume_from_checkpoint == "latest" and checkpoint is None:
+        # A run killed before its first complete checkpoint: its record says whether it is this run (checked once
+        # the run's length is known, in `check_restart`).
+        restart = read_run_record(args.output_dir)
+        if restart is None:
+            raise ValueError(
+                f"`--output_dir`={args.output_dir!r} holds files of a run ({', '.join(outputs[:6])}"
+                f"{', ...' if len(outputs) > 6 else ''}) but no complete checkpoint and no {RUN_RECORD_NAME} saying "
+                "which run wrote them. Replace them with `--overwrite_output_dir` (instead of "
+                "`--resume_from_checkpoint`), or choose another folder."
+            )
+    elif outputs and not own_checkpoint and not args.overwrite_output_dir:
+        resume = "Continue it with `--resume_from_checkpoint latest`, replace" if checkpoint is None else "Replace"
         raise ValueError(
             f"`--output_dir`={args.output_dir!r} holds another run ({', '.join(outputs[:6])}"
-            f"{', ...' if len(outputs) > 6 else ''}). Continue it with `--resume_from_checkpoint latest`, replace it "
-            "with `--overwrite_output_dir`, or choose another folder."
+            f"{', ...' if len(outputs) > 6 else ''}). {resume} it with `--overwrite_output_dir`, or choose another "
+            "folder."
         )
+    elif args.resume_from_checkpoint == "latest" and checkpoint is None:
+        accelerator.print(f"No checkpoint in {args.output_dir}, starting from scratch.")
     dataset = load_image_dataset(
         args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, args.resolution
     )
@@ -467,10 +568,22 @@ def prepare_run(args: argparse.Namespace, accelerator) -> dict:
             f"shortest is {images['min_side']} pixels): they are upsampled, which adds no detail. A `--resolution` "
             f"of at most {images['min_side']} trains on the images as they are."
         )
+    # Resizing by more than 2x skips pixels (bilinear resampling reads a 2x2 neighbourhood at the target scale).
+    shorter_sides = [min(size) for size in images["sizes"]]
+    larger = sum(side > 2 * args.resolution for side in shorter_sides)
+    if larger:
+        logger.warning(
+            f"{larger} of {len(dataset)} images have a shorter side more than twice `--resolution`={args.resolution} "
+            f"(up to {max(shorter_sides)} pixels): they are downscaled by more than 2x, which discards their detail. "
+            f"A larger `--resolution` (up to {min(shorter_sides)}) keeps more of it."
+        )
     unet_config = build_unet_config(args, images["num_channels"])
     if checkpoint is not None:
         check_checkpoint_compatible(checkpoint, unet_config)
+    data = data_fingerprint(dataset, args.dataset_name, args.dataset_config_name, args.train_data_dir)
     return {
+        "data": data,
+        "restart": restart,
         "dataset": dataset,
         "image_column": image_column,
         "num_channels": images["num_channels"],
@@ -480,10 +593,22 @@ def prepare_run(args: argparse.Namespace, accelerator) -> dict:
     }
 
 
-def run_record(args: argparse.Namespace, num_processes: int, max_train_steps: int) -> dict:
-    """What a checkpoint records of its run (`RUN_FLAGS`, the number of processes and the run's length)."""
+def run_record(args: argparse.Namespace, data: dict, num_processes: int, max_train_steps: int) -> dict:
+    """What a checkpoint records of its run (`RUN_FLAGS`, the data's fingerprint `data`, the number of processes and
+    the run's length)."""
     record = {key: getattr(args, key) for key in RUN_FLAGS}
     if args.train_data_dir is not None:
         record["train_data_dir"] = os.path.abspath(args.train_data_dir)
-    record.update(num_processes=num_processes, max_train_steps=max_train_steps)
+    record.update(data=data, num_processes=num_processes, max_train_steps=max_train_steps)
     return record
+
+
+def check_restart(output_dir: str, saved: dict, settings: dict) -> None:
+    """Raise unless the unfinished run recorded by `saved` in `output_dir` is the run `settings` describe."""
+    differences = compare_run_records(saved, settings, saved_name="recorded")
+    if differences:
+        raise ValueError(
+            f"`--output_dir`={output_dir!r} holds an unfinished run (no complete checkpoint) with other settings "
+            f"({'; '.join(differences)}). Start it over with its settings, replace it with `--overwrite_output_dir` "
+            "(instead of `--resume_from_checkpoint`), or choose another folder."
+        )

@@ -19,7 +19,7 @@ import torch
 from ddim_plus import DDIMPlusPipeline
 from ddim_plus.hub import HubPublisher, make_model_card
 from ddim_plus.training.args import InputError
-from ddim_plus.training.checkpoints import HUB_IGNORE_PATTERNS, STAGING_PREFIX, publish_directory
+from ddim_plus.training.checkpoints import STAGING_PREFIX, hub_ignore_patterns, publish_directory
 from ddim_plus.training.data import DIGITS_DATASET_NAME
 from ddim_plus.training.ema import ema_weights
 
@@ -53,6 +53,26 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+class DebugLog:
+    """`--debug_log`: one JSON line per optimiser step of this process (sample indices, loss, learning rate) in
+    `process-<i>.debug.jsonl`, and a last line with the digest of the final weights, so that tests can compare runs
+    and processes."""
+
+    def __init__(self, output_dir: str, process_index: int):
+        self.process_index = process_index
+        path = os.path.join(output_dir, f"process-{process_index}.debug.jsonl")
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        # Flushed at once: a killed run keeps the lines of the steps it made.
+        self.file.write(json.dumps(dict(record, process=self.process_index)) + "\n")
+        self.file.flush()
+
+    def close(self, unet: torch.nn.Module, **final) -> None:
+        self.write(dict(final=True, weights=weights_digest(unet), **final))
+        self.file.close()
 
 
 def card_data(args: argparse.Namespace, num_images: int) -> dict:
@@ -228,5 +248,6 @@ def finish_outputs(
         f"Model card: {os.path.join(args.output_dir, 'README.md')}"
     )
     if publisher is not None:
-        commit = publisher.finish(args.output_dir, "Upload DDIM pipeline trained with ddim_plus", HUB_IGNORE_PATTERNS)
+        ignore_patterns = hub_ignore_patterns(args.logging_dir)
+        commit = publisher.finish(args.output_dir, "Upload DDIM pipeline trained with ddim_plus", ignore_patterns)
         accelerator.print(f"Pushed to https://huggingface.co/{publisher.repo_id} ({commit})")
