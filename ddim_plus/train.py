@@ -86,7 +86,10 @@ def launched_without_accelerator_devices() -> bool:
 
 
 def create_accelerator(args) -> Accelerator:
-    """The run's `Accelerator`, with a seedable data order, and INFO logging."""
+    """The run's `Accelerator`, with a seedable data order, and INFO logging (and TF32 with `--allow_tf32`)."""
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     accelerator = Accelerator(
         cpu=launched_without_accelerator_devices(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -126,10 +129,15 @@ def create_unet(args, unet_config: dict, accelerator: Accelerator):
             )
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
     ema_model = None
     if args.use_ema:
         ema_model = create_ema_model(unet, args.ema_max_decay, args.ema_inv_gamma, args.ema_power)
         ema_model.to(accelerator.device)
+    if args.torch_compile:
+        # After the EMA: it keeps the plain module's parameters, which the compiled module shares.
+        unet = torch.compile(unet)
     return unet, ema_model
 
 
@@ -239,7 +247,7 @@ def generate_with_ema(
 ):
     """`generate_images` (image i from seed + i, as `ddim-plus sample`/`evaluate` draw it) with the EMA weights
     swapped in. With `desc`, the pipeline shows a progress bar so described."""
-    model = accelerator.unwrap_model(unet)
+    model = accelerator.unwrap_model(unet, keep_torch_compile=False)
     with ema_weights(model, ema_model):
         was_training = model.training
         model.eval()
@@ -355,6 +363,7 @@ def main(argv=None) -> str:
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        fused=args.fused_adam or None,
     )
 
     # Data, and the run's length
@@ -382,6 +391,7 @@ def main(argv=None) -> str:
     )
     debug_log = DebugLog(args.output_dir, accelerator.process_index) if args.debug_log else None
     sampling_scheduler = DDIMSchedulerPlus.from_config(noise_scheduler.config)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
     progress_bar = tqdm(
         total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps"
@@ -400,7 +410,7 @@ def main(argv=None) -> str:
             micro_step = epoch * batches_per_epoch + batch_index
             generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
             with accelerator.accumulate(unet):
-                clean_images = batch["pixel_values"]
+                clean_images = batch["pixel_values"].contiguous(memory_format=memory_format)
                 noise, timesteps = sample_noise_and_timesteps(
                     clean_images, noise_scheduler.config.num_train_timesteps, generator, args.noise_offset
                 )
@@ -458,14 +468,14 @@ def main(argv=None) -> str:
             and not last_epoch
         ):
             card = model_card(args, sampling_scheduler, len(train_dataset), total_batch_size, global_step)
-            unwrapped = accelerator.unwrap_model(unet)
+            unwrapped = accelerator.unwrap_model(unet, keep_torch_compile=False)
             export_snapshot(args, unwrapped, ema_model, sampling_scheduler, card, publisher, epoch)
             logger.info(f"Epoch {epoch}: exported the pipeline to {args.output_dir}")
     progress_bar.close()
     training_seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
 
-    final_unet = accelerator.unwrap_model(unet)
+    final_unet = accelerator.unwrap_model(unet, keep_torch_compile=False)
     if debug_log is not None:
         debug_log.close(final_unet, step=global_step, lr=lr_scheduler.get_last_lr()[0])
     if accelerator.is_main_process:

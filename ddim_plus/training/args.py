@@ -4,6 +4,7 @@ noise schedule they describe, and the checks of the data and output folder done 
 import argparse
 import contextlib
 import importlib
+import inspect
 import os
 import re
 from typing import Optional, Tuple
@@ -208,6 +209,15 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     add("--ema_power", type=float, default=0.75, help="EMA warm-up power")
     add("--ema_max_decay", type=float, default=0.9999, help="largest EMA decay")
     add("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's config")
+    # Speed (opt-in; each leaves the loss and the EMA exact or within float rounding: docs/training.md)
+    add(
+        "--allow_tf32",
+        action="store_true",
+        help="allow TF32 matrix multiplications and convolutions on Ampere or newer GPUs (as diffusers' examples)",
+    )
+    add("--torch_compile", action="store_true", help="compile the UNet with torch.compile (the first steps compile)")
+    add("--fused_adam", action="store_true", help="use AdamW's fused implementation (torch.optim.AdamW(fused=True))")
+    add("--channels_last", action="store_true", help="keep the UNet's weights and the batches in channels-last layout")
     # Checkpoints, logs, Hub
     add("--checkpointing_steps", type=int, default=500, help="save a checkpoint every this many optimiser steps")
     add("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
@@ -361,6 +371,10 @@ def validate_args(args: argparse.Namespace) -> None:
             "Both `--pretrained_model_name_or_path` (a model to fine-tune) and `--model_config_name_or_path` (a new "
             "model) were given; pass only one."
         )
+    if args.torch_compile and not hasattr(torch, "compile"):
+        raise ValueError(f"`--torch_compile` needs torch.compile (PyTorch 2.0 or newer); this is {torch.__version__}.")
+    if args.fused_adam and "fused" not in inspect.signature(torch.optim.AdamW).parameters:
+        raise ValueError(f"`--fused_adam` needs a fused AdamW, which torch {torch.__version__} does not have.")
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         raise ValueError(
             "`--overwrite_output_dir` deletes the checkpoints that `--resume_from_checkpoint` would resume from; "

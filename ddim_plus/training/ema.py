@@ -33,10 +33,12 @@ def register_checkpoint_hooks(accelerator, ema_model=None) -> None:
     from diffusers import UNet2DModel
     from safetensors.torch import load_file
 
+    # `keep_torch_compile=False`: with `--torch_compile` the weights are saved and loaded without the compiled wrapper.
     def save_model_hook(models, weights, output_dir):
         for model in models:
             if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
+                unet = accelerator.unwrap_model(model, keep_torch_compile=False)
+                unet.save_pretrained(os.path.join(output_dir, "unet"))
             # Popped on every process so that accelerate does not save the same weights a second time (under
             # DeepSpeed and FSDP accelerate saves the model itself and passes no weights).
             if weights:
@@ -56,7 +58,7 @@ def register_checkpoint_hooks(accelerator, ema_model=None) -> None:
             ema_model.load_state_dict(state)
             ema_model.to(accelerator.device)
         while models:
-            model = accelerator.unwrap_model(models.pop())
+            model = accelerator.unwrap_model(models.pop(), keep_torch_compile=False)
             loaded = UNet2DModel.from_pretrained(input_dir, subfolder="unet")
             model.register_to_config(**loaded.config)
             model.load_state_dict(loaded.state_dict())

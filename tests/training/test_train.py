@@ -991,3 +991,62 @@ def find_run_outputs_in(names, logging_dir):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")
         return find_run_outputs(folder, logging_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed flags (opt-in): each leaves the loss and the EMA exact, or within float rounding where the arithmetic changes
+# ---------------------------------------------------------------------------------------------------------------
+def short_run(workdir, data_dir, output_dir, *flags):
+    """Three optimiser steps of the tiny UNet on 20 digits, in-process, with no sampling; returns the losses, the
+    final raw weights and the published (EMA) weights."""
+    argv = tiny_args(workdir, output_dir, "--train_data_dir", str(data_dir), "--max_train_steps", "3", *flags)
+    argv += ["--lr_warmup_steps", "1"]
+    train.main([*argv, "--eval_inference_steps", "--save_images_epochs", "0", "--checkpointing_steps", "3"])
+    steps, final = read_debug_log(output_dir)
+    ema = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(output_dir / "checkpoint-3" / "unet" / "diffusion_pytorch_model.safetensors")
+    return [record["loss"] for record in steps], raw, ema
+
+
+@pytest.fixture(scope="module")
+def plain_short_run(workdir, reference_run):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield short_run(workdir, reference_run["data_dir"], workdir / "plain_short_run")
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "flag, exact",
+    [
+        ("--allow_tf32", True),  # TF32 exists only on CUDA: the CPU's float32 arithmetic is unchanged
+        ("--torch_compile", True),  # compiled here with dynamo's "eager" backend: the same operations, captured
+        ("--fused_adam", False),  # another AdamW kernel: the same update up to float rounding
+        ("--channels_last", False),  # other convolution kernels: the same sums in another order
+    ],
+)
+def test_speed_flags_keep_the_loss_and_the_ema(
+    workdir, reference_run, plain_short_run, one_thread, monkeypatch, flag, exact
+):
+    if flag == "--torch_compile":
+        # Inductor's code generation takes minutes on a shared CPU; dynamo's capture (what can break the
+        # trainer: saving, EMA, the hooks) is the same with any backend.
+        compile_ = torch.compile
+        monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager"))
+    losses, raw, ema = short_run(workdir, reference_run["data_dir"], workdir / f"short_run{flag}", flag)
+    plain_losses, plain_raw, plain_ema = plain_short_run
+    assert raw.keys() == plain_raw.keys() and ema.keys() == plain_ema.keys()  # no `_orig_mod.` prefixes
+    if exact:
+        assert losses == plain_losses
+        assert all(torch.equal(raw[key], plain_raw[key]) for key in raw)
+        assert all(torch.equal(ema[key], plain_ema[key]) for key in ema)
+    else:
+        # float32 rounding (2^-24 = 6e-8 relative) accumulated over three steps of a 41k-parameter UNet
+        assert losses == pytest.approx(plain_losses, rel=1e-5)
+        for weights, plain in ((raw, plain_raw), (ema, plain_ema)):
+            for key in plain:
+                torch.testing.assert_close(weights[key], plain[key], rtol=1e-4, atol=1e-6)
