@@ -328,28 +328,28 @@ def find_run_outputs(output_dir: str, logging_dir: str = LOGS_DIRNAME) -> List[s
     return sorted(name for name in os.listdir(output_dir) if any(fnmatch.fnmatch(name, p) for p in patterns))
 
 
-def remove_unfinished(output_dir: str) -> List[str]:
-    """Delete the staging folders a killed run leaves in `output_dir` (`.staging-*`); returns the names removed."""
-    removed = sorted(name for name in os.listdir(output_dir) if name.startswith(STAGING_PREFIX))
-    for name in removed:
+def remove_entries(output_dir: str, names: List[str]) -> List[str]:
+    """Delete the entries `names` (files or folders) of `output_dir`; returns `names`."""
+    for name in names:
         path = os.path.join(output_dir, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         else:
             os.remove(path)
-    return removed
+    return names
+
+
+def remove_unfinished(output_dir: str) -> List[str]:
+    """Delete the staging folders a killed run leaves in `output_dir` (`.staging-*`); returns the names removed."""
+    return remove_entries(
+        output_dir, sorted(name for name in os.listdir(output_dir) if name.startswith(STAGING_PREFIX))
+    )
 
 
 def remove_run_outputs(output_dir: str, logging_dir: str = LOGS_DIRNAME) -> List[str]:
-    """Delete what `find_run_outputs` finds (for `overwrite_output_dir`); returns the names removed."""
-    removed = find_run_outputs(output_dir, logging_dir)
-    for name in removed:
-        path = os.path.join(output_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-    return removed
+    """Delete what `find_run_outputs` finds (for `overwrite_output_dir`, and to start an unfinished run over);
+    returns the names removed."""
+    return remove_entries(output_dir, find_run_outputs(output_dir, logging_dir))
 
 
 def publish_directory(staging_dir: str, output_dir: str, commit_file: str = "model_index.json") -> None:

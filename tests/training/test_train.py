@@ -1045,8 +1045,10 @@ def test_speed_flags_keep_the_loss_and_the_ema(
         assert all(torch.equal(raw[key], plain_raw[key]) for key in raw)
         assert all(torch.equal(ema[key], plain_ema[key]) for key in ema)
     else:
-        # float32 rounding (2^-24 = 6e-8 relative) accumulated over three steps of a 41k-parameter UNet
+        # The losses differ by float rounding. A weight can differ by up to the learning rate per step: Adam's
+        # first updates are +-lr whatever the gradient's size, so a near-zero gradient whose rounding differs can
+        # move its weight the other way (3 steps at lr 1e-3 here).
         assert losses == pytest.approx(plain_losses, rel=1e-5)
         for weights, plain in ((raw, plain_raw), (ema, plain_ema)):
             for key in plain:
-                torch.testing.assert_close(weights[key], plain[key], rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(weights[key], plain[key], rtol=0, atol=3 * 1e-3)
