@@ -29,7 +29,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from ddim_plus import DDIMSchedulerPlus, train
+from ddim_plus import DDIMSchedulerPlus
+from ddim_plus.training.args import default_unet_config
 from ddim_plus.training.ema import create_ema_model
 from ddim_plus.training.loss import diffusion_loss, sample_noise_and_timesteps, step_generator
 
@@ -49,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    initial = UNet2DModel.from_config(train.default_unet_config(args.resolution, 1)).train()
+    initial = UNet2DModel.from_config(default_unet_config(args.resolution, 1)).train()
     clean_images = torch.rand(args.batch_size, 1, args.resolution, args.resolution) * 2 - 1
     accelerator = Accelerator(cpu=True)
     total_steps = 10**6

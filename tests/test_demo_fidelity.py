@@ -79,16 +79,16 @@ def test_clipped_deterministic_ddim_converges_as_steps_grow():
 def test_the_demo_trains_at_the_native_resolution_of_its_data():
     # Upsampled digits lie on a 64-dimensional subspace of 16x16 pixels; there the ODE kept 10% of the energy off the
     # data's subspace at every S (docs/results.md). The trainer's default resolution is the data's own.
-    from ddim_plus import train
+    from ddim_plus.training.args import build_noise_scheduler, parse_args
 
-    assert train.parse_args([]).resolution == DIGITS_RESOLUTION
+    assert parse_args([]).resolution == DIGITS_RESOLUTION
     # The saved sampling config follows `--clip_sample` (measured: no difference beyond the spread on the demo model).
-    assert train.build_noise_scheduler(train.parse_args([])).config.clip_sample is True
-    assert train.build_noise_scheduler(train.parse_args(["--no-clip_sample"])).config.clip_sample is False
+    assert build_noise_scheduler(parse_args([])).config.clip_sample is True
+    assert build_noise_scheduler(parse_args(["--no-clip_sample"])).config.clip_sample is False
     # First-order DDIM stays 1.7x its 1000-step FD at 20 steps on the demo model; the second-order correction the
     # saved config carries brings 20 steps within the spread of 1000 (docs/results.md). Its convergence order is
     # tested in tests/test_solver_order.py.
-    assert train.build_noise_scheduler(train.parse_args([])).config.ddim_solver_order == 2
+    assert build_noise_scheduler(parse_args([])).config.ddim_solver_order == 2
 
 
 def _distance_to_many_step_samples(scheduler, steps):
@@ -102,9 +102,9 @@ def test_ten_steps_of_the_saved_sampler_end_near_the_many_step_samples():
     # S = 1000, while `logsnr` gave 5.64 +- 1.28 (docs/results.md): trailing's last network call is at t = 99. On the
     # exact denoiser the saved sampler converges with S, and at S = 10 it is several times closer to the 1000-step
     # samples than trailing (measured: 0.027 against 0.099; 0.005 at S = 20).
-    from ddim_plus import train
+    from ddim_plus.training.args import build_noise_scheduler, parse_args
 
-    saved = train.build_noise_scheduler(train.parse_args([]))
+    saved = build_noise_scheduler(parse_args([]))
     distances = _distance_to_many_step_samples(saved, (10, 20, 50))
     assert distances[10] > distances[20] > distances[50]
     assert distances[20] < 0.01

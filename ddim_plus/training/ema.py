@@ -1,5 +1,6 @@
 """The EMA of the UNet's weights, and the accelerate hooks that checkpoint the UNet and its EMA in diffusers format."""
 
+import contextlib
 import os
 
 
@@ -32,10 +33,12 @@ def register_checkpoint_hooks(accelerator, ema_model=None) -> None:
     from diffusers import UNet2DModel
     from safetensors.torch import load_file
 
+    # `keep_torch_compile=False`: with `--torch_compile` the weights are saved and loaded without the compiled wrapper.
     def save_model_hook(models, weights, output_dir):
         for model in models:
             if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
+                unet = accelerator.unwrap_model(model, keep_torch_compile=False)
+                unet.save_pretrained(os.path.join(output_dir, "unet"))
             # Popped on every process so that accelerate does not save the same weights a second time (under
             # DeepSpeed and FSDP accelerate saves the model itself and passes no weights).
             if weights:
@@ -55,10 +58,30 @@ def register_checkpoint_hooks(accelerator, ema_model=None) -> None:
             ema_model.load_state_dict(state)
             ema_model.to(accelerator.device)
         while models:
-            model = accelerator.unwrap_model(models.pop())
+            model = accelerator.unwrap_model(models.pop(), keep_torch_compile=False)
             loaded = UNet2DModel.from_pretrained(input_dir, subfolder="unet")
             model.register_to_config(**loaded.config)
             model.load_state_dict(loaded.state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+@contextlib.contextmanager
+def ema_weights(model, ema_model=None):
+    """Swap the EMA weights into `model` for the duration of the block, then put the raw weights back (training goes
+    on with them). Without `ema_model` the block sees the raw weights.
+
+    Args:
+        model (`torch.nn.Module`): the (unwrapped) UNet being trained.
+        ema_model (`diffusers.training_utils.EMAModel`, *optional*): its EMA.
+    """
+    if ema_model is None:
+        yield model
+        return
+    ema_model.store(model.parameters())
+    ema_model.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        ema_model.restore(model.parameters())

@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ddim_plus import train
+from ddim_plus.training import args as train_args
 
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
 
@@ -88,7 +89,8 @@ def tiny_args(workdir, output_dir, *extra):
     return [
         "--output_dir", str(output_dir), "--resolution", "8", "--model_config_name_or_path",
         str(workdir / "tiny_unet"), "--train_batch_size", "4", "--eval_inference_steps", "2",
-        "--ddim_num_inference_steps", "2", "--num_eval_samples", "4", "--logger", "none", "--debug_log", *extra,
+        "--ddim_num_inference_steps", "2", "--num_eval_samples", "4", "--logger", "none", "--debug_log",
+        "--learning_rate", "1e-3", *extra,
     ]  # fmt: skip
 
 
@@ -320,7 +322,7 @@ def test_fixed_sets_are_argparse_choices_listed_in_help(tmp_path, capsys, flag, 
         f"argument {flag}: invalid choice: '{value}'" in error or f"argument {flag}: invalid choice: {value} " in error
     )
     with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
+        train_args.parse_args(["--help"])
     usage = capsys.readouterr().out
     assert all(choice in usage for choice in choices)
 
@@ -329,7 +331,7 @@ def test_every_beta_schedule_builds_before_training():
     from ddim_plus.ddim_math import BETA_SCHEDULES
 
     for schedule in BETA_SCHEDULES:
-        scheduler = train.build_noise_scheduler(train.parse_args(["--ddpm_beta_schedule", schedule]))
+        scheduler = train_args.build_noise_scheduler(train_args.parse_args(["--ddpm_beta_schedule", schedule]))
         assert scheduler.config.beta_schedule == schedule
         # Every abar_t in (0, 1] and decreasing: the schedule is usable for training.
         abar = scheduler.alphas_cumprod
@@ -590,8 +592,8 @@ def test_resuming_another_run_or_a_finished_one_is_refused(reference_run, workdi
         output_dir,
         r"other settings \(`--seed`: checkpoint 0, now 1; `--learning_rate`: checkpoint 0.001, now 0.0003\)",
     )
-    # The same run, but checkpoint-6 is at the end of a 6-step run.
-    expect_error_without_output([*argv, *resume, "--max_train_steps", "6"], output_dir, "at step 6, at or past")
+    # The same run, but checkpoint-6 is past the end of a 5-step run.
+    expect_error_without_output([*argv, *resume, "--max_train_steps", "5"], output_dir, "at step 6, past")
     # `latest` finding nothing says so (here the run then stops at its bad data).
     empty = tmp_path / "empty"
     expect_error_without_output(
@@ -631,7 +633,7 @@ def test_a_user_mistake_prints_the_message_not_a_traceback(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------------------------------------
 def test_the_anchor_command_parses_with_the_anchors_meaning_and_unet():
     # train_unconditional's README command and the flags its scripts pass.
-    args = train.parse_args(
+    args = train_args.parse_args(
         [
             "--dataset_name", "huggan/flowers-102-categories", "--resolution", "64", "--center_crop", "--random_flip",
             "--output_dir", "ddpm-ema-flowers-64", "--train_batch_size", "16", "--num_epochs", "100",
@@ -643,20 +645,20 @@ def test_the_anchor_command_parses_with_the_anchors_meaning_and_unet():
     )  # fmt: skip
     assert args.ddim_num_inference_steps == 100 and args.report_to == "wandb"
     assert (args.save_images_epochs, args.save_model_epochs) == (5, 5)
-    train.validate_args(args)
+    train_args.validate_args(args)
     # Without --model_config_name_or_path, 64 pixels get train_unconditional's UNet (its source's values).
-    config = train.build_unet_config(args, 3)
+    config = train_args.build_unet_config(args, 3)
     assert config["block_out_channels"] == (128, 128, 256, 256, 512, 512) and config["layers_per_block"] == 2
     assert config["down_block_types"] == ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D")
     assert config["up_block_types"] == ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4
     assert config["sample_size"] == 64 and config["in_channels"] == config["out_channels"] == 3
     # Below 32 pixels the small default stays (the digits' 8x8).
-    assert train.build_unet_config(train.parse_args([]), 1)["block_out_channels"] == (16, 32, 32)
+    assert train_args.build_unet_config(train_args.parse_args([]), 1)["block_out_channels"] == (16, 32, 32)
 
 
 def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
+        train_args.parse_args(["--help"])
     usage = " ".join(capsys.readouterr().out.split())
     for default in ("(default: logsnr)", "(default: 20)", "(default: 7200)", "(default: tensorboard)"):
         assert default in usage
@@ -681,7 +683,7 @@ def test_every_flag_is_in_the_documented_table():
         if len(cells) == 3 and cells[0].startswith("`--"):
             for flag in re.findall(r"`(--[\w-]+)`", cells[0]):
                 table[flag] = cells[1].strip("`")
-    for action in train.build_parser()._actions:
+    for action in train_args.build_parser()._actions:
         if action.dest == "help":
             continue
         for flag in action.option_strings:
@@ -753,3 +755,300 @@ def test_fine_tuning_refuses_data_with_other_channels_or_a_second_model(tmp_path
         output_dir,
         "pass only one",
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defaults follow the data: the digits' recipe on the bundled digits, train_unconditional's on any other data
+# ---------------------------------------------------------------------------------------------------------------
+def test_other_data_gets_train_unconditionals_defaults_for_what_is_left_out(tmp_path):
+    # train_unconditional's values, from its source: --resolution 64, --learning_rate 1e-4, --train_batch_size 16,
+    # --lr_warmup_steps 500, and its UNet.
+    folder = ["--train_data_dir", str(tmp_path)]
+    args = train_args.parse_args(folder)
+    assert (args.resolution, args.learning_rate, args.train_batch_size, args.lr_warmup_steps) == (64, 1e-4, 16, 500)
+    assert args.recipe_defaults == ("resolution", "learning_rate", "train_batch_size", "lr_warmup_steps")
+    config = train_args.build_unet_config(args, 3)
+    assert config["block_out_channels"] == (128, 128, 256, 256, 512, 512) and config["sample_size"] == 64
+    assert "train_unconditional's defaults" in train_args.describe_recipe(args)
+    # What the user sets is kept and not listed as a default.
+    args = train_args.parse_args([*folder, "--learning_rate", "3e-4", "--resolution", "32"])
+    assert (args.learning_rate, args.resolution, args.train_batch_size) == (3e-4, 32, 16)
+    assert args.recipe_defaults == ("train_batch_size", "lr_warmup_steps")
+    # A Hub dataset is other data too; the bundled digits keep their recipe.
+    assert train_args.parse_args(["--dataset_name", "huggan/flowers-102-categories"]).learning_rate == 1e-4
+    digits = train_args.parse_args([])
+    assert (digits.resolution, digits.learning_rate, digits.train_batch_size, digits.lr_warmup_steps) == (
+        8,
+        1e-3,
+        64,
+        100,
+    )
+    assert "the bundled digits' recipe" in train_args.describe_recipe(digits)
+
+
+def test_one_step_on_a_folder_of_photos_logs_the_recipe_and_trains_with_its_defaults(tmp_path, caplog, one_thread):
+    """One training step on small RGB images: the log names the recipe and every default applied, images shrunk by
+    more than 2x are warned about, and the run trains with train_unconditional's learning rate and batch size."""
+    data_dir = tmp_path / "photos"
+    data_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data_dir / f"photo_{index}.png")
+    output_dir = tmp_path / "out"
+    argv = [
+        "--output_dir", str(output_dir), "--train_data_dir", str(data_dir), "--resolution", "16",
+        "--max_train_steps", "1", "--eval_inference_steps", "2", "--ddim_num_inference_steps", "2",
+        "--num_eval_samples", "2", "--report_to", "none", "--debug_log",
+    ]  # fmt: skip
+    with caplog.at_level("INFO"):
+        train.main(argv)
+    log = " ".join(caplog.text.split())
+    assert "Recipe: diffusers train_unconditional's defaults (the data, --train_data_dir" in log
+    assert "Resolution: 16x16; UNet: a small UNet" in log
+    assert "Defaults applied for flags left out: --learning_rate 0.0001, --train_batch_size 16, " in log
+    assert "--lr_warmup_steps 500." in log
+    assert "4 of 4 images have a shorter side more than twice `--resolution`=16" in log
+    record = json.loads((output_dir / "training_run.json").read_text())
+    assert (record["learning_rate"], record["train_batch_size"], record["lr_warmup_steps"]) == (1e-4, 16, 500)
+    unet = json.loads((output_dir / "unet" / "config.json").read_text())
+    assert unet["block_out_channels"] == [16, 32, 32] and unet["in_channels"] == 3 and unet["sample_size"] == 16
+    (step,), _ = read_debug_log(output_dir)
+    assert step["lr"] == pytest.approx(1e-4 / 500)  # the first of 500 warm-up steps to 1e-4
+    assert len(step["indices"]) == 4  # all 4 images in one batch of up to 16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Killed at any moment, continued with `--resume_from_checkpoint latest`
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """An in-process run that computes as a fresh subprocess (OMP_NUM_THREADS=1) does, so that their weights can be
+    compared bit for bit: one thread (the order of a convolution's float sums depends on the thread count), and none
+    of accelerate's process-wide state left by an earlier in-process run."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_killed(argv, hf_home, kill_at):
+    """Run the trainer in a subprocess that SIGKILLs itself at the named point (`checkpoints.kill_point`)."""
+    env = dict(subprocess_env(hf_home), DDIM_PLUS_TEST_KILL_AT=kill_at)
+    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *argv], capture_output=True, text=True, env=env)
+    assert result.returncode == -9, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "kill_at, left",
+    [
+        # before the first checkpoint: the record of the run, its tracker logs and debug log
+        ("step-1", ["logs", "process-0.debug.jsonl", "training_run.json"]),
+        # while writing the first checkpoint
+        ("staging-checkpoint", [".staging-checkpoint-2", "logs", "process-0.debug.jsonl", "training_run.json"]),
+        # while moving the final pipeline into output_dir (after checkpoint 6 of 7)
+        ("publish", [".staging-pipeline", "checkpoint-4", "checkpoint-6", "logs", "process-0.debug.jsonl"]),
+    ],
+)
+def test_a_run_killed_at_any_moment_continues_with_latest_and_ends_identical(
+    reference_run, workdir, tmp_path, one_thread, kill_at, left
+):
+    output_dir = tmp_path / "out"
+    argv = tiny_args(workdir, output_dir, "--train_data_dir", str(reference_run["data_dir"]), *REFERENCE_FLAGS)
+    argv += ["--logger", "tensorboard", "--save_model_epochs", "0"]
+    run_killed(argv, workdir / "hf_home", kill_at)
+    assert set(left) <= {path.name for path in output_dir.iterdir()}
+    train.main([*argv, "--resume_from_checkpoint", "latest"])
+
+    assert not list(output_dir.glob(".staging-*"))
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    _, reference_final = read_debug_log(reference_run["output_dir"])
+    steps, final = read_debug_log(output_dir)
+    assert final["weights"] == reference_final["weights"]
+    # Started over (removing only this run's files: the killed run's debug lines are gone), or continued from
+    # checkpoint 6 (the debug log appended to).
+    assert [record["step"] for record in steps] == list(range(1, 8)) + ([7] if kill_at == "publish" else [])
+    expected = load_file(reference_run["output_dir"] / "unet" / "diffusion_pytorch_model.safetensors")
+    actual = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert (output_dir / "model_index.json").is_file()
+
+
+def test_a_checkpoint_at_the_last_step_writes_the_final_outputs_again(reference_run, workdir, tmp_path, one_thread):
+    """What a kill during the final export leaves when the last checkpoint is at the run's end."""
+    output_dir = tmp_path / "out"
+    shutil.copytree(reference_run["output_dir"] / "checkpoint-6", output_dir / "checkpoint-6")
+    argv = tiny_args(workdir, output_dir, "--train_data_dir", str(reference_run["data_dir"]), *REFERENCE_FLAGS)
+    train.main([*argv, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
+    steps, _ = read_debug_log(output_dir)
+    assert steps == []  # nothing trained
+    published = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    ema = load_file(output_dir / "checkpoint-6" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(published[key], ema[key]) for key in ema)
+
+
+def test_restarting_refuses_an_unfinished_run_with_other_settings_or_no_record(reference_run, workdir, tmp_path):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "process-0.debug.jsonl").write_text("")
+    argv = tiny_args(workdir, output_dir, "--train_data_dir", str(reference_run["data_dir"]), *REFERENCE_FLAGS)
+    resume = ["--resume_from_checkpoint", "latest"]
+    expect_error_without_output([*argv, *resume], output_dir, "no complete checkpoint and no training_run.json")
+    record = json.loads((reference_run["output_dir"] / "checkpoint-6" / "training_run.json").read_text())
+    (output_dir / "training_run.json").write_text(json.dumps(dict(record, seed=5)))
+    expect_error_without_output(
+        [*argv, *resume], output_dir, r"unfinished run \(no complete checkpoint\) with other settings \(`--seed`"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume checks the data; a missing model config is one line
+# ---------------------------------------------------------------------------------------------------------------
+def test_resume_refuses_changed_data_naming_the_files(reference_run, workdir, tmp_path):
+    data_dir = tmp_path / "digits"
+    shutil.copytree(reference_run["data_dir"], data_dir)
+    output_dir = tmp_path / "out"
+    shutil.copytree(reference_run["output_dir"] / "checkpoint-4", output_dir / "checkpoint-4")
+    argv = tiny_args(workdir, output_dir, "--train_data_dir", str(data_dir), *REFERENCE_FLAGS)
+    argv += ["--resume_from_checkpoint", "latest"]
+    Image.new("L", (8, 8), 255).save(data_dir / "added.png")
+    Image.new("L", (8, 8), 0).save(data_dir / "digit_003.png")
+    (data_dir / "digit_007.png").unlink()
+    # The copy lies elsewhere, so the folder's path differs too; both are named.
+    expect_error_without_output(
+        argv,
+        output_dir,
+        r"`--train_data_dir`: checkpoint .*the training data: 1 files added \(added.png\), 1 files removed "
+        r"\(digit_007.png\), 1 files changed \(digit_003.png\)",
+    )
+
+
+def test_a_hub_datasets_change_is_named_by_its_fingerprint():
+    from ddim_plus.training.checkpoints import compare_run_records
+
+    saved = {"data": {"dataset_name": "me/photos", "dataset_config_name": None, "rows": 460, "fingerprint": "a1"}}
+    current = {"data": dict(saved["data"], rows=560, fingerprint="b2"), "max_train_steps": 9}
+    assert compare_run_records(saved, current) == ["the training data: fingerprint 'a1' -> 'b2', rows 460 -> 560"]
+    # A record without a data fingerprint (an older trainer's) is not refused for lacking one.
+    assert compare_run_records({}, current) == []
+
+
+@pytest.mark.parametrize("flag", ["--model_config_name_or_path", "--pretrained_model_name_or_path"])
+def test_a_missing_or_broken_model_config_is_a_one_line_error_naming_the_flag(tmp_path, flag):
+    output_dir = tmp_path / "out"
+    broken = tmp_path / "broken"
+    (broken / "unet").mkdir(parents=True)
+    (broken / "config.json").write_text("{not json")
+    (broken / "scheduler").mkdir()
+    (broken / "scheduler" / "scheduler_config.json").write_text("{not json")
+    for path in (tmp_path / "missing", broken):
+        with pytest.raises(SystemExit) as exit_info:
+            train.cli(["--output_dir", str(output_dir), flag, str(path)])
+        message = str(exit_info.value.code)
+        assert f"error: `{flag}`={str(path)!r}: no " in message and "\n" not in message
+        assert "config could be loaded" in message and not output_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What is uploaded: one list, from the run's own folders, as huggingface_hub's filter applies it
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("logging_dir", ["logs", "tb", "runs/tb", "/elsewhere/tb"])
+def test_upload_filter_leaves_out_the_runs_state_and_its_actual_logging_dir(logging_dir):
+    from huggingface_hub.utils import filter_repo_objects
+
+    from ddim_plus.training.checkpoints import hub_ignore_patterns
+
+    published = [
+        "README.md", "model_index.json", "metrics.json", "samples_10steps.png", "scheduler/scheduler_config.json",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "notes/logs.txt", "logs.md",
+    ]  # fmt: skip
+    training_state = [
+        "checkpoint-4/unet/config.json", "checkpoint-4/random_states_0.pkl", ".staging-checkpoint-6/optimizer.bin",
+        ".staging-pipeline/model_index.json", "samples/epoch-0.png", "samples/step-20.png",
+        "process-0.debug.jsonl", "training_run.json",
+    ]  # fmt: skip
+    logs = [] if logging_dir.startswith("/") else [f"{logging_dir}/ddim_plus/events.out.tfevents.1"]
+    names = published + training_state + logs
+    kept = sorted(filter_repo_objects(names, ignore_patterns=hub_ignore_patterns(logging_dir)))
+    assert kept == sorted(published)
+    # The same lists say what of a folder is a run's (for --overwrite_output_dir and restarts).
+    expected = {name.split("/")[0] for name in published + training_state + logs} - {"notes", "logs.md"}
+    assert find_run_outputs_in(names, logging_dir) == sorted(expected)
+
+
+def find_run_outputs_in(names, logging_dir):
+    """What `find_run_outputs` finds in a folder holding the files `names` (written empty)."""
+    import tempfile
+
+    from ddim_plus.training.checkpoints import find_run_outputs
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name in names:
+            path = Path(folder) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+        return find_run_outputs(folder, logging_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed flags (opt-in): each leaves the loss and the EMA exact, or within float rounding where the arithmetic changes
+# ---------------------------------------------------------------------------------------------------------------
+def short_run(workdir, data_dir, output_dir, *flags):
+    """Three optimiser steps of the tiny UNet on 20 digits, in-process, with no sampling; returns the losses, the
+    final raw weights and the published (EMA) weights."""
+    argv = tiny_args(workdir, output_dir, "--train_data_dir", str(data_dir), "--max_train_steps", "3", *flags)
+    argv += ["--lr_warmup_steps", "1"]
+    train.main([*argv, "--eval_inference_steps", "--save_images_epochs", "0", "--checkpointing_steps", "3"])
+    steps, final = read_debug_log(output_dir)
+    ema = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(output_dir / "checkpoint-3" / "unet" / "diffusion_pytorch_model.safetensors")
+    return [record["loss"] for record in steps], raw, ema
+
+
+@pytest.fixture(scope="module")
+def plain_short_run(workdir, reference_run):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield short_run(workdir, reference_run["data_dir"], workdir / "plain_short_run")
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "flag, exact",
+    [
+        ("--allow_tf32", True),  # TF32 exists only on CUDA: the CPU's float32 arithmetic is unchanged
+        ("--torch_compile", True),  # compiled here with dynamo's "eager" backend: the same operations, captured
+        ("--fused_adam", False),  # another AdamW kernel: the same update up to float rounding
+        ("--channels_last", False),  # other convolution kernels: the same sums in another order
+    ],
+)
+def test_speed_flags_keep_the_loss_and_the_ema(
+    workdir, reference_run, plain_short_run, one_thread, monkeypatch, flag, exact
+):
+    if flag == "--torch_compile":
+        # Inductor's code generation takes minutes on a shared CPU; dynamo's capture (what can break the
+        # trainer: saving, EMA, the hooks) is the same with any backend.
+        compile_ = torch.compile
+        monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager"))
+    losses, raw, ema = short_run(workdir, reference_run["data_dir"], workdir / f"short_run{flag}", flag)
+    plain_losses, plain_raw, plain_ema = plain_short_run
+    assert raw.keys() == plain_raw.keys() and ema.keys() == plain_ema.keys()  # no `_orig_mod.` prefixes
+    if exact:
+        assert losses == plain_losses
+        assert all(torch.equal(raw[key], plain_raw[key]) for key in raw)
+        assert all(torch.equal(ema[key], plain_ema[key]) for key in ema)
+    else:
+        # The losses differ by float rounding. A weight can differ by up to the learning rate per step: Adam's
+        # first updates are +-lr whatever the gradient's size, so a near-zero gradient whose rounding differs can
+        # move its weight the other way (3 steps at lr 1e-3 here).
+        assert losses == pytest.approx(plain_losses, rel=1e-5)
+        for weights, plain in ((raw, plain_raw), (ema, plain_ema)):
+            for key in plain:
+                torch.testing.assert_close(weights[key], plain[key], rtol=0, atol=3 * 1e-3)
