@@ -479,9 +479,13 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
 
         Args:
             model_output (`torch.Tensor`): the network's output at (`sample`, `timestep`).
-            timestep (`int`): the current timestep, in [0, T). One that is not in the schedule steps to the largest
-                scheduled timestep below it.
-            sample (`torch.Tensor`): x_t.
+            timestep (`int` or `torch.Tensor`): the current timestep, in [0, T). One that is not in the schedule steps
+                to the largest scheduled timestep below it. A tensor on a GPU (or any tensor under `torch.compile`)
+                is never read on the host: its coefficients are gathered on the device, so a sampling loop does not
+                wait for the GPU; it is not checked against [0, T) and, with `ddim_solver_order=2`, not against the
+                order of the schedule (the step counter gives the position, as in diffusers' multistep schedulers).
+            sample (`torch.Tensor`): x_t. Half-precision samples (float16, bfloat16) are stepped in float32 and the
+                results rounded once to their dtype.
             eta (`float`, defaults to 0.0): weight of the noise, eq. 16: 0 is deterministic DDIM, 1 the DDPM
                 posterior. Ignored when `sigma_type="sigma_hat"`.
             use_clipped_model_output (`bool`, *optional*): re-derive eps from the clipped (or thresholded) x_0.
@@ -504,8 +508,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         table, timesteps = self._device_table(sample.device, dtype)
         order_2 = self.config.ddim_solver_order == 2
         if _is_device_timestep(timestep):
-            # Read on the device only: its row of coefficients is gathered there, and the multistep order is checked
-            # against the host's step counter instead of the value (both would wait for the GPU).
+            # Read on the device only: its row of coefficients is gathered there, and the position in the schedule
+            # comes from the host's step counter, not from the value (reading it would wait for the GPU).
             row = table.index_select(0, self._device_timestep(timestep, table.device)).squeeze(0)
             starts = self._step_index is None
             next_index = (self._begin_index or 0) + 1 if starts else self._step_index + 1
@@ -513,7 +517,11 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             t = self._checked_timestep(timestep)
             row = table[t]
             index = self._index_of.get(t)
-            next_index = index + 1 if index is not None else self._index_of.get(self.previous_timestep(t), len(self))
+            next_index = (
+                index + 1
+                if index is not None
+                else self._index_of.get(self.previous_timestep(t), self.num_inference_steps)
+            )
             starts = self._check_multistep_order(t, index) if order_2 else True
         (
             sqrt_abar,
