@@ -39,6 +39,66 @@ def make_optimizer(model):
     return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
 
 
+def make_ours_step(unet, clean_images: torch.Tensor, accelerator: Accelerator, total_steps: int = 10**6):
+    """One optimiser step of ours, exactly as `ddim_plus.train` runs it, on `clean_images` (prepares `unet` with
+    its optimiser and LR scheduler on `accelerator`). Returns the step function and the prepared UNet."""
+    optimizer = make_optimizer(unet)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total_steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    ema = create_ema_model(unet)
+    noise_scheduler = DDIMSchedulerPlus()
+    counter = iter(range(total_steps))
+
+    def step():
+        generator = step_generator(0, next(counter), 0, device=clean_images.device)
+        with accelerator.accumulate(unet):
+            noise, timesteps = sample_noise_and_timesteps(clean_images, 1000, generator)
+            with accelerator.autocast():
+                loss = diffusion_loss(unet, noise_scheduler, clean_images, noise, timesteps)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+
+    return step, unet
+
+
+def make_train_unconditional_step(unet, clean_images: torch.Tensor, accelerator: Accelerator, total_steps=10**6):
+    """One optimiser step of diffusers' train_unconditional loop body on `clean_images` (global-RNG noise,
+    `DDPMScheduler.add_noise`, clipping, LR scheduler, per-parameter `EMAModel.step`). Returns the step function
+    and the prepared UNet."""
+    config = unet.config
+    optimizer = make_optimizer(unet)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total_steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    ema = EMAModel(
+        unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
+        model_cls=UNet2DModel, model_config=config,
+    )  # fmt: skip
+    ddpm = DDPMScheduler(num_train_timesteps=1000)
+    batch_size = clean_images.shape[0]
+
+    def step():
+        noise = torch.randn(clean_images.shape, dtype=clean_images.dtype, device=clean_images.device)
+        timesteps = torch.randint(0, 1000, (batch_size,), device=clean_images.device).long()
+        noisy = ddpm.add_noise(clean_images, noise, timesteps)
+        with accelerator.accumulate(unet):
+            loss = F.mse_loss(unet(noisy, timesteps).sample.float(), noise.float())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            ema.step(unet.parameters())
+
+    return step, unet
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per loop (median reported)")
@@ -53,30 +113,7 @@ def main() -> None:
     initial = UNet2DModel.from_config(default_unet_config(args.resolution, 1)).train()
     clean_images = torch.rand(args.batch_size, 1, args.resolution, args.resolution) * 2 - 1
     accelerator = Accelerator(cpu=True)
-    total_steps = 10**6
-
-    # Ours, exactly as ddim_plus.train runs a step.
-    ours_unet = copy.deepcopy(initial)
-    ours_optimizer = make_optimizer(ours_unet)
-    ours_lr = get_scheduler("cosine", optimizer=ours_optimizer, num_warmup_steps=0, num_training_steps=total_steps)
-    ours_unet, ours_optimizer, ours_lr = accelerator.prepare(ours_unet, ours_optimizer, ours_lr)
-    ours_ema = create_ema_model(ours_unet)
-    ours_scheduler = DDIMSchedulerPlus()
-    ours_counter = iter(range(total_steps))
-
-    def ours_step():
-        generator = step_generator(0, next(ours_counter), 0)
-        with accelerator.accumulate(ours_unet):
-            noise, timesteps = sample_noise_and_timesteps(clean_images, 1000, generator)
-            with accelerator.autocast():
-                loss = diffusion_loss(ours_unet, ours_scheduler, clean_images, noise, timesteps)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(ours_unet.parameters(), 1.0)
-            ours_optimizer.step()
-            ours_lr.step()
-            ours_optimizer.zero_grad(set_to_none=True)
-        ours_ema.step(ours_unet.parameters())
+    ours_step, _ = make_ours_step(copy.deepcopy(initial), clean_images, accelerator)
 
     # Bare PyTorch.
     bare_unet = copy.deepcopy(initial)
@@ -92,35 +129,7 @@ def main() -> None:
         bare_optimizer.step()
         bare_optimizer.zero_grad(set_to_none=True)
 
-    # diffusers' train_unconditional loop body.
-    diffusers_unet = copy.deepcopy(initial)
-    diffusers_optimizer = make_optimizer(diffusers_unet)
-    diffusers_lr = get_scheduler(
-        "cosine", optimizer=diffusers_optimizer, num_warmup_steps=0, num_training_steps=total_steps
-    )
-    diffusers_unet, diffusers_optimizer, diffusers_lr = accelerator.prepare(
-        diffusers_unet, diffusers_optimizer, diffusers_lr
-    )
-    diffusers_ema = EMAModel(
-        diffusers_unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
-        model_cls=UNet2DModel, model_config=initial.config,
-    )  # fmt: skip
-    ddpm = DDPMScheduler(num_train_timesteps=1000)
-
-    def diffusers_step():
-        noise = torch.randn(clean_images.shape, dtype=clean_images.dtype, device=clean_images.device)
-        timesteps = torch.randint(0, 1000, (args.batch_size,), device=clean_images.device).long()
-        noisy = ddpm.add_noise(clean_images, noise, timesteps)
-        with accelerator.accumulate(diffusers_unet):
-            loss = F.mse_loss(diffusers_unet(noisy, timesteps).sample.float(), noise.float())
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(diffusers_unet.parameters(), 1.0)
-            diffusers_optimizer.step()
-            diffusers_lr.step()
-            diffusers_optimizer.zero_grad()
-        if accelerator.sync_gradients:
-            diffusers_ema.step(diffusers_unet.parameters())
+    diffusers_step, _ = make_train_unconditional_step(copy.deepcopy(initial), clean_images, accelerator)
 
     loops = {"ours": ours_step, "bare": bare_step, "train_unconditional": diffusers_step}
     for step in loops.values():  # warm-up: allocator, Adam state

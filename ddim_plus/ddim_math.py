@@ -149,20 +149,23 @@ def velocity(
 
 
 def model_output_to_x0_eps(
-    model_output: torch.Tensor, sample: torch.Tensor, abar: float, prediction_type: str
+    model_output: torch.Tensor, sample: torch.Tensor, sqrt_abar, sqrt_one_minus_abar, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn a network output into (x_0, eps) at noise level ``abar`` (eq. 9 and its v / sample analogues).
+    """Turn a network output into (x_0, eps) at one noise level (eq. 9 and its v / sample analogues).
 
     Args:
         model_output (`torch.Tensor`): the network's prediction.
         sample (`torch.Tensor`): x_t.
-        abar (`float`): abar_t. For epsilon prediction it must be > 0 (see ``ZERO_SNR_ABAR_FLOOR``).
+        sqrt_abar (`float` or `torch.Tensor`), sqrt_one_minus_abar (`float` or `torch.Tensor`): sqrt(abar_t) and
+            sqrt(1 - abar_t), as numbers or as 0-d tensors on the sample's device. Given as square roots so that a
+            caller computes them in float64 and rounds once (1 - abar near t = 0 needs the precision). For epsilon
+            prediction sqrt_abar must be > 0 (see ``ZERO_SNR_ABAR_FLOOR``).
         prediction_type (`str`): ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: (x0_hat, eps_hat).
     """
-    a, s = math.sqrt(abar), math.sqrt(1.0 - abar)
+    a, s = sqrt_abar, sqrt_one_minus_abar
     if prediction_type == "epsilon":
         return (sample - s * model_output) / a, model_output
     if prediction_type == "sample":
@@ -172,14 +175,14 @@ def model_output_to_x0_eps(
     raise ValueError(f"`prediction_type`={prediction_type!r} is not supported; choose one of {PREDICTION_TYPES}.")
 
 
-def eps_from_x0(sample: torch.Tensor, x0: torch.Tensor, abar: float) -> torch.Tensor:
+def eps_from_x0(sample: torch.Tensor, x0: torch.Tensor, sqrt_abar, sqrt_one_minus_abar) -> torch.Tensor:
     """Eq. 4 solved for eps: eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)."""
-    return (sample - math.sqrt(abar) * x0) / math.sqrt(1.0 - abar)
+    return (sample - sqrt_abar * x0) / sqrt_one_minus_abar
 
 
-def x0_from_eps(sample: torch.Tensor, eps: torch.Tensor, abar: float) -> torch.Tensor:
+def x0_from_eps(sample: torch.Tensor, eps: torch.Tensor, sqrt_abar, sqrt_one_minus_abar) -> torch.Tensor:
     """Eq. 9: x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
-    return (sample - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
+    return (sample - sqrt_one_minus_abar * eps) / sqrt_abar
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
@@ -195,25 +198,42 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
 # ----------------------------------------------------------------------------------------------------------------
 # The generalized step (eq. 12) and its noise scale (eq. 16)
 # ----------------------------------------------------------------------------------------------------------------
-def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
+def _scalar_or_array(values: np.ndarray):
+    """A 0-d result as a Python float, an array as it is: the sigma functions take numbers or NumPy arrays."""
+    return float(values) if np.ndim(values) == 0 else values
+
+
+def ddim_sigma(abar_t, abar_prev, eta: float):
     """Eq. 16: sigma_t(eta) = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
 
     eta = 1 is the DDPM posterior standard deviation, eta = 0 the deterministic DDIM. Returns 0 where the formula is
     undefined: at the clean level (abar_t = 1), and when stepping to abar_prev <= 0, which only a degenerate
     schedule produces (betas near or above 1 make abar underflow; diffusers' own tests build one) and which has no
-    signal left to step towards.
+    signal left to step towards. Takes numbers (returns a float) or NumPy arrays (returns an array).
     """
-    if abar_t >= 1.0 or abar_prev <= 0.0:
-        return 0.0
-    return eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * math.sqrt(max(1.0 - abar_t / abar_prev, 0.0))
+    abar_t, abar_prev = np.asarray(abar_t, dtype=np.float64), np.asarray(abar_prev, dtype=np.float64)
+    defined = (abar_t < 1.0) & (abar_prev > 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # the undefined entries are replaced below
+        sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * np.sqrt(np.maximum(1.0 - abar_t / abar_prev, 0.0))
+    return _scalar_or_array(np.where(defined, sigma, 0.0))
 
 
-def ddim_sigma_hat(abar_t: float, abar_prev: float) -> float:
+def ddim_sigma_hat(abar_t, abar_prev):
     """Section 5.1: sigma-hat_t = sqrt(1 - abar_t / abar_prev), DDPM's larger ("beta") variance (0 for
-    abar_prev <= 0, as in :func:`ddim_sigma`)."""
-    if abar_prev <= 0.0:
-        return 0.0
-    return math.sqrt(max(1.0 - abar_t / abar_prev, 0.0))
+    abar_prev <= 0, as in :func:`ddim_sigma`). Takes numbers or NumPy arrays, as :func:`ddim_sigma`."""
+    abar_t, abar_prev = np.asarray(abar_t, dtype=np.float64), np.asarray(abar_prev, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma_hat = np.sqrt(np.maximum(1.0 - abar_t / abar_prev, 0.0))
+    return _scalar_or_array(np.where(abar_prev > 0.0, sigma_hat, 0.0))
+
+
+def ddim_direction_coefficient(one_minus_abar_prev, direction_sigma):
+    """Eq. 12's weight of eps, sqrt(1 - abar_prev - sigma^2) (0 where rounding makes it negative), for numbers,
+    NumPy arrays or tensors. Takes 1 - abar_prev, computed where the precision is (float64), not abar_prev."""
+    squared = one_minus_abar_prev - direction_sigma * direction_sigma
+    if isinstance(squared, torch.Tensor):
+        return squared.clamp(min=0).sqrt()
+    return _scalar_or_array(np.sqrt(np.maximum(squared, 0.0)))
 
 
 def ddim_step_coefficients(abar_prev: float, sigma: float, direction_sigma: Optional[float] = None) -> tuple:
@@ -229,7 +249,39 @@ def ddim_step_coefficients(abar_prev: float, sigma: float, direction_sigma: Opti
         `tuple[float, float, float]`: (c_x0, c_eps, c_noise).
     """
     d = sigma if direction_sigma is None else direction_sigma
-    return math.sqrt(abar_prev), math.sqrt(max(1.0 - abar_prev - d * d, 0.0)), sigma
+    return math.sqrt(abar_prev), ddim_direction_coefficient(1.0 - abar_prev, d), sigma
+
+
+def ddim_eps_coefficient_for_eta(eps_coefficient_eta_zero, eps_coefficient_eta_one, eta: float):
+    """Eq. 12's weight of eps at any eta from its values at eta = 0 and 1 (c0 = sqrt(1 - abar_prev) and
+    c1 = sqrt(1 - abar_prev - sigma_t(1)^2), computed in float64): since sigma_t(eta)^2 = eta^2 sigma_t(1)^2,
+    c(eta)^2 = (1 - eta^2) c0^2 + eta^2 c1^2. For 0 <= eta <= 1 both terms are >= 0, so a float32 evaluation does
+    not cancel (1 - abar_prev - sigma^2 computed directly loses all digits when it is tiny, at t = T - 1 of a
+    cosine schedule). Takes numbers or tensors; eta 0 and 1 return the given coefficient itself."""
+    if eta == 0:
+        return eps_coefficient_eta_zero
+    if eta == 1:
+        return eps_coefficient_eta_one
+    squared = (1.0 - eta * eta) * eps_coefficient_eta_zero**2 + eta * eta * eps_coefficient_eta_one**2
+    if isinstance(squared, torch.Tensor):
+        return squared.clamp(min=0).sqrt()
+    return math.sqrt(max(squared, 0.0))
+
+
+def ddim_update(x0: torch.Tensor, eps: torch.Tensor, c_x0, c_eps, noise: Optional[torch.Tensor] = None, c_noise=None):
+    """Eq. 12 from its weights: x_prev = c_x0 x0 + c_eps eps (+ c_noise z when ``noise`` is given). The weights are
+    numbers or 0-d tensors on x0's device (a sampling loop on a GPU reads none of them on the host)."""
+    x_prev = x0 * c_x0
+    # addcmul and add(alpha=) fuse the scaling into the addition: one tensor pass fewer per term in the sampling loop
+    if isinstance(c_eps, torch.Tensor):
+        x_prev = torch.addcmul(x_prev, eps, c_eps)
+    else:
+        x_prev = x_prev.add_(eps, alpha=c_eps)
+    if noise is not None:
+        x_prev = (
+            x_prev.addcmul_(noise, c_noise) if isinstance(c_noise, torch.Tensor) else x_prev.add_(noise, alpha=c_noise)
+        )
+    return x_prev
 
 
 def ddim_step(
@@ -243,13 +295,9 @@ def ddim_step(
     """Eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, z = ``noise`` (needed only
     when sigma > 0); ``direction_sigma`` as in :func:`ddim_step_coefficients`."""
     c_x0, c_eps, c_noise = ddim_step_coefficients(abar_prev, sigma, direction_sigma)
-    # torch.add(..., alpha=) and add_ fuse the scaling into the addition: two tensor passes fewer in the sampling loop
-    x_prev = torch.add(x0 * c_x0, eps, alpha=c_eps)
-    if c_noise > 0:
-        if noise is None:
-            raise ValueError("`noise` is required when `sigma` > 0.")
-        x_prev = x_prev.add_(noise, alpha=c_noise)
-    return x_prev
+    if c_noise > 0 and noise is None:
+        raise ValueError("`noise` is required when `sigma` > 0.")
+    return ddim_update(x0, eps, c_x0, c_eps, noise if c_noise > 0 else None, c_noise)
 
 
 def ddim_inverse_step(x0: torch.Tensor, eps: torch.Tensor, abar_next: float) -> torch.Tensor:
@@ -258,12 +306,17 @@ def ddim_inverse_step(x0: torch.Tensor, eps: torch.Tensor, abar_next: float) -> 
     return math.sqrt(abar_next) * x0 + math.sqrt(1.0 - abar_next) * eps
 
 
-def dpm_solver_2m_x0(x0: torch.Tensor, x0_prev: torch.Tensor, h: float, h_prev: float) -> torch.Tensor:
-    """DPM-Solver++(2M)'s corrected data prediction (Lu et al. 2022, Algorithm 2):
-    D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev, r = h_prev / h, h the step in half-log-SNR. Used in place of x0 in
-    eq. 12 at eta = 0 it turns DDIM (= DPM-Solver-1) into a second-order multistep solver."""
-    c = h / (2.0 * h_prev)
-    return (1.0 + c) * x0 - c * x0_prev
+def dpm_solver_2m_weight(h, h_prev):
+    """DPM-Solver++(2M)'s extrapolation weight 1/(2r) = h / (2 h_prev), r = h_prev / h (Lu et al. 2022, Algorithm
+    2), with h and h_prev the current and previous steps in log-SNR (their ratio is the same in half-log-SNR)."""
+    return h / (2.0 * h_prev)
+
+
+def dpm_solver_2m_x0(x0: torch.Tensor, x0_prev: torch.Tensor, weight) -> torch.Tensor:
+    """DPM-Solver++(2M)'s corrected data prediction D = (1 + c) x0_t - c x0_prev, c = :func:`dpm_solver_2m_weight`
+    (a number or a 0-d tensor). Used in place of x0 in eq. 12 at eta = 0 it turns DDIM (= DPM-Solver-1) into a
+    second-order multistep solver."""
+    return (1.0 + weight) * x0 - weight * x0_prev
 
 
 # ----------------------------------------------------------------------------------------------------------------

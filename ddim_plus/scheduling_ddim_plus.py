@@ -16,6 +16,7 @@ The equations live in :mod:`ddim_plus.ddim_math`; this class only keeps the stat
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -29,6 +30,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from . import ddim_math as dm
 
 logger = logging.get_logger(__name__)
+
+
+def _is_device_timestep(timestep) -> bool:
+    """Whether `step` must not read `timestep` on the host: a tensor on an accelerator (reading it waits for the
+    device) or any tensor while `torch.compile` traces (reading it breaks the graph). A CPU tensor in eager mode is
+    read, which costs nothing and lets `step` check it against the schedule."""
+    return isinstance(timestep, torch.Tensor) and (timestep.device.type != "cpu" or torch.compiler.is_compiling())
 
 
 def _check_same_shape(model_output: torch.Tensor, sample: torch.Tensor) -> None:
@@ -70,6 +78,26 @@ class _StepPlan:
     ddpm_sigma: float  # sigma_t(eta = 1), eq. 16
     sigma_hat: float  # section 5.1's sigma-hat; 0 on the step to final_alpha_cumprod (see `_plan`)
     h: float  # step in log-SNR, lambda_prev - lambda_t (inf when stepping to abar = 1)
+
+
+# The columns of `DDIMSchedulerPlus._build_step_table`, one row per training timestep.
+_STEP_TABLE_COLUMNS = (
+    "sqrt_abar",
+    "sqrt_one_minus_abar",
+    "sqrt_abar_prev",
+    "eps_coefficient_eta_zero",
+    "eps_coefficient_eta_one",
+    "ddpm_sigma",
+    "sigma_hat",
+    "weight_2m",
+)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a step computes in: float32 for half-precision samples (float16, bfloat16), whose 8 or 11
+    significant bits would round the coefficients and the differences of eq. 12; the sample's own dtype otherwise.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
@@ -231,6 +259,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         self._ascending = sorted(timesteps)
         self._index_of = {t: i for i, t in enumerate(timesteps)}
         self._plans = [self._plan(t, self._prev_of_index(i)) for i, t in enumerate(timesteps)]
+        self._step_table = self._build_step_table()
+        self._device_tables = {}  # (device, dtype) -> (step table, self.timesteps) there, made at the first step
         self._begin_index = None
         self._step_index = None
         self._last_x0 = None  # multistep history (ddim_solver_order=2): x_0 of the last step taken
@@ -251,6 +281,55 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         # t = 1, the paper's code masks the noise at t = 0, diffusers' DDPMScheduler adds none at t = 0).
         sigma_hat = 0.0 if prev_timestep < 0 else dm.ddim_sigma_hat(abar_t, abar_prev)
         return _StepPlan(abar_t, abar_prev, dm.ddim_sigma(abar_t, abar_prev, 1.0), sigma_hat, lam_prev - lam_t)
+
+    def _build_step_table(self) -> torch.Tensor:
+        """Every coefficient `step` needs, per training timestep t in [0, T), in float64: row t holds the columns
+        of `_STEP_TABLE_COLUMNS` for the step from t to the largest scheduled timestep below it (the next element of
+        `self.timesteps` for a scheduled t, as `_plan`). A step reads its row by indexing with the timestep, on the
+        sample's device, so a tensor timestep on a GPU is never read on the host."""
+        T = self.config.num_train_timesteps
+        abar = self.alphas_cumprod.numpy()
+        ascending = np.asarray(self._ascending, dtype=np.int64)
+        below = np.searchsorted(ascending, np.arange(T), side="left")  # number of scheduled timesteps < t
+        prev = np.where(below > 0, ascending[np.maximum(below - 1, 0)] if len(ascending) else -1, -1)
+        final = float(self.final_alpha_cumprod)
+        abar_t = abar.copy()
+        if self.config.prediction_type == "epsilon":
+            abar_t[abar_t <= 0] = dm.ZERO_SNR_ABAR_FLOOR  # as in `_plan`
+        abar_prev = np.where(prev >= 0, abar[np.maximum(prev, 0)], final)
+        ddpm_sigma = dm.ddim_sigma(abar_t, abar_prev, 1.0)
+        sigma_hat = np.where(prev >= 0, dm.ddim_sigma_hat(abar_t, abar_prev), 0.0)  # no noise into the output
+        # DPM-Solver++(2M)'s weight where a scheduled step is second order (see `step`), 0 where it is first order
+        weight_2m = np.zeros(T)
+        num_steps = len(self._plans)
+        for index in range(1, num_steps):
+            final_steps = num_steps < 15 and index >= num_steps - 2
+            if self._plans[index].abar_prev < 1.0 and not final_steps:
+                weight_2m[self._timestep_list[index]] = dm.dpm_solver_2m_weight(
+                    self._plans[index].h, self._plans[index - 1].h
+                )
+        columns = {
+            "sqrt_abar": np.sqrt(abar_t),
+            "sqrt_one_minus_abar": np.sqrt(1.0 - abar_t),
+            "sqrt_abar_prev": np.sqrt(abar_prev),
+            "eps_coefficient_eta_zero": np.sqrt(1.0 - abar_prev),
+            "eps_coefficient_eta_one": dm.ddim_direction_coefficient(1.0 - abar_prev, ddpm_sigma),
+            "ddpm_sigma": ddpm_sigma,
+            "sigma_hat": sigma_hat,
+            "weight_2m": weight_2m,
+        }
+        return torch.from_numpy(np.stack([columns[name] for name in _STEP_TABLE_COLUMNS], axis=1))
+
+    def _device_table(self, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`_step_table` and `self.timesteps` on (device, dtype), copied once per schedule; `non_blocking` keeps
+        the copy from waiting on the GPU."""
+        key = (str(device), dtype)
+        if key not in self._device_tables:
+            self._device_tables[key] = (
+                self._step_table.to(dtype).to(device, non_blocking=True),
+                self.timesteps.to(device, non_blocking=True),
+            )
+        return self._device_tables[key]
 
     def set_timesteps(
         self,
@@ -400,9 +479,13 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
 
         Args:
             model_output (`torch.Tensor`): the network's output at (`sample`, `timestep`).
-            timestep (`int`): the current timestep, in [0, T). One that is not in the schedule steps to the largest
-                scheduled timestep below it.
-            sample (`torch.Tensor`): x_t.
+            timestep (`int` or `torch.Tensor`): the current timestep, in [0, T). One that is not in the schedule steps
+                to the largest scheduled timestep below it. A tensor on a GPU (or any tensor under `torch.compile`)
+                is never read on the host: its coefficients are gathered on the device, so a sampling loop does not
+                wait for the GPU; it is not checked against [0, T) and, with `ddim_solver_order=2`, not against the
+                order of the schedule (the step counter gives the position, as in diffusers' multistep schedulers).
+            sample (`torch.Tensor`): x_t. Half-precision samples (float16, bfloat16) are stepped in float32 and the
+                results rounded once to their dtype.
             eta (`float`, defaults to 0.0): weight of the noise, eq. 16: 0 is deterministic DDIM, 1 the DDPM
                 posterior. Ignored when `sigma_type="sigma_hat"`.
             use_clipped_model_output (`bool`, *optional*): re-derive eps from the clipped (or thresholded) x_0.
@@ -418,53 +501,85 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         Returns:
             `DDIMSchedulerPlusOutput` or `tuple`: (prev_sample, pred_original_sample).
         """
-        t = self._checked_timestep(timestep)
         if eta < 0:
             raise ValueError(f"`eta` must be >= 0 (0 = deterministic DDIM, 1 = DDPM), got {eta}.")
         _check_same_shape(model_output, sample)
-        index = self._index_of.get(t)
-        if index is not None:
-            plan, next_index = self._plans[index], index + 1
+        dtype = compute_dtype(sample.dtype)
+        table, timesteps = self._device_table(sample.device, dtype)
+        order_2 = self.config.ddim_solver_order == 2
+        if _is_device_timestep(timestep):
+            # Read on the device only: its row of coefficients is gathered there, and the position in the schedule
+            # comes from the host's step counter, not from the value (reading it would wait for the GPU).
+            row = table.index_select(0, self._device_timestep(timestep, table.device)).squeeze(0)
+            starts = self._step_index is None
+            next_index = (self._begin_index or 0) + 1 if starts else self._step_index + 1
         else:
-            prev_t = self.previous_timestep(t)
-            plan, next_index = self._plan(t, prev_t), self._index_of.get(prev_t, self.num_inference_steps)
+            t = self._checked_timestep(timestep)
+            row = table[t]
+            index = self._index_of.get(t)
+            next_index = (
+                index + 1
+                if index is not None
+                else self._index_of.get(self.previous_timestep(t), self.num_inference_steps)
+            )
+            starts = self._check_multistep_order(t, index) if order_2 else True
+        (
+            sqrt_abar,
+            sqrt_one_minus_abar,
+            sqrt_abar_prev,
+            c_eps_eta_zero,
+            c_eps_eta_one,
+            ddpm_sigma,
+            sigma_hat,
+            weight_2m,
+        ) = row.unbind()
         stochastic = self.config.sigma_type == "sigma_hat" or eta > 0
-        if self.config.ddim_solver_order == 2:
-            starts = self._check_multistep_order(t, index)
+        # Half-precision samples are stepped in float32 and rounded once at the end (see `compute_dtype`).
+        model_output_c, sample_c = model_output.to(dtype), sample.to(dtype)
 
         # 1. x_0 and eps from the network's output (eq. 9), then clipping or thresholding of x_0
-        x0, eps = dm.model_output_to_x0_eps(model_output, sample, plan.abar_t, self.config.prediction_type)
+        x0, eps = dm.model_output_to_x0_eps(
+            model_output_c, sample_c, sqrt_abar, sqrt_one_minus_abar, self.config.prediction_type
+        )
         x0 = self._postprocess_x0(x0)
         if use_clipped_model_output is None:
             use_clipped_model_output = self.config.clip_sample or self.config.thresholding
         if use_clipped_model_output:
-            eps = dm.eps_from_x0(sample, x0, plan.abar_t)
+            eps = dm.eps_from_x0(sample_c, x0, sqrt_abar, sqrt_one_minus_abar)
 
         # 2. second-order multistep: replace x_0 by the DPM-Solver++(2M) combination, eps by its consistent value.
         # Eq. 12 with that x_0 is DPM-Solver++(2M) at eta = 0 and SDE-DPM-Solver++(2M) at eta = 1: both solvers put
         # the same extrapolated x_0 into their first-order step, and their first-order steps are DDIM at eta 0 and 1.
+        # The weight is 0 (a first-order step) on the first step of a schedule, the step to abar = 1 and, with fewer
+        # than 15 steps, the last two steps (diffusers' `lower_order_final` makes only the last one first order):
+        # the log-SNR jump into the last timestep (t = 0 for most spacings) is then several times the previous one
+        # and the 2M extrapolation overshoots (10x worse at 5 "leading" steps, see docs/sampler_quality.md).
         x0_for_step = x0
-        if self.config.ddim_solver_order == 2:
-            # With fewer than 15 steps the last two steps are first order (diffusers' `lower_order_final` makes
-            # only the last one first order). The log-SNR jump into the last timestep (t = 0 for most spacings) is
-            # then several times the previous one and the 2M extrapolation overshoots (10x worse at 5 "leading"
-            # steps, see docs/sampler_quality.md).
-            final_steps = self.num_inference_steps < 15 and index >= self.num_inference_steps - 2
-            if not starts and plan.abar_prev < 1.0 and not final_steps:
-                x0_for_step = dm.dpm_solver_2m_x0(x0, self._last_x0, plan.h, self._plans[index - 1].h)
-                eps = dm.eps_from_x0(sample, x0_for_step, plan.abar_t)
+        if order_2:
+            if not starts and self._last_x0 is not None:
+                if _is_device_timestep(timestep):
+                    # a loop restarted at `begin_index` without `set_timesteps` starts first order again
+                    weight_2m = torch.where(
+                        timestep.to(table.device) == timesteps[self._begin_index or 0], 0, weight_2m
+                    )
+                second_order = weight_2m != 0
+                x0_for_step = torch.where(second_order, dm.dpm_solver_2m_x0(x0, self._last_x0, weight_2m), x0)
+                eps = torch.where(
+                    second_order, dm.eps_from_x0(sample_c, x0_for_step, sqrt_abar, sqrt_one_minus_abar), eps
+                )
             self._last_x0 = x0
         self._step_index = next_index
 
         # 3. sigma: eq. 16, or sigma-hat with the direction term of sigma(1) (section 5.1), and the noise z
         if self.config.sigma_type == "sigma_hat":
-            sigma, direction_sigma = plan.sigma_hat, plan.ddpm_sigma
+            sigma, c_eps = sigma_hat, c_eps_eta_one
         else:
-            sigma, direction_sigma = eta * plan.ddpm_sigma, None
+            sigma, c_eps = eta * ddpm_sigma, dm.ddim_eps_coefficient_for_eta(c_eps_eta_zero, c_eps_eta_one, eta)
         if stochastic:
             if variance_noise is not None and generator is not None:
                 raise ValueError("Pass either `generator` or `variance_noise` to `step`, not both.")
             if variance_noise is None:
+                # drawn in the model output's dtype, as stock DDIMScheduler does, so a seed gives the same noise
                 variance_noise = randn_tensor(
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                 )
@@ -473,13 +588,25 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
                     f"`variance_noise` shape {tuple(variance_noise.shape)} does not match `sample` shape "
                     f"{tuple(sample.shape)}."
                 )
+            variance_noise = variance_noise.to(dtype)
 
         # 4. eq. 12: x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z
-        prev_sample = dm.ddim_step(x0_for_step, eps, plan.abar_prev, sigma, variance_noise, direction_sigma)
+        prev_sample = dm.ddim_update(
+            x0_for_step, eps, sqrt_abar_prev, c_eps, variance_noise if stochastic else None, sigma
+        )
+        prev_sample, x0 = prev_sample.to(sample.dtype), x0.to(sample.dtype)
 
         if not return_dict:
             return (prev_sample, x0)
         return DDIMSchedulerPlusOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    def _device_timestep(self, timestep: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A tensor timestep as a 1-element int64 index on `device`, checked on the host by its shape only."""
+        if self.num_inference_steps is None:
+            raise ValueError("`num_inference_steps` is None: call `set_timesteps` before `step`.")
+        if timestep.numel() != 1:
+            raise ValueError(f"`timestep` must be a single value, got a tensor of shape {tuple(timestep.shape)}.")
+        return timestep.reshape(1).to(device=device, dtype=torch.long, non_blocking=True)
 
     def _check_multistep_order(self, t: int, index: Optional[int]) -> bool:
         """Raise unless `t` is the next scheduled timestep or the first of a loop (`begin_index`, default 0);
@@ -530,8 +657,11 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         _check_same_shape(model_output, sample)
         plan = self._plans[index]  # plan.abar_t: the level moved to; plan.abar_prev: the level of `sample`
         model_input = sample if model_input is None else model_input
-        _, eps = dm.model_output_to_x0_eps(model_output, model_input, plan.abar_t, self.config.prediction_type)
-        x0 = dm.x0_from_eps(sample, eps, plan.abar_prev)
+        sqrt_abar, sqrt_one_minus_abar = math.sqrt(plan.abar_t), math.sqrt(1.0 - plan.abar_t)
+        _, eps = dm.model_output_to_x0_eps(
+            model_output, model_input, sqrt_abar, sqrt_one_minus_abar, self.config.prediction_type
+        )
+        x0 = dm.x0_from_eps(sample, eps, math.sqrt(plan.abar_prev), math.sqrt(1.0 - plan.abar_prev))
         next_sample = dm.ddim_inverse_step(x0, eps, plan.abar_t)
         if not return_dict:
             return (next_sample, x0)

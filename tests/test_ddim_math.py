@@ -103,17 +103,17 @@ def test_parameterisations_recover_x0_and_eps(clean_and_noise, abar):
     torch.testing.assert_close(x_t, math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps)  # eq. 4
     outputs = {"epsilon": eps, "sample": x0, "v_prediction": dm.velocity(x0, eps, *roots)}
     for prediction_type, model_output in outputs.items():
-        x0_hat, eps_hat = dm.model_output_to_x0_eps(model_output, x_t, abar, prediction_type)
+        x0_hat, eps_hat = dm.model_output_to_x0_eps(model_output, x_t, *roots, prediction_type)
         torch.testing.assert_close(x0_hat, x0, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(eps_hat, eps, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(dm.x0_from_eps(x_t, eps, abar), x0)  # eq. 9
-    torch.testing.assert_close(dm.eps_from_x0(x_t, x0, abar), eps)
+    torch.testing.assert_close(dm.x0_from_eps(x_t, eps, *roots), x0)  # eq. 9
+    torch.testing.assert_close(dm.eps_from_x0(x_t, x0, *roots), eps)
 
 
 def test_unknown_prediction_type_raises(clean_and_noise):
     x0, eps = clean_and_noise
     with pytest.raises(ValueError, match="prediction_type"):
-        dm.model_output_to_x0_eps(eps, x0, 0.5, "x0")
+        dm.model_output_to_x0_eps(eps, x0, 0.5, 0.5, "x0")
 
 
 @pytest.mark.parametrize("ratio, max_value", [(0.995, 1.0), (0.9, 2.0)])
@@ -205,8 +205,9 @@ def test_inverse_step_with_exact_predictions_lands_on_the_forward_marginal(clean
 def test_dpm_solver_2m_correction():
     x0, x0_prev = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 2.0])
     # equal steps (r = 1): D = 1.5 x0 - 0.5 x0_prev; a constant x0 is left unchanged
-    torch.testing.assert_close(dm.dpm_solver_2m_x0(x0, x0_prev, 0.4, 0.4), torch.tensor([1.5, 2.0]))
-    torch.testing.assert_close(dm.dpm_solver_2m_x0(x0, x0, 0.1, 0.7), x0)
+    assert dm.dpm_solver_2m_weight(0.4, 0.4) == 0.5
+    torch.testing.assert_close(dm.dpm_solver_2m_x0(x0, x0_prev, 0.5), torch.tensor([1.5, 2.0]))
+    torch.testing.assert_close(dm.dpm_solver_2m_x0(x0, x0, dm.dpm_solver_2m_weight(0.1, 0.7)), x0)
 
 
 # --------------------------------------------------------------------------------------------------------------
