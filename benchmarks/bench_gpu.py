@@ -34,7 +34,7 @@ from diffusers.utils import logging
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.train import anchor_unet_config, default_unet_config
+from ddim_plus.training.args import anchor_unet_config, default_unet_config
 
 # google/ddpm-cifar10-32's UNet (35.7M parameters), the model of diffusers' DDIMPipeline examples.
 CIFAR10_UNET_CONFIG = dict(
