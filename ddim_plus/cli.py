@@ -197,8 +197,8 @@ def _launch_state(args):
 
 
 def run_sample(args) -> None:
-    from .evaluation.images import make_grid
     from .evaluation.sampling import SampleFolderError, generate_images
+    from .images import make_grid
 
     state, device = _launch_state(args)
     pipe = load_pipeline(args.model, args.spacing, args.sigma_hat, device, quiet=args.quiet, order=args.order)
@@ -230,7 +230,7 @@ def run_sample(args) -> None:
 
 
 def _load_images(paths: Sequence[str], channels: int, size: int):
-    from .evaluation.images import load_images
+    from .images import load_images
 
     try:
         return load_images(paths, channels, size)
@@ -242,8 +242,8 @@ def run_invert(args) -> None:
     from safetensors.torch import save_file
 
     from . import DDIMInversionPipeline, InversionRefinement
-    from .evaluation.images import make_grid
     from .evaluation.reconstruction import mean_squared_error
+    from .images import make_grid
 
     pipe = load_pipeline(args.model, args.spacing, device=args.device or "cpu", quiet=args.quiet)
     inversion = DDIMInversionPipeline(**pipe.components)
@@ -288,7 +288,7 @@ def _load_latents_pair(path: str):
 
 def run_interpolate(args) -> None:
     from . import DDIMInversionPipeline
-    from .evaluation.images import make_grid
+    from .images import make_grid
 
     pipe = load_pipeline(args.model, args.spacing, device=args.device or "cpu", quiet=args.quiet)
     interpolation = DDIMInversionPipeline(**pipe.components)

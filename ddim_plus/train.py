@@ -42,9 +42,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus, ddim_math
-from ddim_plus.evaluation.images import make_grid
 from ddim_plus.evaluation.sampling import generate_images
 from ddim_plus.hub import HubPublisher, make_model_card
+from ddim_plus.images import make_grid
 from ddim_plus.training.checkpoints import (
     HUB_IGNORE_PATTERNS,
     STAGING_PREFIX,

@@ -12,7 +12,7 @@ import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.evaluation.digits import DIGITS_RESOLUTION
+from ddim_plus.digits import DIGITS_RESOLUTION
 from ddim_plus.evaluation.gmm import GaussianMixture, GaussianMixtureOracle, frechet_distance_to_mixture
 
 STEPS = (50, 200, 1000)

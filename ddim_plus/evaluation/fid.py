@@ -12,7 +12,7 @@ distance in one feature space says nothing about another:
 - ``"dinov2:PATH_OR_REPO_ID"``: the Frechet distance in DINOv2 CLS features (Stein et al. 2023 find it tracks human
   judgement better than Inception), loaded with `transformers` from a local folder or the local Hub cache.
 
-Images are floats in [0, 1], a (B, C, H, W) tensor or a (B, H, W, C) array (see `ddim_plus.evaluation.images`).
+Images are floats in [0, 1], a (B, C, H, W) tensor or a (B, H, W, C) array (see `ddim_plus.images.to_image_tensor`).
 """
 
 from __future__ import annotations
@@ -26,18 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .digits import load_digits_feature_net
-from .images import ImageBatch, to_image_tensor, to_rgb
+from ..images import ImageBatch, to_image_tensor, to_rgb
+from .digits import FeatureWeightsUnavailableError, load_digits_feature_net
 
 FEATURE_KINDS = ("digits", "inception", "dinov2")
 # What `choose_features` looks for on disk: DINOv2 checkpoints in the Hugging Face cache, smallest first, and the FID
 # Inception weights where torch-fidelity's download puts them (torch hub's checkpoints folder).
 DINOV2_REPO_IDS = ("facebook/dinov2-small", "facebook/dinov2-base", "facebook/dinov2-large", "facebook/dinov2-giant")
 INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-
-
-class FeatureWeightsUnavailableError(RuntimeError):
-    """Raised when the weights of a requested feature network are not on this machine (and may not be fetched)."""
 
 
 class Dinov2Features(nn.Module):

@@ -14,9 +14,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from ..ddim_math import SIGMA_HAT
+from ..images import ImageBatch
 from .digits import digits_reference_images
 from .fid import FrechetDistance
-from .images import ImageBatch
 from .sampling import SHARD_SIZE, generate_images
 
 STOCK_PREFIX = "stock:"

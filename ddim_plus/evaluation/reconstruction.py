@@ -11,9 +11,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .digits import load_digits
+from ..digits import load_digits
+from ..images import ImageBatch, to_image_tensor
 from .gmm import GaussianMixture
-from .images import ImageBatch, to_image_tensor
 
 
 def mean_squared_error(images: ImageBatch, reference: ImageBatch) -> float:

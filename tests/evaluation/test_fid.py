@@ -22,7 +22,7 @@ from ddim_plus.evaluation.fid import (  # noqa: E402
     frechet_distance,
     parse_features,
 )
-from ddim_plus.evaluation.images import to_image_tensor  # noqa: E402
+from ddim_plus.images import to_image_tensor  # noqa: E402
 
 
 class PixelFeatures(nn.Module):

@@ -5,7 +5,7 @@ import PIL.Image
 import pytest
 import torch
 
-from ddim_plus.evaluation.images import load_image_file, make_grid
+from ddim_plus.images import load_image_file, make_grid
 
 
 def numpy_grid(images, num_columns, padding, scale, background):
