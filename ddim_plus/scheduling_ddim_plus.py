@@ -448,8 +448,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         if self.config.ddim_solver_order == 2:
             # With fewer than 15 steps the last two steps are first order (diffusers' `lower_order_final` makes
             # only the last one first order). The log-SNR jump into the last timestep (t = 0 for most spacings) is
-            # then several times the previous one and the 2M extrapolation overshoots (10x worse at 5 "leading"
-            # steps, see docs/sampler_quality.md).
+            # then several times the previous one and the 2M extrapolation overshoots (docs/sampler_quality.md
+            # measures it at 5 "leading" steps).
             final_steps = self.num_inference_steps < 15 and index >= self.num_inference_steps - 2
             if not starts and plan.abar_prev < 1.0 and not final_steps:
                 x0_for_step = dm.dpm_solver_2m_x0(x0, self._last_x0, plan.h, self._plans[index - 1].h)

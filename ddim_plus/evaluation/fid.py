@@ -81,10 +81,10 @@ def load_dinov2_features(path_or_repo_id: str) -> Dinov2Features:
     from huggingface_hub import constants
 
     try:
-        # huggingface_hub's cache folder, read now: the one `choose_features` searched (older transformers keep a
-        # copy of it from their own import time)
+        # huggingface_hub's cache folder as it is at call time: the one `choose_features` searched (some transformers
+        # versions keep a copy of it from their own import time)
         model = Dinov2Model.from_pretrained(path_or_repo_id, local_files_only=True, cache_dir=constants.HF_HUB_CACHE)
-    except (OSError, ValueError) as error:  # older transformers: a missing local folder is an invalid repo id
+    except (OSError, ValueError) as error:  # some transformers versions call a missing local folder an invalid id
         raise FeatureWeightsUnavailableError(
             f"DINOv2 weights {path_or_repo_id!r} are not available locally ({error.__class__.__name__}). Download "
             f"them once with `huggingface-cli download {path_or_repo_id}` or pass a folder saved by save_pretrained."
