@@ -23,6 +23,7 @@ LAYERS = {
     "ddim_plus.digits": 2,
     "ddim_plus.inversion": 3,
     "ddim_plus.timestep_tuning": 3,
+    "ddim_plus.sampler_tuning": 3,
     "ddim_plus.training": 3,
     "ddim_plus.training.data": 3,
     "ddim_plus.training.loss": 3,
@@ -40,6 +41,9 @@ LAYERS = {
     "ddim_plus.evaluation.reconstruction": 5,
     "ddim_plus.evaluation.sampling": 5,
     "ddim_plus.train": 6,
+    # the trainer's flags and its outputs (export, card, report): parts of the trainer, beside it at the top
+    "ddim_plus.training.args": 6,
+    "ddim_plus.training.outputs": 6,
     "ddim_plus.cli": 6,
     ROOT: 6,
 }
