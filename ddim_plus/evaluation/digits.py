@@ -32,7 +32,8 @@ CONFIDENCE_THRESHOLD = 0.5
 
 
 class FeatureWeightsUnavailableError(RuntimeError):
-    """Raised when the weights of a requested feature network are not on this machine (and may not be fetched)."""
+    """Raised when the weights of a requested feature network are not on this machine (and may not be fetched): the
+    digits network here, DINOv2 and Inception in `ddim_plus.evaluation.fid`, which builds on this module."""
 
 
 def digits_reference_images(resolution: int = DIGITS_RESOLUTION, channels: int = 1) -> torch.Tensor:
