@@ -23,8 +23,8 @@ from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.ddim_math import TIMESTEP_SPACINGS
 from ddim_plus.evaluation.digits import digits_reference_images
 from ddim_plus.evaluation.gmm import GaussianMixtureOracle
-from ddim_plus.evaluation.images import make_grid
 from ddim_plus.evaluation.reconstruction import digits_mixture
+from ddim_plus.images import make_grid
 from ddim_plus.pipeline_utils import sample_shape
 
 PAPER_TABLE_2 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009, 200: 0.0004, 500: 0.0001, 1000: 0.0001}

@@ -7,14 +7,13 @@ finds them by name.
 import diffusers
 
 from . import ddim_math
+from ._version import __version__
 from .ddim_math import slerp
 from .inversion import InversionRefinement, inversion_scheduler, invert, make_denoiser
 from .pipeline_ddim_inversion import DDIMInversionPipeline, DDIMInversionPipelineOutput
 from .pipeline_ddim_plus import DDIMPlusPipeline, DDIMPlusPipelineOutput
 from .scheduling_ddim_plus import DDIMSchedulerPlus, DDIMSchedulerPlusOutput
 from .timestep_tuning import optimize_timesteps
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DDIMSchedulerPlus",
@@ -34,6 +33,6 @@ __all__ = [
 ]
 
 # `DiffusionPipeline.from_pretrained` and `from_config` look classes up as attributes of `diffusers`.
-for _name in __all__[:3]:
-    if not hasattr(diffusers, _name):
-        setattr(diffusers, _name, globals()[_name])
+for _class in (DDIMSchedulerPlus, DDIMPlusPipeline, DDIMInversionPipeline):
+    if not hasattr(diffusers, _class.__name__):
+        setattr(diffusers, _class.__name__, _class)

@@ -332,8 +332,8 @@ def _launch_state(num: int):
 
 
 def run_sample(args) -> None:
-    from .evaluation.images import make_grid
     from .evaluation.sampling import SampleFolderError, generate_images
+    from .images import make_grid
 
     state = _launch_state(args.num)
     pipe = load_pipeline(args.model, args.spacing, args.sigma_hat, args.order, **model_options(args))
@@ -385,7 +385,7 @@ def _expand_image_arguments(paths: Sequence[str]) -> List[str]:
 
 
 def _load_images(paths: Sequence[str], channels: int, size: int):
-    from .evaluation.images import load_images
+    from .images import load_images
 
     try:
         return load_images(paths, channels, size)
@@ -419,8 +419,8 @@ def load_latents(path: str):
 
 def run_invert(args) -> None:
     from . import DDIMInversionPipeline, InversionRefinement
-    from .evaluation.images import make_grid
     from .evaluation.reconstruction import mean_squared_error
+    from .images import make_grid
 
     pipe = load_pipeline(args.model, args.spacing, **model_options(args))
     inversion = DDIMInversionPipeline(**pipe.components)
@@ -482,7 +482,7 @@ def run_interpolate(args) -> None:
 
     from . import DDIMInversionPipeline
     from .ddim_math import slerp
-    from .evaluation.images import make_grid
+    from .images import make_grid
 
     pipe = load_pipeline(args.model, args.spacing, order=args.order, **model_options(args))
     _set_progress(pipe, args.quiet)

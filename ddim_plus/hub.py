@@ -35,6 +35,7 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
+from ._version import __version__
 from .ddim_math import TIMESTEP_SPACINGS
 
 logger = logging.getLogger(__name__)
@@ -117,8 +118,6 @@ def make_model_card(
         `ValueError`: `dataset_name` is not a Hub dataset id (a local path, or not of the form `name` or
         `user/name`), or `metric_columns` are given without `metrics_dataset`.
     """
-    from . import __version__  # at call time: the package is fully imported by then
-
     _check_hub_dataset_id(dataset_name)
     eval_results = _eval_results(metrics, metric_columns, metrics_dataset)
     card_data = ModelCardData(

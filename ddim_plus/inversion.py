@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from diffusers import SchedulerMixin
 
-from .pipeline_utils import _as_ddim_scheduler_plus
-from .scheduling_ddim_plus import DDIMSchedulerPlus
+from .scheduling_ddim_plus import DDIMSchedulerPlus, as_ddim_scheduler_plus
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -47,11 +46,11 @@ def inversion_scheduler(scheduler: SchedulerMixin) -> DDIMSchedulerPlus:
         `DDIMSchedulerPlus`: a fresh copy; `scheduler` is not modified.
     """
     return DDIMSchedulerPlus.from_config(
-        _as_ddim_scheduler_plus(scheduler).config,
+        as_ddim_scheduler_plus(scheduler).config,
         clip_sample=False,
         thresholding=False,
         sigma_type="eta",
-        solver_order=1,
+        ddim_solver_order=1,
     )
 
 

@@ -18,16 +18,10 @@ from diffusers import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 
 from .ddim_math import slerp
+from .images import ImageInput, to_image_tensor
 from .inversion import InversionRefinement, inversion_scheduler, invert, make_denoiser
 from .pipeline_utils import DDIMPlusPipelineBase, check_latents, check_output_type, postprocess, sample_shape
 from .scheduling_ddim_plus import DDIMSchedulerPlus
-
-ImageInput = Union[
-    PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray], List[torch.Tensor]
-]
-
-# Channels -> the PIL mode that holds exactly those channels.
-_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 @dataclass
@@ -75,78 +69,23 @@ class DDIMInversionPipeline(DDIMPlusPipelineBase):
         Args:
             image: a PIL image or a list of them (mode "L" for one channel, "RGB" for three); a float numpy array
                 `(H, W, C)` or `(B, H, W, C)`; a float tensor `(C, H, W)` or `(B, C, H, W)`; or a list of arrays or
-                tensors, one image each. Sizes and channels must match the UNet: nothing is resized or converted.
+                tensors, one image each (read by `ddim_plus.images.to_image_tensor`). Sizes and channels must match
+                the UNet: nothing is resized or converted.
 
         Returns:
             `torch.Tensor`: `(B, C, H, W)` on the execution device in the UNet's dtype.
         """
-        channels, height, width = sample_shape(self.unet)
-        if isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)) and not (
-            isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4
-        ):
-            image = [image]
-        if isinstance(image, (list, tuple)):
-            if len(image) == 0:
-                raise ValueError("`image` is an empty list; pass at least one image.")
-            if all(isinstance(im, PIL.Image.Image) for im in image):
-                expected_mode = _PIL_MODES.get(channels)
-                if expected_mode is None:
-                    raise ValueError(
-                        f"`image` holds PIL images, which cannot carry the UNet's {channels} channels; pass a numpy "
-                        "array or a tensor."
-                    )
-                bad_modes = sorted({im.mode for im in image if im.mode != expected_mode})
-                if bad_modes:
-                    raise ValueError(
-                        f"`image` holds PIL images of mode {bad_modes}, but the UNet has {channels} channel(s): "
-                        f"convert them with `.convert({expected_mode!r})`."
-                    )
-                arrays = [np.asarray(im, dtype=np.float32) / 255.0 for im in image]
-                image = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
-            elif all(isinstance(im, np.ndarray) for im in image) or all(isinstance(im, torch.Tensor) for im in image):
-                shapes = sorted({tuple(im.shape) for im in image})
-                if len(shapes) > 1:
-                    raise ValueError(f"`image` items must share one shape, got {shapes}.")
-                image = np.stack(image) if isinstance(image[0], np.ndarray) else torch.stack(image)
-            else:
-                kinds = sorted({type(im).__name__ for im in image})
-                raise ValueError(
-                    f"`image` mixes types {kinds}; pass PIL images, numpy arrays or tensors, one kind at a time."
-                )
-        if isinstance(image, np.ndarray):
-            if image.ndim != 4:
-                raise ValueError(f"`image` as numpy must be (H, W, C) or (B, H, W, C), got shape {image.shape}.")
-            if not np.issubdtype(image.dtype, np.floating):
-                raise ValueError(
-                    f"`image` as numpy must be float in [0, 1], got dtype {image.dtype}; for uint8 pixels pass "
-                    "`image.astype(np.float32) / 255`."
-                )
-            image = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2)
-        elif isinstance(image, torch.Tensor):
-            if image.ndim != 4:
-                raise ValueError(f"`image` as a tensor must be (C, H, W) or (B, C, H, W), got {tuple(image.shape)}.")
-            if not image.is_floating_point():
-                raise ValueError(f"`image` as a tensor must be float in [0, 1], got dtype {image.dtype}.")
-        else:
-            raise ValueError(
-                f"`image` must be PIL image(s), a numpy array or a torch tensor, got {type(image).__name__}."
-            )
+        image = to_image_tensor(image, name="image", dtype=self.unet.dtype)
         if image.shape[0] == 0:
             raise ValueError("`image` is an empty batch; pass at least one image.")
+        channels, height, width = sample_shape(self.unet)
         if tuple(image.shape[1:]) != (channels, height, width):
             got_c, got_h, got_w = image.shape[1:]
             raise ValueError(
                 f"`image` has {got_c} channel(s) of {got_h}x{got_w} but the UNet takes {channels} channel(s) of "
                 f"{height}x{width} (`unet.config.in_channels`, `unet.config.sample_size`); resize or convert first."
             )
-        if not bool(torch.isfinite(image).all()):
-            raise ValueError("`image` holds NaN or infinite values; pass finite pixel values in [0, 1].")
-        low, high = float(image.min()), float(image.max())
-        if not (0.0 <= low and high <= 1.0):
-            raise ValueError(
-                f"`image` values must lie in [0, 1] (diffusers' image convention), got min {low} and max {high}."
-            )
-        return (image.to(device=self._execution_device, dtype=self.unet.dtype) * 2.0) - 1.0
+        return (image.to(device=self._execution_device) * 2.0) - 1.0
 
     @torch.no_grad()
     def __call__(

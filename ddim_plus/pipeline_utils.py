@@ -24,13 +24,13 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
 from huggingface_hub import ModelCard
 
 from . import hub
-from .scheduling_ddim_plus import DDIMSchedulerPlus
+from .scheduling_ddim_plus import DDIMSchedulerPlus, as_ddim_scheduler_plus
 
 logger = logging.get_logger(__name__)
 
@@ -39,21 +39,6 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # What model_index.json records for the scheduler: a class every diffusers install has, so the Hub download path and
 # stock `DDIMPipeline.from_pretrained` accept the repo. Our `__init__` upgrades it back to `DDIMSchedulerPlus`.
 _PORTABLE_SCHEDULER_ENTRY = ["diffusers", "DDIMScheduler"]
-
-
-def _as_ddim_scheduler_plus(scheduler: SchedulerMixin) -> SchedulerMixin:
-    """Upgrade a stock `DDPMScheduler` / `DDIMScheduler` (how model_index.json records ours, and what DDPM checkpoints
-    hold) to `DDIMSchedulerPlus` with the same config; keep every other scheduler as the user chose it."""
-    if type(scheduler) in (DDIMScheduler, DDPMScheduler):
-        logger.info(f"Sampling with DDIMSchedulerPlus built from the {type(scheduler).__name__} config.")
-        return DDIMSchedulerPlus.from_config(scheduler.config)
-    if not isinstance(scheduler, SchedulerMixin) or not callable(getattr(scheduler, "step", None)):
-        raise ValueError(
-            f"`scheduler` must be a diffusers scheduler (DDIMSchedulerPlus, or any SchedulerMixin such as "
-            f"DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler or EulerDiscreteScheduler), got "
-            f"{type(scheduler).__name__}."
-        )
-    return scheduler
 
 
 def _weights_file_used(component_folder: str, variant: Optional[str], use_safetensors: Optional[bool]) -> str:
@@ -82,7 +67,7 @@ class DDIMPlusPipelineBase(DiffusionPipeline):
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=_as_ddim_scheduler_plus(scheduler))
+        self.register_modules(unet=unet, scheduler=as_ddim_scheduler_plus(scheduler))
 
     def to_json_string(self) -> str:
         """model_index.json with a `DDIMSchedulerPlus` recorded as `["diffusers", "DDIMScheduler"]` (see the module

@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput, logging
@@ -132,7 +133,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             DPM-Solver++(2M) multistep extrapolation of x_0, at every `eta` and `sigma_type`: at `eta`=0 the step is
             DPM-Solver++(2M), at `eta`=1 SDE-DPM-Solver++(2M) (diffusers' `algorithm_type="sde-dpmsolver++"`). The
             first step, the step to abar = 1 and, with fewer than 15 steps, the last two steps stay first order.
-            Configs saved before this name hold it as `solver_order` and still load.
+            A config or keyword that holds `solver_order` instead loads as `ddim_solver_order`.
         tuned_timesteps (`List[dict]`, *optional*): schedules found for this model by
             `ddim_plus.optimize_timesteps` (written by `ddim-plus tune-steps`). Each entry holds
             `num_inference_steps`, `solver_order`, `timesteps` and the `alphas_cumprod` at those timesteps;
@@ -202,11 +203,11 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
-        # Before it was renamed `ddim_solver_order`, the order was saved as `solver_order`, the name under which
-        # DPMSolverMultistep, UniPC and DEIS keep theirs (default 2): they took our 1 when a saved pipeline was
-        # switched to them. A file we saved then (its `_class_name` is ours, no `ddim_solver_order`) has its key
-        # renamed, not carried on as a hidden entry; another scheduler's `solver_order` stays hidden, as diffusers
-        # keeps every key of a compatible scheduler. An old-style keyword is renamed too.
+        # The order has its own name because DPMSolverMultistep, UniPC and DEIS keep theirs as `solver_order`
+        # (default 2) and would take ours when a saved pipeline is switched to them. A config of ours that holds
+        # `solver_order` and no `ddim_solver_order` (its `_class_name` is ours) has the key read as the order rather
+        # than carried on as a hidden entry; another scheduler's `solver_order` stays hidden, as diffusers keeps
+        # every key of a compatible scheduler. A `solver_order` keyword is read as the order too.
         if (
             config_dict.get("_class_name") == cls.__name__
             and "solver_order" in config_dict
@@ -553,7 +554,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         # The weight is 0 (a first-order step) on the first step of a schedule, the step to abar = 1 and, with fewer
         # than 15 steps, the last two steps (diffusers' `lower_order_final` makes only the last one first order):
         # the log-SNR jump into the last timestep (t = 0 for most spacings) is then several times the previous one
-        # and the 2M extrapolation overshoots (10x worse at 5 "leading" steps, see docs/sampler_quality.md).
+        # and the 2M extrapolation overshoots (docs/sampler_quality.md measures it at 5 "leading" steps).
         x0_for_step = x0
         if order_2:
             if not starts and self._last_x0 is not None:
@@ -713,3 +714,28 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def as_ddim_scheduler_plus(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """Upgrade a stock `DDPMScheduler` / `DDIMScheduler` (how model_index.json records ours, and what DDPM checkpoints
+    hold) to `DDIMSchedulerPlus` with the same config; keep every other scheduler as the user chose it.
+
+    Args:
+        scheduler (`SchedulerMixin`): any diffusers scheduler.
+
+    Returns:
+        `SchedulerMixin`: a new `DDIMSchedulerPlus` for a stock DDPM or DDIM scheduler, else `scheduler` itself.
+
+    Raises:
+        `ValueError`: `scheduler` is not a diffusers scheduler.
+    """
+    if type(scheduler) in (DDIMScheduler, DDPMScheduler):
+        logger.info(f"Sampling with DDIMSchedulerPlus built from the {type(scheduler).__name__} config.")
+        return DDIMSchedulerPlus.from_config(scheduler.config)
+    if not isinstance(scheduler, SchedulerMixin) or not callable(getattr(scheduler, "step", None)):
+        raise ValueError(
+            f"`scheduler` must be a diffusers scheduler (DDIMSchedulerPlus, or any SchedulerMixin such as "
+            f"DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler or EulerDiscreteScheduler), got "
+            f"{type(scheduler).__name__}."
+        )
+    return scheduler

@@ -32,8 +32,8 @@ from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.evaluation.images import make_grid
 from ddim_plus.evaluation.sampling import generate_images
+from ddim_plus.images import make_grid
 from ddim_plus.training.args import (
     GRID_SAMPLES,
     InputError,

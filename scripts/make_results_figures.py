@@ -15,8 +15,8 @@ import torch
 
 from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
 from ddim_plus.evaluation.digits import digits_reference_images
-from ddim_plus.evaluation.images import make_grid
 from ddim_plus.evaluation.reconstruction import consistency, inversion_error_table
+from ddim_plus.images import make_grid
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ddim_plus.evaluation.digits import DIGITS_FEATURES_FILE, DIGITS_FEATURES_NAME, DigitsFeatureNet, load_digits
+from ddim_plus.digits import load_digits
+from ddim_plus.evaluation.digits import DIGITS_FEATURES_FILE, DIGITS_FEATURES_NAME, DigitsFeatureNet
 
 
 def parse_args(argv=None):

@@ -1,18 +1,18 @@
-"""Regression tests for why deterministic DDIM degraded with S on the `make demo` model (docs/results.md).
+"""What keeps deterministic DDIM converging as S grows on the `make demo` model (docs/results.md measures it).
 
-Two causes were measured: clipping x_0 without re-deriving eps from it (a shift of x per step that does not shrink
+Two things make it drift: clipping x_0 without re-deriving eps from it (a shift of x per step that does not shrink
 with the step size, so S = 1000 drifts furthest), and training on digits upsampled above their native 8x8 (data on a
-64-dimensional subspace of the pixels, whose off-subspace noise the ODE never removes). A third finding, that
-first-order steps leave 20 steps far from 1000, is why the saved config is second order. A fourth, that with
-`trailing` spacing 10 steps end with a network call at t = T / S - 1 = 99, whose x_0 prediction is still a posterior
-mean (blurred by noise of std 0.32), is why the saved spacing is `logsnr`.
+64-dimensional subspace of the pixels, whose off-subspace noise the ODE never removes). First-order steps leave 20
+steps far from 1000, so the saved config is second order. With `trailing` spacing 10 steps end with a network call
+at t = T / S - 1 = 99, whose x_0 prediction is still a posterior mean (blurred by noise of std 0.32), so the saved
+spacing is `logsnr`.
 """
 
 import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.evaluation.digits import DIGITS_RESOLUTION
+from ddim_plus.digits import DIGITS_RESOLUTION
 from ddim_plus.evaluation.gmm import GaussianMixture, GaussianMixtureOracle, frechet_distance_to_mixture
 
 STEPS = (50, 200, 1000)
@@ -69,24 +69,24 @@ def test_clipped_deterministic_ddim_converges_as_steps_grow():
     distances, samples = _distances_by_steps(None)
     assert distances[1000] <= distances[200] * 1.001 <= distances[50] * 1.001
     assert (samples[200] - samples[1000]).pow(2).mean() < 1e-4
-    # Stock DDIMScheduler's default (x_0 clipped, eps kept): the same model drifts further with every step added
-    # (measured: 0.07 at S = 50, 10 at S = 1000). If this stops failing, the test above no longer tests the cause.
+    # Stock DDIMScheduler's default (x_0 clipped, eps kept): the same model drifts further with every step added,
+    # which shows that the test above exercises the cause.
     stock_distances, stock_samples = _distances_by_steps(False)
     assert stock_distances[1000] > 10 * stock_distances[50]
     assert (stock_samples[200] - stock_samples[1000]).pow(2).mean() > 0.1
 
 
 def test_the_demo_trains_at_the_native_resolution_of_its_data():
-    # Upsampled digits lie on a 64-dimensional subspace of 16x16 pixels; there the ODE kept 10% of the energy off the
-    # data's subspace at every S (docs/results.md). The trainer's default resolution is the data's own.
+    # Upsampled digits lie on a 64-dimensional subspace of 16x16 pixels; there the ODE leaves energy off the data's
+    # subspace at every S (docs/results.md). The trainer's default resolution is the data's own.
     from ddim_plus.training.args import build_noise_scheduler, parse_args
 
     assert parse_args([]).resolution == DIGITS_RESOLUTION
-    # The saved sampling config follows `--clip_sample` (measured: no difference beyond the spread on the demo model).
+    # The saved sampling config follows `--clip_sample`.
     assert build_noise_scheduler(parse_args([])).config.clip_sample is True
     assert build_noise_scheduler(parse_args(["--no-clip_sample"])).config.clip_sample is False
-    # First-order DDIM stays 1.7x its 1000-step FD at 20 steps on the demo model; the second-order correction the
-    # saved config carries brings 20 steps within the spread of 1000 (docs/results.md). Its convergence order is
+    # First-order DDIM at 20 steps stays far above its 1000-step FD on the demo model; the second-order correction
+    # the saved config carries brings 20 steps within the spread of 1000 (docs/results.md). Its convergence order is
     # tested in tests/test_solver_order.py.
     assert build_noise_scheduler(parse_args([])).config.ddim_solver_order == 2
 
@@ -98,10 +98,9 @@ def _distance_to_many_step_samples(scheduler, steps):
 
 
 def test_ten_steps_of_the_saved_sampler_end_near_the_many_step_samples():
-    # On the demo model, second-order `trailing` steps gave FD 10.75 +- 1.25 at S = 10 against 5.17 +- 0.62 at
-    # S = 1000, while `logsnr` gave 5.64 +- 1.28 (docs/results.md): trailing's last network call is at t = 99. On the
-    # exact denoiser the saved sampler converges with S, and at S = 10 it is several times closer to the 1000-step
-    # samples than trailing (measured: 0.027 against 0.099; 0.005 at S = 20).
+    # On the demo model, second-order `trailing` steps at S = 10 stay far from S = 1000 while `logsnr` comes within
+    # the spread (docs/results.md): trailing's last network call is at t = 99. On the exact denoiser the saved
+    # sampler converges with S, and at S = 10 it is several times closer to the 1000-step samples than trailing.
     from ddim_plus.training.args import build_noise_scheduler, parse_args
 
     saved = build_noise_scheduler(parse_args([]))

@@ -21,8 +21,8 @@ from ddim_plus import DDIMSchedulerPlus
 from ddim_plus.ddim_math import DIFFUSERS_TIMESTEP_SPACINGS, PREDICTION_TYPES, TIMESTEP_SPACINGS
 
 # Tolerance of a float32 step against its float64 closed form: x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
-# amplifies the float32 rounding of the numerator by 1/sqrt(abar) (~10 at t ~ 900); measured <= 3e-6. One step
-# to a wrong neighbouring timestep changes the result by ~1e-3, far outside this.
+# amplifies the float32 rounding of the numerator by 1/sqrt(abar) (~10 at t ~ 900). One step to a wrong
+# neighbouring timestep changes the result by orders of magnitude more.
 F32 = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -192,8 +192,8 @@ def test_sigma_hat_loop_equals_the_papers_code(spacing):
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
 @pytest.mark.parametrize("spacing", [*TIMESTEP_SPACINGS, "custom"])
 def test_sigma_hat_last_step_adds_no_noise(spacing, set_alpha_to_one):
-    # With trailing spacing the last step starts at t = 99 (S = 10): noise of std sqrt(1 - abar_99) = 0.32 used to
-    # be left in the output.
+    # With trailing spacing the last step starts at t = 99 (S = 10): noise added there, of std
+    # sqrt(1 - abar_99) = 0.32, would stay in the output.
     scheduler = _make_schedule(spacing, sigma_type="sigma_hat", set_alpha_to_one=set_alpha_to_one)
     t_last = int(scheduler.timesteps[-1])
     sample, model_output = _randn(1, 3, 4, 4, seed=0), _randn(1, 3, 4, 4, seed=1)
@@ -261,8 +261,8 @@ def _parity_pairs(prediction_type, flags, eta, stock_abar_in_float64, use_clippe
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_parity_with_stock_given_the_same_alphas_cumprod(prediction_type, eta, flags, use_clipped_model_output):
-    # Give the stock scheduler float64 abar (as ours has) and the two agree to float32 rounding (measured max
-    # |diff| <= 0.2e-6 (1 + |x|)) for every prediction type: the only difference left is the precision of abar.
+    # Give the stock scheduler float64 abar (as ours has) and the two agree to float32 rounding for every prediction
+    # type: the only difference left is the precision of abar.
     pairs = _parity_pairs(prediction_type, flags, eta, True, use_clipped_model_output)
     for stock_out, ours_out in (pair for step_pairs in pairs for pair in step_pairs):
         torch.testing.assert_close(ours_out, stock_out, rtol=1e-6, atol=1e-6)
@@ -275,11 +275,11 @@ def test_parity_with_stock_as_shipped(prediction_type, eta, flags):
     # Stock diffusers accumulates abar in float32 (relative error up to 4e-7 in abar, 1.7e-4 in 1 - abar near
     # t = 0 with these betas; up to ~4e-4 for schedules with smaller beta_0, as float32 rounds 1 - beta_0 to 6e-8).
     # - epsilon and v: x_0 and eps are O(1) combinations of the inputs, or x_0 = (x - ...)/sqrt(abar) which only
-    #   scales abar's small relative error: measured max |diff| 2.7e-6 (1 + |x|) (the largest absolute gaps,
-    #   ~6e-5, are where |x_0| ~ 100 at t ~ 999). 1e-5 relative + absolute holds with margin.
+    #   scales abar's small relative error, so 1e-5 relative + absolute holds with margin (the largest absolute
+    #   gaps are where |x_0| is large, at t ~ 999).
     # - sample: eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar) divides by sqrt(1 - abar) ~ 0.01 near t = 0, so the
-    #   float32 error of 1 - abar (and the float32 cancellation in the numerator) reaches the output amplified:
-    #   measured max |diff| 3e-5 (1 + |x|); we assert the 4e-4 bound of 1 - abar's float32 relative error.
+    #   float32 error of 1 - abar (and the float32 cancellation in the numerator) reaches the output amplified;
+    #   the test asserts the 4e-4 bound of 1 - abar's float32 relative error.
     tol = 4e-4 if prediction_type == "sample" else 1e-5
     for stock_out, ours_out in (pair for pairs in _parity_pairs(prediction_type, flags, eta, False) for pair in pairs):
         torch.testing.assert_close(ours_out, stock_out, rtol=tol, atol=tol)
@@ -334,7 +334,7 @@ def _stock_step_to(stock, prev_t, model_output, t, sample, **kwargs):
 def test_step_equals_stock_for_every_beta_schedule_and_spacing(beta_schedule, spacing, prediction_type, eta):
     # Every transition of our schedule, stock stepping between the same two timesteps. squaredcos_cap_v2 has
     # abar_999 = 2.4e-9 < 2**-24: eq. 9 is defined there and must be used as it is (trailing and linspace start at
-    # t = 999; flooring it changed x_0 by 80%).
+    # t = 999, where flooring abar would move x_0 far).
     config = dict(prediction_type=prediction_type, clip_sample=False, timestep_spacing=spacing)
     stock, ours = _stock_ddim(beta_schedule, **config), DDIMSchedulerPlus(beta_schedule=beta_schedule, **config)
     compared = set()
@@ -440,7 +440,7 @@ def test_full_schedule_matches_stock_ddpm_step(prediction_type, clip_sample, sig
     # DDPM's mean uses the clipped x_0 with x_t: that is DDIM at eta = 1 with eps re-derived from the clipped x_0.
     # Its noise: "fixed_small" is beta-tilde = sigma_t(1)^2; "fixed_large" is beta_t = sigma-hat^2, none at t = 0.
     # Stock DDPM computes 1 - abar_t and beta_t = 1 - abar_t / abar_prev in float32 (relative errors up to ~1e-4
-    # near t = 0, measured output gaps up to 8e-5); given float64 abar, as ours has, it agrees to float32 rounding.
+    # near t = 0); given float64 abar, as ours has, it agrees to float32 rounding.
     T = 50
     ddpm = DDPMScheduler(
         num_train_timesteps=T, prediction_type=prediction_type, clip_sample=clip_sample, variance_type=variance_type
@@ -654,8 +654,8 @@ def test_switching_a_saved_config_to_a_multistep_solver_keeps_its_default_order(
     assert solver.from_config(reloaded.config, solver_order=3).config.solver_order == 3
 
 
-def _old_style_config(solver_order):
-    """A scheduler_config.json as DDIMSchedulerPlus saved it before the rename (written out here by hand)."""
+def _solver_order_config(solver_order):
+    """A scheduler_config.json of DDIMSchedulerPlus that holds the order as `solver_order` (written out by hand)."""
     return {
         "_class_name": "DDIMSchedulerPlus",
         "_diffusers_version": "0.42.1",
@@ -688,29 +688,29 @@ def _final_sample(scheduler):
 
 
 @pytest.mark.parametrize("solver_order", [1, 2])
-def test_configs_saved_with_the_old_solver_order_key_still_load(solver_order, tmp_path):
-    old = _old_style_config(solver_order)
-    (tmp_path / "scheduler_config.json").write_text(json.dumps(old))
-    for loaded in (DDIMSchedulerPlus.from_pretrained(tmp_path), DDIMSchedulerPlus.from_config(old)):
+def test_a_saved_solver_order_key_loads_as_ddim_solver_order(solver_order, tmp_path):
+    by_hand = _solver_order_config(solver_order)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(by_hand))
+    for loaded in (DDIMSchedulerPlus.from_pretrained(tmp_path), DDIMSchedulerPlus.from_config(by_hand)):
         assert loaded.config.ddim_solver_order == solver_order
         assert "solver_order" not in loaded.config  # not carried on as a hidden entry
-        assert torch.equal(_final_sample(loaded), _final_sample(DDIMSchedulerPlus(**_new_style(old))))
-    # saved again, it no longer hands its order to the multistep solvers
+        assert torch.equal(_final_sample(loaded), _final_sample(DDIMSchedulerPlus(**_with_ddim_solver_order(by_hand))))
+    # saved again, it holds `ddim_solver_order` only, so the multistep solvers keep their own order
     DDIMSchedulerPlus.from_pretrained(tmp_path).save_pretrained(tmp_path / "again")
     saved = json.loads((tmp_path / "again" / "scheduler_config.json").read_text())
     assert "solver_order" not in saved and saved["ddim_solver_order"] == solver_order
     assert DPMSolverMultistepScheduler.from_pretrained(tmp_path / "again").config.solver_order == 2
-    # an explicit keyword wins over the saved value; the old keyword still works
-    assert DDIMSchedulerPlus.from_config(old, ddim_solver_order=3 - solver_order).config.ddim_solver_order == (
+    # an explicit keyword wins over the saved value; a `solver_order` keyword is read as the order too
+    assert DDIMSchedulerPlus.from_config(by_hand, ddim_solver_order=3 - solver_order).config.ddim_solver_order == (
         3 - solver_order
     )
-    assert DDIMSchedulerPlus.from_config(old, solver_order=3 - solver_order).config.ddim_solver_order == (
+    assert DDIMSchedulerPlus.from_config(by_hand, solver_order=3 - solver_order).config.ddim_solver_order == (
         3 - solver_order
     )
 
 
-def _new_style(old):
-    config = {k: v for k, v in old.items() if not k.startswith("_")}
+def _with_ddim_solver_order(saved):
+    config = {k: v for k, v in saved.items() if not k.startswith("_")}
     config["ddim_solver_order"] = config.pop("solver_order")
     return config
 

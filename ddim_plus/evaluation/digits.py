@@ -1,64 +1,44 @@
-"""The bundled 8x8 digits, and the one network that judges images of them.
+"""The one network that judges images of the bundled digits (`ddim_plus.digits`), and the reference set it compares
+generated digits with.
 
-The data are the 1,797 8x8 handwritten digits of the UCI ML hand-written digits data set (the copy scikit-learn
-ships), stored in ``ddim_plus/assets/digits.npz`` under CC BY 4.0 (attribution in ``ddim_plus/assets/README.md``), so
-they need neither a download nor scikit-learn.
-
-`DigitsFeatureNet` (a 10k-parameter CNN, weights shipped in ``ddim_plus/assets/``) does both jobs: its hidden layer
-supplies the features of ``FrechetDistance(features="digits")``, and its ten digit logits classify samples. Whether a
-sample is a digit at all takes an eleventh "not a digit" logit, which a ten-way classifier lacks (it calls half of
-all uniform-noise images a confident digit): `NotADigitHead`, a small MLP on the same hidden layer, fitted
-deterministically at first use in about a second on the digits plus uniform noise, digits with their pixels shuffled
-and flat grey images, with the network's own weights frozen. `DigitsClassifier` puts the two together: 99% of the
-real digits are recognisable with it, and no uniform-noise image gets a digit probability above 0.5.
+`DigitsFeatureNet` (a small CNN, weights shipped in ``ddim_plus/assets/``) does both jobs: its hidden layer supplies
+the features of ``FrechetDistance(features="digits")``, and its ten digit logits classify samples. Whether a sample is
+a digit at all takes an eleventh "not a digit" logit, which a ten-way classifier lacks (it calls much of uniform noise
+a confident digit): `NotADigitHead`, a small MLP on the same hidden layer, fitted deterministically at first use on
+the digits plus uniform noise, digits with their pixels shuffled and flat grey images, with the network's own weights
+frozen. `DigitsClassifier` puts the two together (tests/evaluation/test_digits.py checks that it recognises real
+digits and rejects noise, shuffled digits and blank images).
 
 The network sees images through `to_digit_grey`: samples of any resolution and channel count are averaged to grey
-and area-resized to 8x8, which undoes the upsampling of `ddim_plus.training.data.load_digits_dataset`.
+and area-resized to 8x8, which undoes the upsampling of `ddim_plus.digits.digits_pixels`.
 """
 
 import os
 from functools import lru_cache
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .images import ImageBatch, to_image_tensor
+from ..digits import ASSETS_DIR, DIGITS_RESOLUTION, digits_pixels, load_digits
+from ..images import ImageBatch, to_image_tensor
 
-ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
-DIGITS_FILE = os.path.join(ASSETS_DIR, "digits.npz")
 DIGITS_FEATURES_FILE = os.path.join(ASSETS_DIR, "digits_features.safetensors")
-DIGITS_RESOLUTION = 8
 DIGITS_FEATURES_NAME = "digits-cnn-v1"
 NUM_CLASSES = 10
 CONFIDENCE_THRESHOLD = 0.5
 
 
-class Digits(NamedTuple):
-    """The bundled digits: `images` (1797, 8, 8) uint8 holding the data set's own values 0-16 (the number of set
-    pixels in each 4x4 block of a 32x32 bitmap; divide by 16 for [0, 1]) and `labels` (1797,) int64, 0-9."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-
-def load_digits() -> Digits:
-    """The 1,797 bundled 8x8 digits, in the order of scikit-learn's `load_digits` (no download, no scikit-learn).
-
-    Returns:
-        `Digits`: `images` (1797, 8, 8) uint8 in 0-16 and `labels` (1797,) int64.
-    """
-    with np.load(DIGITS_FILE) as digits:
-        return Digits(digits["images"], digits["labels"].astype(np.int64))
+class FeatureWeightsUnavailableError(RuntimeError):
+    """Raised when the weights of a requested feature network are not on this machine (and may not be fetched): the
+    digits network here, DINOv2 and Inception in `ddim_plus.evaluation.fid`, which builds on this module."""
 
 
 def digits_reference_images(resolution: int = DIGITS_RESOLUTION, channels: int = 1) -> torch.Tensor:
-    """All 1,797 bundled digits as a (N, C, H, W) tensor in [0, 1].
-
-    Prepared exactly as `ddim_plus.training.data.load_digits_dataset` prepares the training set (8-bit pixels, PIL
-    bicubic resize), so a digits model that learnt its data perfectly scores near zero.
+    """All 1,797 bundled digits as a (N, C, H, W) tensor in [0, 1]: `ddim_plus.digits.digits_pixels`, the pixels
+    the trainer's digits data set holds.
 
     Args:
         resolution (`int`, defaults to 8): side of the images; 8 keeps the originals.
@@ -67,14 +47,7 @@ def digits_reference_images(resolution: int = DIGITS_RESOLUTION, channels: int =
     Returns:
         `torch.Tensor`
     """
-    import PIL.Image
-
-    pixels = np.round(load_digits().images / 16.0 * 255.0).astype(np.uint8)
-    if resolution != DIGITS_RESOLUTION:
-        pixels = np.stack(
-            [np.asarray(PIL.Image.fromarray(p).resize((resolution, resolution), PIL.Image.BICUBIC)) for p in pixels]
-        )
-    images = torch.from_numpy(pixels).float().div(255.0).unsqueeze(1)
+    images = torch.from_numpy(digits_pixels(resolution)).float().div(255.0).unsqueeze(1)
     return images.expand(-1, channels, -1, -1).contiguous()
 
 
@@ -133,8 +106,6 @@ def load_digits_feature_net(path: Optional[str] = None) -> DigitsFeatureNet:
         `DigitsFeatureNet`: in eval mode, gradients off.
     """
     from safetensors.torch import load_file
-
-    from .fid import FeatureWeightsUnavailableError  # fid builds on this module; imported here, not at the top
 
     path = path or DIGITS_FEATURES_FILE
     if not os.path.isfile(path):
@@ -201,7 +172,8 @@ def fit_digits_classifier(
         -1, 1, DIGITS_RESOLUTION, DIGITS_RESOLUTION
     )
     targets = torch.tensor(np.concatenate([labels, np.full(len(junk), NUM_CLASSES)]), dtype=torch.long)
-    # The matrices are tiny: extra threads only add synchronisation, which on a busy machine costs 50x.
+    # The matrices are tiny: extra threads only add synchronisation, which on a busy machine costs more than the
+    # arithmetic.
     num_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -12,7 +12,7 @@ distance in one feature space says nothing about another:
 - ``"dinov2:PATH_OR_REPO_ID"``: the Frechet distance in DINOv2 CLS features (Stein et al. 2023 find it tracks human
   judgement better than Inception), loaded with `transformers` from a local folder or the local Hub cache.
 
-Images are floats in [0, 1], a (B, C, H, W) tensor or a (B, H, W, C) array (see `ddim_plus.evaluation.images`).
+Images are floats in [0, 1], a (B, C, H, W) tensor or a (B, H, W, C) array (see `ddim_plus.images.to_image_tensor`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .digits import load_digits_feature_net
-from .images import ImageBatch, to_image_tensor, to_rgb
+from ..images import ImageBatch, to_image_tensor, to_rgb
+from .digits import FeatureWeightsUnavailableError, load_digits_feature_net
 
 FEATURE_KINDS = ("digits", "inception", "dinov2")
 # What `choose_features` looks for on disk: DINOv2 checkpoints in the Hugging Face cache, smallest first, and the FID
@@ -42,10 +42,6 @@ def full_rank_num_images(num_features: int) -> int:
     and more than `num_features`, the fewest whose covariance can have full rank (Inception 2049, DINOv2-base 769).
     """
     return max(MIN_NUM_IMAGES, num_features + 1)
-
-
-class FeatureWeightsUnavailableError(RuntimeError):
-    """Raised when the weights of a requested feature network are not on this machine (and may not be fetched)."""
 
 
 class Dinov2Features(nn.Module):
@@ -93,10 +89,10 @@ def load_dinov2_features(path_or_repo_id: str) -> Dinov2Features:
     from huggingface_hub import constants
 
     try:
-        # huggingface_hub's cache folder, read now: the one `choose_features` searched (older transformers keep a
-        # copy of it from their own import time)
+        # huggingface_hub's cache folder as it is at call time: the one `choose_features` searched (some transformers
+        # versions keep a copy of it from their own import time)
         model = Dinov2Model.from_pretrained(path_or_repo_id, local_files_only=True, cache_dir=constants.HF_HUB_CACHE)
-    except (OSError, ValueError) as error:  # older transformers: a missing local folder is an invalid repo id
+    except (OSError, ValueError) as error:  # some transformers versions call a missing local folder an invalid id
         raise FeatureWeightsUnavailableError(
             f"DINOv2 weights {path_or_repo_id!r} are not available locally ({error.__class__.__name__}). Download "
             f"them once with `huggingface-cli download {path_or_repo_id}` or pass a folder saved by save_pretrained."

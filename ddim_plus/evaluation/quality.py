@@ -14,9 +14,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from ..ddim_math import SIGMA_HAT
+from ..images import ImageBatch
+from ..pipeline_ddim_plus import DDIMPlusPipeline
+from ..scheduling_ddim_plus import DDIMSchedulerPlus
 from .digits import digits_reference_images
 from .fid import FrechetDistance
-from .images import ImageBatch
 from .sampling import SHARD_SIZE, generate_images
 
 STOCK_PREFIX = "stock:"
@@ -53,9 +55,6 @@ class QualityResult:
 def _sampler(pipe, spacing: Optional[str], eta: Union[float, str]):
     """A pipeline sharing `pipe`'s UNet with the scheduler the cell asks for, and the eta to call it with."""
     from diffusers import DDIMPipeline, DDIMScheduler
-
-    from ..pipeline_ddim_plus import DDIMPlusPipeline
-    from ..scheduling_ddim_plus import DDIMSchedulerPlus
 
     config = pipe.scheduler.config
     if spacing is not None and spacing.startswith(STOCK_PREFIX):

@@ -11,9 +11,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .digits import load_digits
+from ..digits import load_digits
+from ..images import ImageBatch, to_image_tensor
+from ..pipeline_ddim_inversion import DDIMInversionPipeline
 from .gmm import GaussianMixture
-from .images import ImageBatch, to_image_tensor
 
 
 def mean_squared_error(images: ImageBatch, reference: ImageBatch) -> float:
@@ -72,8 +73,6 @@ def inversion_reconstruction_error(pipe, images: ImageBatch, num_inference_steps
     Returns:
         `float`: per-pixel MSE on [0, 1] between `images` and their reconstruction.
     """
-    from ..pipeline_ddim_inversion import DDIMInversionPipeline
-
     images = to_image_tensor(images)
     inversion = pipe if isinstance(pipe, DDIMInversionPipeline) else DDIMInversionPipeline(**pipe.components)
     inversion.set_progress_bar_config(disable=True)

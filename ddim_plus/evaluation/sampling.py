@@ -27,8 +27,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..images import load_image_file
 from .fid import FrechetDistance, FrechetDistanceResult
-from .images import load_image_file
 
 SHARD_SIZE = 1000
 MANIFEST_NAME = "ddim_plus_samples.json"

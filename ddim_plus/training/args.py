@@ -13,7 +13,8 @@ import torch
 from accelerate.logging import get_logger
 from diffusers import UNet2DModel
 
-from ddim_plus import DDIMSchedulerPlus, ddim_math
+from ddim_plus import ddim_math
+from ddim_plus.scheduling_ddim_plus import DDIMSchedulerPlus
 from ddim_plus.training.checkpoints import (
     RUN_RECORD_NAME,
     check_checkpoint_compatible,

@@ -260,8 +260,8 @@ def check_resume(checkpoint_dir: str, run_record: Dict[str, object]) -> Optional
             including `max_train_steps`.
 
     Returns:
-        `str` or `None`: a warning to print (a changed `max_train_steps`, or a checkpoint without a record, written
-        by an earlier version of the trainer), else `None`.
+        `str` or `None`: a warning to print (a changed `max_train_steps`, or a checkpoint without a run record,
+        which cannot be checked), else `None`.
 
     Raises:
         `ValueError`: the checkpoint's step is past `max_train_steps`, or it was saved by a run with other settings

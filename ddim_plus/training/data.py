@@ -14,12 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..digits import digits_pixels, load_digits
+from ..images import convert_image, crop_and_flip, image_num_channels, resize_image
+
 DIGITS_DATASET_NAME = "digits"
-# PIL's high-bit-depth grayscale modes, with the value that stands for white: 16-bit PNG and TIFF files load as
-# `I;16*` (or `I` in older Pillow), and float images are taken to hold values in [0, 1].
-HIGH_PRECISION_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
-# Grayscale modes: everything else is converted to RGB.
-GRAYSCALE_MODES = ("1", "L", "LA", *HIGH_PRECISION_MODES)
 # Memory per process (and per data-loader worker) that `TrainingImages` spends on keeping decoded, resized images.
 RESIZED_CACHE_BYTES = 1 << 30
 
@@ -36,7 +34,7 @@ def augmentation_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def load_digits_dataset(resolution: int = 8):
-    """The 1,797 bundled 8x8 handwritten digits (`ddim_plus.evaluation.digits.load_digits`) as a `datasets.Dataset`.
+    """The 1,797 bundled 8x8 handwritten digits (`ddim_plus.digits.digits_pixels`) as a `datasets.Dataset`.
 
     Args:
         resolution (`int`, defaults to 8): side of the square images; other sizes resize the 8x8 originals
@@ -47,15 +45,11 @@ def load_digits_dataset(resolution: int = 8):
     """
     import datasets
 
-    from ..evaluation.digits import load_digits
-
-    digits = load_digits()
-    pixels = np.round(digits.images / 16.0 * 255.0).astype(np.uint8)
-    images = [Image.fromarray(image).resize((resolution, resolution), Image.BICUBIC) for image in pixels]
+    images = [Image.fromarray(pixels) for pixels in digits_pixels(resolution)]
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(digit) for digit in range(10)])}
     )
-    return datasets.Dataset.from_dict({"image": images, "label": digits.labels.tolist()}, features=features)
+    return datasets.Dataset.from_dict({"image": images, "label": load_digits().labels.tolist()}, features=features)
 
 
 def _image_folder_extensions() -> set:
@@ -153,46 +147,6 @@ def find_image_column(dataset, image_column: Optional[str] = None) -> str:
     )
 
 
-def image_num_channels(mode: str) -> int:
-    """1 for a grayscale PIL mode, else 3 (RGB, as which every other mode is loaded)."""
-    return 1 if mode in GRAYSCALE_MODES else 3
-
-
-def convert_image(image: Image.Image, num_channels: int, preserve_input_precision: bool = False) -> Image.Image:
-    """The image in the mode the model takes: `"L"` (1 channel) or `"RGB"` (3), or `"F"` for high bit depths.
-
-    16-bit (`I;16`, `I`) and float (`F`) grayscale images are scaled by their mode's range (65535, or 1 for float)
-    to 0..255; PIL's own `convert("L")` clips them at 255 instead, which turns nearly every pixel of a 16-bit image
-    white.
-
-    Args:
-        image (`PIL.Image.Image`): the image, any mode.
-        num_channels (`int`): 1 (grayscale) or 3 (RGB).
-        preserve_input_precision (`bool`, defaults to `False`): keep a high-bit-depth grayscale image as a float
-            `"F"` image on the same 0..255 scale instead of rounding it to 8 bits (only for 1 channel: PIL has no
-            float RGB mode).
-
-    Returns:
-        `PIL.Image.Image`: mode `"L"`, `"RGB"` or `"F"` (values in [0, 255] in every case).
-
-    Raises:
-        `ValueError`: a high-bit-depth image holds values outside its range (or non-finite values).
-    """
-    if image.mode in HIGH_PRECISION_MODES:
-        full_scale = HIGH_PRECISION_MODES[image.mode]
-        values = np.asarray(image, dtype=np.float64)
-        if not np.isfinite(values).all() or values.min() < 0 or values.max() > full_scale:
-            raise ValueError(
-                f"a mode-{image.mode} image holds values in [{values.min():g}, {values.max():g}], outside [0, "
-                f"{full_scale:g}], the range read as black to white; rescale it to that range."
-            )
-        scaled = values * (255.0 / full_scale)
-        if preserve_input_precision and num_channels == 1:
-            return Image.fromarray(scaled.astype(np.float32))
-        image = Image.fromarray(np.round(scaled).astype(np.uint8))
-    return image.convert("L" if num_channels == 1 else "RGB")
-
-
 def _decode_row(row) -> Image.Image:
     """A `datasets.Image(decode=False)` value (or an already decoded image), fully decoded."""
     if isinstance(row, Image.Image):
@@ -285,88 +239,6 @@ def check_images(dataset, image_column: str, root: Optional[str] = None, num_wor
     return {"num_channels": channels[0], "min_side": min(min(size) for size in sizes), "sizes": sizes}
 
 
-def resize_image(
-    image: Image.Image, resolution: int, num_channels: int, preserve_input_precision: bool = False
-) -> np.ndarray:
-    """The image in the model's mode (`convert_image`), its shorter side resized to `resolution` (bilinear).
-
-    Returns:
-        `np.ndarray`: (H, W, C) values in [0, 255] (uint8, or float32 for a `"F"` image), min(H, W) = `resolution`.
-    """
-    image = convert_image(image, num_channels, preserve_input_precision)
-    width, height = image.size
-    scale = resolution / min(width, height)
-    if scale != 1:
-        image = image.resize(
-            (max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BILINEAR
-        )
-    pixels = np.asarray(image)
-    return pixels[:, :, None] if pixels.ndim == 2 else pixels
-
-
-def crop_and_flip(
-    pixels: np.ndarray,
-    resolution: int,
-    center_crop: bool = False,
-    random_flip: bool = False,
-    rng: Optional[np.random.Generator] = None,
-) -> torch.Tensor:
-    """Crop `resize_image`'s output to a square, maybe flip it, and scale it to [-1, 1].
-
-    Args:
-        pixels (`np.ndarray`): (H, W, C) in [0, 255], min(H, W) = `resolution`.
-        resolution (`int`): side of the output.
-        center_crop (`bool`, defaults to `False`): crop the centre; otherwise a random crop.
-        random_flip (`bool`, defaults to `False`): flip left-right with probability 1/2.
-        rng (`np.random.Generator`, *optional*): source of the crop offset and the flip; both are always drawn, in
-            that order, so a sample's augmentation depends only on the generator's seed.
-
-    Returns:
-        `torch.Tensor`: (C, resolution, resolution) float32 in [-1, 1].
-    """
-    rng = rng if rng is not None else np.random.default_rng()
-    height, width = pixels.shape[:2]
-    offset_draws = rng.random(2)
-    flip_draw = rng.random()
-    if center_crop:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
-    else:
-        left = int(offset_draws[0] * (width - resolution + 1))
-        top = int(offset_draws[1] * (height - resolution + 1))
-    pixels = pixels[top : top + resolution, left : left + resolution]
-    if random_flip and flip_draw < 0.5:
-        pixels = pixels[:, ::-1]
-    pixels = pixels.astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
-
-
-def preprocess_image(
-    image: Image.Image,
-    resolution: int,
-    num_channels: int,
-    center_crop: bool = False,
-    random_flip: bool = False,
-    rng: Optional[np.random.Generator] = None,
-    preserve_input_precision: bool = False,
-) -> torch.Tensor:
-    """Resize (shorter side to `resolution`), crop to a square, maybe flip, and scale to [-1, 1]: `resize_image`,
-    then `crop_and_flip`.
-
-    Args:
-        image (`PIL.Image.Image`): the image, any mode.
-        resolution (`int`): side of the output.
-        num_channels (`int`): 1 (grayscale) or 3 (RGB).
-        center_crop (`bool`, defaults to `False`), random_flip (`bool`, defaults to `False`), rng
-            (`np.random.Generator`, *optional*): as in `crop_and_flip`.
-        preserve_input_precision (`bool`, defaults to `False`): see `convert_image`.
-
-    Returns:
-        `torch.Tensor`: (num_channels, resolution, resolution) float32 in [-1, 1].
-    """
-    pixels = resize_image(image, resolution, num_channels, preserve_input_precision)
-    return crop_and_flip(pixels, resolution, center_crop, random_flip, rng)
-
-
 class TrainingImages(torch.utils.data.Dataset):
     """A `datasets.Dataset` as (C, H, W) tensors in [-1, 1], augmented reproducibly per (seed, epoch, index).
 
@@ -376,9 +248,9 @@ class TrainingImages(torch.utils.data.Dataset):
         resolution (`int`): side of the square training images.
         num_channels (`int`): 1 or 3.
         center_crop (`bool`, defaults to `False`), random_flip (`bool`, defaults to `False`): as in
-            `preprocess_image`.
+            `ddim_plus.images.preprocess_image`.
         seed (`int`, defaults to 0): the run's seed.
-        preserve_input_precision (`bool`, defaults to `False`): see `convert_image`.
+        preserve_input_precision (`bool`, defaults to `False`): see `ddim_plus.images.convert_image`.
     """
 
     def __init__(
@@ -402,7 +274,7 @@ class TrainingImages(torch.utils.data.Dataset):
         self.preserve_input_precision = preserve_input_precision
         self.epoch = 0
         # Decoding and resizing are the same every epoch: keep their results while they fit in RESIZED_CACHE_BYTES
-        # (all of the bundled digits take 0.1 MB; decoding them anew each time was a third of the demo's training).
+        # (the bundled digits fit many times over), so that a small data set is decoded once per worker, not per step.
         self._resized: Dict[int, np.ndarray] = {}
         self._resized_bytes = 0
 

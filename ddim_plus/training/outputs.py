@@ -16,8 +16,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ddim_plus import DDIMPlusPipeline
 from ddim_plus.hub import HubPublisher, make_model_card
+from ddim_plus.pipeline_ddim_plus import DDIMPlusPipeline
 from ddim_plus.training.args import InputError
 from ddim_plus.training.checkpoints import STAGING_PREFIX, hub_ignore_patterns, publish_directory
 from ddim_plus.training.data import DIGITS_DATASET_NAME

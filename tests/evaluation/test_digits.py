@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from ddim_plus.digits import DIGITS_FILE, load_digits
 from ddim_plus.evaluation.digits import (
-    DIGITS_FILE,
     class_balance,
     class_histogram,
     classify_digits,
     digits_report,
     fit_digits_classifier,
     get_digits_classifier,
-    load_digits,
     load_digits_feature_net,
     recognisable_fraction,
 )

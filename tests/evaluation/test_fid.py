@@ -8,11 +8,11 @@ from torch import nn
 
 pytest.importorskip("torchmetrics")
 
+from ddim_plus.digits import load_digits  # noqa: E402
 from ddim_plus.evaluation.digits import (  # noqa: E402
     DIGITS_FEATURES_FILE,
     DIGITS_FEATURES_NAME,
     digits_reference_images,
-    load_digits,
     load_digits_feature_net,
 )
 from ddim_plus.evaluation.fid import (  # noqa: E402
@@ -22,7 +22,7 @@ from ddim_plus.evaluation.fid import (  # noqa: E402
     frechet_distance,
     parse_features,
 )
-from ddim_plus.evaluation.images import to_image_tensor  # noqa: E402
+from ddim_plus.images import to_image_tensor  # noqa: E402
 
 
 class PixelFeatures(nn.Module):

@@ -6,15 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
+from ddim_plus.digits import load_digits
+from ddim_plus.images import convert_image, preprocess_image
 from ddim_plus.training.data import (
     TrainingImages,
     check_image_folder,
     check_images,
-    convert_image,
     find_image_column,
     load_digits_dataset,
     load_image_dataset,
-    preprocess_image,
 )
 
 
@@ -24,8 +24,6 @@ def digits16():
 
 
 def test_bundled_digits_are_resized_grayscale_images(digits16):
-    from ddim_plus.evaluation.digits import load_digits
-
     assert len(digits16) == 1797
     assert digits16.features["label"].names == [str(d) for d in range(10)]
     first = digits16[0]

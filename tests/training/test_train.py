@@ -69,7 +69,7 @@ def read_debug_log(output_dir, process=0):
 
 def write_digit_folder(folder, num_images):
     """The first `num_images` bundled digits as 8x8 PNG files (an imagefolder dataset)."""
-    from ddim_plus.evaluation.digits import load_digits
+    from ddim_plus.digits import load_digits
 
     folder.mkdir(parents=True)
     for index, image in enumerate(load_digits().images[:num_images]):

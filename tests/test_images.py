@@ -1,11 +1,43 @@
-"""ddim_plus.evaluation.images: grids against numpy-built expectations, and reading image files."""
+"""ddim_plus.images: input forms against numpy-built tensors, grids against numpy-built expectations, and reading
+image files."""
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
-from ddim_plus.evaluation.images import load_image_file, make_grid
+from ddim_plus.images import load_image_file, make_grid, to_image_tensor
+
+
+def test_every_input_form_gives_the_same_tensor():
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    arrays = pixels.astype(np.float32) / 255  # (B, H, W, C) in [0, 1], as output_type="np"
+    expected = torch.from_numpy(arrays.transpose(0, 3, 1, 2).copy())
+    tensors = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+    for form in (arrays, list(arrays), tensors, list(tensors), [PIL.Image.fromarray(p) for p in pixels]):
+        assert torch.equal(to_image_tensor(form), expected)
+    assert torch.equal(to_image_tensor(arrays[0]), expected[:1])  # one image, no batch axis
+    assert torch.equal(to_image_tensor(PIL.Image.fromarray(pixels[1, ..., 0])), expected[1:, :1])
+    assert to_image_tensor(arrays.astype(np.float64), dtype=torch.float64).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (np.zeros((1, 4, 4, 3), dtype=np.uint8), r"float in \[0, 1\]"),
+        (torch.full((1, 3, 4, 4), 1.001), r"\[0, 1\]"),
+        (torch.full((1, 3, 4, 4), float("nan")), "NaN"),
+        (PIL.Image.new("P", (4, 4)), r"mode \['P'\]"),
+        ([np.zeros((4, 4, 3)), np.zeros((4, 5, 3))], "share one shape"),
+        ([np.zeros((4, 4, 3)), torch.zeros(3, 4, 4)], "mixes types"),
+        (np.zeros((1, 1, 4, 4, 3)), r"\(B, H, W, C\)"),
+        ("image.png", "PIL image"),
+        ([], "empty list"),
+    ],
+)
+def test_bad_input_names_the_argument(images, match):
+    with pytest.raises(ValueError, match="`pictures`.*" + match):
+        to_image_tensor(images, name="pictures")
 
 
 def numpy_grid(images, num_columns, padding, scale, background):
