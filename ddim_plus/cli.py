@@ -232,14 +232,7 @@ def load_pipeline(
 
 def model_options(args) -> dict:
     """The options every model-loading command shares (see `_add_command`), as `load_pipeline` keywords."""
-    return dict(
-        device=args.device,
-        dtype=args.dtype,
-        variant=args.variant,
-        revision=args.revision,
-        quiet=args.quiet,
-        command=args.command,
-    )
+    return {name: getattr(args, name) for name in ("device", "dtype", "variant", "revision", "quiet", "command")}
 
 
 def _saved_variants(folder: str) -> set:

@@ -10,16 +10,10 @@ def create_ema_model(unet, max_decay: float = 0.9999, inv_gamma: float = 1.0, po
     from diffusers import UNet2DModel
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(
-        unet.parameters(),
-        decay=max_decay,
-        use_ema_warmup=True,
-        inv_gamma=inv_gamma,
-        power=power,
-        foreach=True,
-        model_cls=UNet2DModel,
-        model_config=unet.config,
-    )
+    # train_unconditional's warm-up: the decay grows with the step count as 1 - (1 + step / inv_gamma) ** -power
+    warmup = dict(use_ema_warmup=True, inv_gamma=inv_gamma, power=power)
+    saved_as = dict(model_cls=UNet2DModel, model_config=unet.config)
+    return EMAModel(unet.parameters(), decay=max_decay, foreach=True, **warmup, **saved_as)
 
 
 def register_checkpoint_hooks(accelerator, ema_model=None) -> None:
