@@ -4,7 +4,7 @@ Plain DDIM inversion runs eq. 13 forward in t but evaluates eps at the start of 
 noise level) instead of at its end, so decoding the x_T it finds misses the input by an error of the order of the
 step. `invert` can refine each step: it solves the step's implicit equation "the DDIM step down from x_t lands on the
 current sample" for x_t by a fixed-point iteration accelerated with Anderson mixing (as AIDI, Pan et al. 2023), with a
-per-sample residual check, restart and tolerance. docs/inversion.md compares it with plain fixed-point iteration on an
+per-sample residual check, restart and tolerance. docs/results.md compares it with plain fixed-point iteration on an
 exact denoiser.
 
 - `invert(denoiser, latents, scheduler, ...)`: x_0 (or VAE latents) -> x_T, for a denoiser `(x_t, t) -> output`;

@@ -1,7 +1,7 @@
 """`DDIMInversionPipeline`: images -> x_T (DDIM inversion, paper section 5.4), reconstruction and interpolation.
 
 Inversion is `ddim_plus.invert` (ddim_plus/inversion.py) over this pipeline's UNet: plain DDIM inversion, or each
-step refined by an Anderson-accelerated fixed-point iteration (measured in docs/inversion.md).
+step refined by an Anderson-accelerated fixed-point iteration (measured in docs/results.md, Table 2).
 
 Clipping or thresholding x_0 cannot be inverted (many x_t map to the same clipped x_0), so inversion, reconstruction
 and interpolation all run the deterministic first-order DDIM ODE with clipping and thresholding off, through a private

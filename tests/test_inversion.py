@@ -76,7 +76,7 @@ def test_refined_inversion_is_5x_better_than_plain_at_every_step_count():
         assert refined.mean() * 5 <= plain.mean(), f"S={steps}: {refined.mean():.3g} vs plain {plain.mean():.3g}"
         assert bool((refined <= plain).all()), f"S={steps}: refined worse than plain for some image"
         refined_means.append(float(refined.mean()))
-    # from S = 20 on, the error sits at the floor float32 and the refinement tolerance leave (docs/inversion.md)
+    # from S = 20 on, the error sits at the floor float32 and the refinement tolerance leave (docs/results.md)
     assert max(refined_means[1:]) < min(1e-8, refined_means[0]), f"refined error grows with S: {refined_means}"
 
 
