@@ -178,7 +178,7 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
         "--save_images_epochs",
         type=int,
         default=10,
-        help="sample a grid to samples/ and the trackers every this many epochs (0: never); the final grids follow training",
+        help="grid to samples/ and the trackers every this many epochs (0: never); the final grids follow training",
     )
     add("--save_images_steps", type=int, default=None, help="also sample a grid every this many optimiser steps")
     add(
