@@ -576,6 +576,13 @@ def prepare_run(args: argparse.Namespace, accelerator) -> dict:
     )
     image_column = find_image_column(dataset, args.image_column)
     images = check_images(dataset, image_column, root=args.train_data_dir)
+    grayscale = images["grayscale_in_colour"]
+    if grayscale:
+        logger.warning(
+            f"{len(grayscale)} of {len(dataset)} images are grayscale among colour ones ({', '.join(grayscale[:5])}"
+            f"{', ...' if len(grayscale) > 5 else ''}): they train as gray RGB images (R = G = B), as in "
+            "train_unconditional. Remove them for a model of colour images only."
+        )
     smaller = sum(min(size) < args.resolution for size in images["sizes"])
     if smaller:
         logger.warning(

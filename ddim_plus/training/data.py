@@ -182,12 +182,12 @@ def check_images(dataset, image_column: str, root: Optional[str] = None, num_wor
         num_workers (`int`, defaults to 4): decoding threads.
 
     Returns:
-        `Dict[str, object]`: `num_channels` (1 or 3), `min_side` (the shortest image side, in pixels) and `sizes`
-        (the (width, height) of each image, in dataset order).
+        `Dict[str, object]`: `num_channels` (1 if every image is grayscale, else 3), `min_side` (the shortest image
+        side, in pixels), `sizes` (the (width, height) of each image, in dataset order) and `grayscale_in_colour`
+        (the names of grayscale images among colour ones, which train converted to RGB).
 
     Raises:
-        `ValueError`: the dataset has no rows, some images cannot be decoded (naming them and why), or grayscale
-        and colour images are mixed.
+        `ValueError`: the dataset has no rows, or some images cannot be decoded (naming them and why).
     """
     import datasets
     from tqdm.auto import tqdm
@@ -225,18 +225,16 @@ def check_images(dataset, image_column: str, root: Optional[str] = None, num_wor
             f"{'; ...' if len(broken) > 5 else ''}. Remove or fix them before training."
         )
     channels = [image_num_channels(mode) for mode in modes]
-    grayscale = [index for index, count in enumerate(channels) if count == 1]
-    if 0 < len(grayscale) < len(channels):
-        colour = [index for index, count in enumerate(channels) if count == 3]
-        odd, kind, other = (
-            (grayscale, "grayscale", "colour") if len(grayscale) <= len(colour) else (colour, "colour", "grayscale")
-        )
-        examples = ", ".join(f"{name(index)} (mode {modes[index]})" for index in odd[:5])
-        raise ValueError(
-            f"The images mix grayscale and colour: {len(odd)} {kind} among {len(channels) - len(odd)} {other} ones: "
-            f"{examples}{', ...' if len(odd) > 5 else ''}. Convert them to one kind (a model has one channel count)."
-        )
-    return {"num_channels": channels[0], "min_side": min(min(size) for size in sizes), "sizes": sizes}
+    # As train_unconditional (which converts every image to RGB): one colour image makes a colour model, and the
+    # grayscale images among colour ones train as gray RGB images (R = G = B) rather than stopping the run.
+    num_channels = max(channels)
+    grayscale = [name(index) for index, count in enumerate(channels) if count < num_channels]
+    return {
+        "num_channels": num_channels,
+        "min_side": min(min(size) for size in sizes),
+        "sizes": sizes,
+        "grayscale_in_colour": grayscale,
+    }
 
 
 class TrainingImages(torch.utils.data.Dataset):
