@@ -104,8 +104,10 @@ def load_image_dataset(
     """The training split of the bundled digits, a Hub or local dataset, or an image folder.
 
     Args:
-        dataset_name (`str`, *optional*, defaults to `"digits"`): `"digits"` for the bundled digits, else a Hub
-            dataset id or a local path, loaded with `datasets.load_dataset`. Ignored when `train_data_dir` is given.
+        dataset_name (`str`, *optional*, defaults to `"digits"`): `"digits"` for the bundled digits, a folder written
+            by `save_to_disk` (loaded with `datasets.load_from_disk`, its `train` split for a `DatasetDict`), else a
+            Hub dataset id or a local path, loaded with `datasets.load_dataset`. Ignored when `train_data_dir` is
+            given.
         dataset_config_name (`str`, *optional*): the dataset's configuration.
         train_data_dir (`str`, *optional*): a folder of images loaded as `datasets`' imagefolder.
         cache_dir (`str`, *optional*): where `datasets` caches downloads.
@@ -121,7 +123,35 @@ def load_image_dataset(
         return datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
     if dataset_name == DIGITS_DATASET_NAME:
         return load_digits_dataset(resolution)
+    if is_saved_dataset(dataset_name):
+        return load_saved_dataset(dataset_name)
     return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+
+
+def is_saved_dataset(path: str) -> bool:
+    """Whether `path` is a folder written by `datasets`' `save_to_disk` (a `Dataset` or a `DatasetDict`), which
+    `datasets.load_dataset` refuses ("use `load_from_disk` instead")."""
+    markers = ("dataset_dict.json", "state.json")
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, marker)) for marker in markers)
+
+
+def load_saved_dataset(path: str):
+    """A `save_to_disk` folder loaded with `datasets.load_from_disk`: the dataset, or a `DatasetDict`'s `train` split.
+
+    Raises:
+        `ValueError`: a `DatasetDict` without a `train` split (naming its splits).
+    """
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ValueError(
+                f"`dataset_name`={path!r} is a saved DatasetDict without a 'train' split (its splits: "
+                f"{', '.join(loaded)}); save the training images as its 'train' split."
+            )
+        return loaded["train"]
+    return loaded
 
 
 def find_image_column(dataset, image_column: Optional[str] = None) -> str:

@@ -263,3 +263,18 @@ def test_cli_loads_16bit_images_as_the_trainer_does(tmp_path):
     loaded = _load_images(sorted(str(p) for p in (tmp_path / "scans").iterdir()), channels=1, size=8)
     assert loaded.shape == (3, 8, 8, 1)
     np.testing.assert_allclose(loaded[..., 0], np.stack(arrays) / 65535, atol=1e-6)
+
+
+def test_save_to_disk_folders_load_as_datasets_saves_them(tmp_path):
+    # Expected: the rows `datasets.load_from_disk` reads back, for a Dataset and for a DatasetDict's train split.
+    images = [Image.new("RGB", (6, 6), (index * 50, 0, 0)) for index in range(3)]
+    saved = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
+    saved.save_to_disk(str(tmp_path / "dataset"))
+    datasets.DatasetDict({"train": saved, "test": saved.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    datasets.DatasetDict({"validation": saved}).save_to_disk(str(tmp_path / "no_train"))
+    for name in ("dataset", "dict"):
+        loaded = load_image_dataset(str(tmp_path / name), cache_dir=str(tmp_path / "cache"))
+        assert len(loaded) == 3
+        assert [np.asarray(row["image"]).tolist() for row in loaded] == [np.asarray(i).tolist() for i in images]
+    with pytest.raises(ValueError, match=r"without a 'train' split \(its splits: validation\)"):
+        load_image_dataset(str(tmp_path / "no_train"))
