@@ -48,6 +48,7 @@ from ddim_plus.training.args import (
     validate_args,
 )
 from ddim_plus.training.checkpoints import (
+    check_checkpoint_compatible,
     check_resume,
     checkpoint_step,
     kill_point,
@@ -165,7 +166,11 @@ def check_run_length(args, run: dict, settings: dict) -> None:
     with input_errors():
         if run["restart"] is not None:
             check_restart(args.output_dir, run["restart"], settings)
-        warning = check_resume(run["checkpoint"], settings) if run["checkpoint"] is not None else None
+        warning = None
+        if run["checkpoint"] is not None:
+            # the flags first: a changed `--resolution` is named as such, not as the UNet config it changes
+            warning = check_resume(run["checkpoint"], settings)
+            check_checkpoint_compatible(run["checkpoint"], run["unet_config"])
     if warning:
         logger.warning(as_flags(warning))
     max_train_steps = settings["max_train_steps"]

@@ -17,7 +17,6 @@ from ddim_plus import ddim_math
 from ddim_plus.scheduling_ddim_plus import DDIMSchedulerPlus
 from ddim_plus.training.checkpoints import (
     RUN_RECORD_NAME,
-    check_checkpoint_compatible,
     compare_run_records,
     data_fingerprint,
     find_run_outputs,
@@ -600,8 +599,6 @@ def prepare_run(args: argparse.Namespace, accelerator) -> dict:
             f"A larger `--resolution` (up to {min(shorter_sides)}) keeps more of it."
         )
     unet_config = build_unet_config(args, images["num_channels"])
-    if checkpoint is not None:
-        check_checkpoint_compatible(checkpoint, unet_config)
     data = data_fingerprint(dataset, args.dataset_name, args.dataset_config_name, args.train_data_dir)
     return {
         "data": data,

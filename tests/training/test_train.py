@@ -592,6 +592,10 @@ def test_resuming_another_run_or_a_finished_one_is_refused(reference_run, workdi
         output_dir,
         r"other settings \(`--seed`: checkpoint 0, now 1; `--learning_rate`: checkpoint 0.001, now 0.0003\)",
     )
+    # Another resolution is named as the flag, not as the UNet configuration it changes.
+    expect_error_without_output(
+        [*argv, *resume, "--resolution", "16"], output_dir, r"other settings \(`--resolution`: checkpoint 8, now 16\)"
+    )
     # The same run, but checkpoint-6 is past the end of a 5-step run.
     expect_error_without_output([*argv, *resume, "--max_train_steps", "5"], output_dir, "at step 6, past")
     # `latest` finding nothing says so (here the run then stops at its bad data).
