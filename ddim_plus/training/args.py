@@ -4,6 +4,7 @@ noise schedule they describe, and the checks of the data and output folder done 
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import os
 import re
@@ -366,6 +367,9 @@ def validate_args(args: argparse.Namespace) -> None:
             "`--hub_token` cannot be used with `--report_to wandb`: the token would be uploaded with the run's "
             "config. Log in with `hf auth login` instead and leave out `--hub_token`."
         )
+    if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        # accelerate only warns and then logs nowhere; diffusers' examples refuse, as here.
+        raise ValueError("`--report_to wandb` needs the wandb package: pip install wandb, or pass `--report_to none`.")
     if args.pretrained_model_name_or_path is not None and args.model_config_name_or_path is not None:
         raise ValueError(
             "Both `--pretrained_model_name_or_path` (a model to fine-tune) and `--model_config_name_or_path` (a new "

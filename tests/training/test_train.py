@@ -5,6 +5,7 @@ Runs launch the script in a subprocess (as users do) with a tiny UNet; bad-input
 they must fail before anything is trained or written.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -300,6 +301,17 @@ def expect_error_without_output(argv, output_dir, match):
 )
 def test_bad_flags_fail_before_training(tmp_path, flags, match):
     expect_error_without_output(["--output_dir", str(tmp_path / "out"), *flags], tmp_path / "out", match)
+
+
+def test_wandb_without_the_package_fails_before_training(tmp_path, monkeypatch):
+    # accelerate would only warn and log nowhere; diffusers' examples refuse
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    expect_error_without_output(
+        ["--output_dir", str(tmp_path / "out"), "--report_to", "wandb"],
+        tmp_path / "out",
+        "`--report_to wandb` needs the wandb package: pip install wandb",
+    )
 
 
 @pytest.mark.parametrize(
