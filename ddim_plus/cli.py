@@ -227,7 +227,9 @@ def load_pipeline(
     if command is not None and state.is_main_process:
         source = "--device" if device is not None else "accelerate's device; --device overrides"
         print(f"ddim-plus {command}: running on {chosen} ({source}) in {dtype}", file=sys.stderr)
-    return pipe.to(chosen)
+    # `dtype` is known to run on `chosen` (checked above): diffusers' warning that float16 "cannot run" on the CPU
+    # would contradict the run that follows
+    return pipe.to(chosen, silence_dtype_warnings=True)
 
 
 def model_options(args) -> dict:
