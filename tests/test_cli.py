@@ -164,6 +164,18 @@ def test_interpolate_ends_are_the_images_of_sample_for_those_seeds(tmp_path):
         assert np.abs(strip_pixels[1:9, left : left + 8] - expected).max() <= 1
 
 
+def test_interpolate_refuses_latents_of_another_model_naming_the_flag(model_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "rgb_latents.safetensors"
+    save_file({"latents": torch.zeros(2, 3, 8, 8)}, str(path))  # as `invert` writes them for a 3-channel model
+    out = tmp_path / "strip.png"
+    assert main(["interpolate", model_dir, "--latents", str(path), "--frames", "3", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--latents" in err and "(3, 8, 8)" in err and "takes (1, 8, 8)" in err and "ddim-plus invert" in err
+    assert "latents_a" not in err and not out.exists()
+
+
 def test_interpolate_between_inverted_latents_ends_at_their_reconstructions(model_dir, tmp_path):
     from safetensors.torch import load_file
 
