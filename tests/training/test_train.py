@@ -647,8 +647,10 @@ def test_a_user_mistake_prints_the_message_not_a_traceback(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------------------------------------
 # diffusers users' habits: the anchor's flags, fine-tuning, --help, the documented flag table
 # ---------------------------------------------------------------------------------------------------------------
-def test_the_anchor_command_parses_with_the_anchors_meaning_and_unet():
-    # train_unconditional's README command and the flags its scripts pass.
+def test_the_anchor_command_parses_with_the_anchors_meaning_and_unet(monkeypatch):
+    # train_unconditional's README command and the flags its scripts pass (with wandb installed, as it needs).
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: name if name == "wandb" else find_spec(name, *a))
     args = train_args.parse_args(
         [
             "--dataset_name", "huggan/flowers-102-categories", "--resolution", "64", "--center_crop", "--random_flip",
