@@ -125,7 +125,15 @@ def load_image_dataset(
         return load_digits_dataset(resolution)
     if is_saved_dataset(dataset_name):
         return load_saved_dataset(dataset_name)
-    return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+    try:
+        return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+    except (ConnectionError, FileNotFoundError, ValueError) as error:
+        # a typo'd path, an unknown id or no network: `datasets` says which, the trainer names the flag
+        raise ValueError(
+            f"`dataset_name`={dataset_name!r} cannot be loaded with `datasets.load_dataset` ({type(error).__name__}: "
+            f"{error}). Pass a Hub dataset id (cached, with HF_HUB_OFFLINE=1), a local folder of images or data "
+            "files, or a `save_to_disk` folder; a plain folder of images also goes to `train_data_dir`."
+        ) from error
 
 
 def is_saved_dataset(path: str) -> bool:

@@ -278,3 +278,9 @@ def test_save_to_disk_folders_load_as_datasets_saves_them(tmp_path):
         assert [np.asarray(row["image"]).tolist() for row in loaded] == [np.asarray(i).tolist() for i in images]
     with pytest.raises(ValueError, match=r"without a 'train' split \(its splits: validation\)"):
         load_image_dataset(str(tmp_path / "no_train"))
+
+
+def test_a_dataset_name_that_does_not_load_is_one_error_naming_it(tmp_path):
+    missing = str(tmp_path / "typo_folder")
+    with pytest.raises(ValueError, match=r"`dataset_name`='.*typo_folder' cannot be loaded with `datasets"):
+        load_image_dataset(missing, cache_dir=str(tmp_path / "cache"))
