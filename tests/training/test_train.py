@@ -765,6 +765,12 @@ def test_fine_tuning_refuses_data_with_other_channels_or_a_second_model(tmp_path
         output_dir,
         "takes 3 channels, the training images have 1",
     )
+    # Weights saved as the fp16 variant only, asked for without `--variant`: one error naming the flags, no traceback.
+    expect_error_without_output(
+        ["--output_dir", str(output_dir), "--pretrained_model_name_or_path", str(stock_ddpm_folder)],
+        output_dir,
+        r"its UNet \(`unet/`\) cannot be loaded .*Check `--variant` and `--revision`",
+    )
     expect_error_without_output(
         [
             "--output_dir", str(output_dir), "--pretrained_model_name_or_path", str(stock_ddpm_folder),
