@@ -227,7 +227,9 @@ def load_pipeline(
     if command is not None and state.is_main_process:
         source = "--device" if device is not None else "accelerate's device; --device overrides"
         print(f"ddim-plus {command}: running on {chosen} ({source}) in {dtype}", file=sys.stderr)
-    return pipe.to(chosen)
+    # `dtype` is known to run on `chosen` (checked above): diffusers' warning that float16 "cannot run" on the CPU
+    # would contradict the run that follows
+    return pipe.to(chosen, silence_dtype_warnings=True)
 
 
 def model_options(args) -> dict:
@@ -476,11 +478,19 @@ def run_interpolate(args) -> None:
     from . import DDIMInversionPipeline
     from .ddim_math import slerp
     from .images import make_grid
+    from .pipeline_utils import sample_shape
 
     pipe = load_pipeline(args.model, args.spacing, order=args.order, **model_options(args))
     _set_progress(pipe, args.quiet)
     if args.latents is not None:
         latents_a, latents_b = _load_latents_pair(args.latents)
+        if tuple(latents_a.shape) != sample_shape(pipe.unet):
+            raise CommandError(
+                f"--latents {args.latents!r} holds latents of shape {tuple(latents_a.shape)}, but MODEL "
+                f"{args.model!r} takes {sample_shape(pipe.unet)} (channels, height, width): invert the images with "
+                "this model (`ddim-plus invert MODEL IMAGE ...`).",
+                exit_code=2,
+            )
         latents_a, latents_b = latents_a.to(pipe.unet.dtype), latents_b.to(pipe.unet.dtype)
         # Inverted latents decode with the unclipped ODE that inversion runs backwards, so the end frames reproduce
         # the images they were inverted from (`sample`'s clipping would change them).

@@ -206,39 +206,32 @@ def other_schedulers_markdown(scheduler_config: Mapping[str, object]) -> str:
     """The card's section on sampling with another diffusers scheduler (DPMSolverMultistepScheduler as the example).
 
     Stock schedulers know the `leading`, `trailing` and `linspace` spacings only and raise `ValueError` in
-    `set_timesteps` on ddim_plus's own (`quadratic`, `logsnr`): for those the snippet passes this config's timesteps
-    explicitly and gives the stock scheduler a stock spacing for calls with `num_inference_steps`.
+    `set_timesteps` on ddim_plus's own (`quadratic`, `logsnr`); `DDIMPlusPipeline` passes such a config's timesteps
+    to a scheduler whose `set_timesteps` takes `timesteps`, so `from_config` is all it takes there too.
 
     Returns:
         `str`: the section's text, with a snippet that runs after the how-to snippet.
     """
     spacing = scheduler_config.get("timestep_spacing")
-    intro = (
+    text = (
         "`DDIMPlusPipeline` samples with whichever diffusers scheduler `pipeline.scheduler` holds (leave `eta` at 0 "
         "when its `step` takes no `eta`). "
     )
-    if spacing not in _OWN_SPACINGS:
-        return (
-            intro + f"This config's `{spacing}` spacing is one diffusers has, so `from_config` is all it takes:\n\n"
-            "```python\n"
-            "from diffusers import DPMSolverMultistepScheduler\n\n"
-            "pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)\n"
-            "images = pipeline(batch_size=16, num_inference_steps=20).images\n"
-            "```"
+    if spacing in _OWN_SPACINGS:
+        text += (
+            f"This config's `{spacing}` timestep spacing is ddim_plus's own, which stock schedulers do not know: "
+            "`DDIMPlusPipeline` passes its timesteps to a scheduler whose `set_timesteps` takes `timesteps` "
+            "(`DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`, `DDPMScheduler`), "
+            "so `from_config` is all it takes. Other schedulers, and stock pipelines, raise `ValueError` on it: build "
+            'them with `from_config(pipeline.scheduler.config, timestep_spacing="trailing")`.\n\n'
         )
-    return (
-        intro + f"This config's `{spacing}` timestep spacing is ddim_plus's own: a stock scheduler built with "
-        "`from_config` raises `ValueError` in `set_timesteps` on it. Pass the timesteps explicitly (they are the ones "
-        "`DDIMSchedulerPlus` picks for that number of steps), and give the stock scheduler a stock spacing "
-        '(`"leading"`, `"trailing"` or `"linspace"`) for calls with `num_inference_steps`:\n\n'
+    else:
+        text += f"This config's `{spacing}` spacing is one diffusers has, so `from_config` is all it takes:\n\n"
+    return text + (
         "```python\n"
         "from diffusers import DPMSolverMultistepScheduler\n\n"
-        "pipeline.scheduler.set_timesteps(20)\n"
-        "timesteps = pipeline.scheduler.timesteps.tolist()  # the 20 timesteps DDIMSchedulerPlus samples with\n"
-        "pipeline.scheduler = DPMSolverMultistepScheduler.from_config(\n"
-        '    pipeline.scheduler.config, timestep_spacing="trailing"\n'
-        ")\n"
-        "images = pipeline(batch_size=16, timesteps=timesteps).images\n"
+        "pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)\n"
+        "images = pipeline(batch_size=16, num_inference_steps=20).images\n"
         "```"
     )
 

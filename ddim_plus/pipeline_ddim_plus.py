@@ -16,7 +16,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import ddim_math as dm
 from .pipeline_utils import DDIMPlusPipelineBase, check_latents, check_output_type, postprocess, sample_shape
+from .scheduling_ddim_plus import DDIMSchedulerPlus
 
 logger = logging.get_logger(__name__)
 
@@ -47,6 +49,9 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
             converted with `DDIMSchedulerPlus.from_config(scheduler.config)`; any other diffusers scheduler (e.g.
             `DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`) is sampled with as it is. To sample with a stock
             `DDIMScheduler` or `DDPMScheduler` itself, assign it afterwards: `pipe.scheduler = DDPMScheduler(...)`.
+            Another scheduler whose config holds ddim_plus's own spacing (`quadratic`, `logsnr`, as
+            `from_config(pipe.scheduler.config)` of a trained model gives) samples at that spacing's timesteps when
+            its `set_timesteps` takes `timesteps`, and is refused with the fix before any UNet call otherwise.
     """
 
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
@@ -86,10 +91,20 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
                 f"`use_clipped_model_output`=True, but {type(self.scheduler).__name__}.step does not take it; leave "
                 "it unset or use DDIMSchedulerPlus."
             )
-        if timesteps is not None and "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+        takes_timesteps = "timesteps" in inspect.signature(self.scheduler.set_timesteps).parameters
+        if timesteps is not None and not takes_timesteps:
             raise ValueError(
                 f"`timesteps` given, but {type(self.scheduler).__name__}.set_timesteps takes no custom timesteps: "
                 "pass `num_inference_steps` instead, or use DDIMSchedulerPlus."
+            )
+        spacing = self.scheduler.config.get("timestep_spacing")
+        if timesteps is None and self.own_spacing_on_foreign_scheduler() and not takes_timesteps:
+            name = type(self.scheduler).__name__
+            raise ValueError(
+                f"{name} has no {spacing!r} timestep spacing (ddim_plus's own, from this pipeline's scheduler config) "
+                f"and its `set_timesteps` takes no `timesteps`: build it with a stock spacing, "
+                f'`{name}.from_config(pipe.scheduler.config, timestep_spacing="trailing")`, or sample with '
+                "DDIMSchedulerPlus."
             )
         if latents is not None:
             check_latents(latents, self.unet, batch_size)
@@ -99,6 +114,33 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got {unknown}."
             )
+
+    def own_spacing_on_foreign_scheduler(self) -> bool:
+        """Whether `self.scheduler` is another diffusers scheduler whose config holds one of ddim_plus's own
+        spacings (`quadratic`, `logsnr`), as `from_config(pipe.scheduler.config)` of a ddim_plus config gives; stock
+        schedulers raise `ValueError` in `set_timesteps` on those."""
+        spacing = self.scheduler.config.get("timestep_spacing")
+        own = spacing in dm.TIMESTEP_SPACINGS and spacing not in dm.DIFFUSERS_TIMESTEP_SPACINGS
+        return own and not isinstance(self.scheduler, DDIMSchedulerPlus)
+
+    def own_spacing_timesteps(self, num_inference_steps: int) -> List[int]:
+        """The timesteps DDIMSchedulerPlus visits for `num_inference_steps` with this config's spacing, for another
+        scheduler (`own_spacing_on_foreign_scheduler`) whose `set_timesteps` takes a `timesteps` list."""
+        config = self.scheduler.config
+        T = config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+            raise ValueError(f"`num_inference_steps` must be an int, got {num_inference_steps!r}.")
+        if not 1 <= num_inference_steps <= T:
+            raise ValueError(
+                f"`num_inference_steps` must be between 1 and `num_train_timesteps`={T}, got {num_inference_steps}."
+            )
+        return dm.timesteps_for_spacing(
+            config.timestep_spacing,
+            int(num_inference_steps),
+            T,
+            config.get("steps_offset", 0),
+            alphas_cumprod=getattr(self.scheduler, "alphas_cumprod", None),
+        ).tolist()
 
     def prepare_latents(
         self,
@@ -220,7 +262,11 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
         )
         self._interrupt = False
 
-        # 2. Set the timesteps: a custom `timesteps` list wins over `num_inference_steps`, which always has a default
+        # 2. Set the timesteps: a custom `timesteps` list wins over `num_inference_steps`, which always has a default.
+        # Another scheduler built from a ddim_plus config gets that config's spacing as a list: stock schedulers
+        # know only diffusers' spacings.
+        if timesteps is None and self.own_spacing_on_foreign_scheduler():
+            timesteps = self.own_spacing_timesteps(num_inference_steps)
         if timesteps is not None:
             self.scheduler.set_timesteps(timesteps=timesteps)
         else:

@@ -48,6 +48,7 @@ from ddim_plus.training.args import (
     validate_args,
 )
 from ddim_plus.training.checkpoints import (
+    check_checkpoint_compatible,
     check_resume,
     checkpoint_step,
     kill_point,
@@ -114,9 +115,17 @@ def create_unet(args, unet_config: dict, accelerator: Accelerator):
     if args.pretrained_model_name_or_path is None:
         unet = UNet2DModel.from_config(unet_config)
     else:
-        unet = UNet2DModel.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
-        )
+        try:
+            unet = UNet2DModel.from_pretrained(
+                args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
+            )
+        except OSError as error:  # diffusers' error for missing or unreadable weights (a variant not saved, ...)
+            variant = f" as variant {args.variant!r}" if args.variant else ""
+            raise InputError(
+                f"`--pretrained_model_name_or_path`={args.pretrained_model_name_or_path!r}: its UNet (`unet/`) cannot "
+                f"be loaded{variant} ({error}). Check `--variant` and `--revision` (leave `--variant` out for the "
+                "default weights)."
+            ) from error
         unet.register_to_config(sample_size=args.resolution)
     logger.info(f"UNet: {sum(p.numel() for p in unet.parameters()):,} parameters")
     if args.enable_xformers_memory_efficient_attention:
@@ -165,7 +174,11 @@ def check_run_length(args, run: dict, settings: dict) -> None:
     with input_errors():
         if run["restart"] is not None:
             check_restart(args.output_dir, run["restart"], settings)
-        warning = check_resume(run["checkpoint"], settings) if run["checkpoint"] is not None else None
+        warning = None
+        if run["checkpoint"] is not None:
+            # the flags first: a changed `--resolution` is named as such, not as the UNet config it changes
+            warning = check_resume(run["checkpoint"], settings)
+            check_checkpoint_compatible(run["checkpoint"], run["unet_config"])
     if warning:
         logger.warning(as_flags(warning))
     max_train_steps = settings["max_train_steps"]

@@ -14,7 +14,7 @@ from conftest import make_tiny_unet, save_tiny_pipeline, seeded_generators
 from safetensors import safe_open
 
 from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.cli import build_parser, main
+from ddim_plus.cli import _runs_on_cpu, build_parser, main
 from ddim_plus.ddim_math import TIMESTEP_SPACINGS
 
 
@@ -162,6 +162,18 @@ def test_interpolate_ends_are_the_images_of_sample_for_those_seeds(tmp_path):
         left = 1 + column * 9
         # the frames are decoded in one batch, `sample --num 1` alone: a pixel may round to the next 8-bit value
         assert np.abs(strip_pixels[1:9, left : left + 8] - expected).max() <= 1
+
+
+def test_interpolate_refuses_latents_of_another_model_naming_the_flag(model_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "rgb_latents.safetensors"
+    save_file({"latents": torch.zeros(2, 3, 8, 8)}, str(path))  # as `invert` writes them for a 3-channel model
+    out = tmp_path / "strip.png"
+    assert main(["interpolate", model_dir, "--latents", str(path), "--frames", "3", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--latents" in err and "(3, 8, 8)" in err and "takes (1, 8, 8)" in err and "ddim-plus invert" in err
+    assert "latents_a" not in err and not out.exists()
 
 
 def test_interpolate_between_inverted_latents_ends_at_their_reconstructions(model_dir, tmp_path):
@@ -457,8 +469,6 @@ def _sample_pixels(model_dir, tmp_path, *options):
 
 
 def test_half_precision_samples_are_close_to_float32(rgb_model_dir, tmp_path, capsys):
-    from ddim_plus.cli import _runs_on_cpu
-
     reference = _sample_pixels(rgb_model_dir, tmp_path)
     for dtype in ("bfloat16", "float16"):
         if not _runs_on_cpu(dtype):
@@ -470,6 +480,25 @@ def test_half_precision_samples_are_close_to_float32(rgb_model_dir, tmp_path, ca
         # bfloat16 keeps 8 significant bits (float16 11): on average a pixel is within one 8-bit level of float32,
         # and none of the 6 x 8 x 8 x 3 values is off by more than 48 levels (the random UNet amplifies rounding)
         assert difference.mean() <= 1 and difference.max() <= 48, (dtype, difference.mean(), difference.max())
+
+
+def test_a_dtype_the_cpu_runs_gets_no_warning_that_it_cannot(model_dir, tmp_path):
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        for dtype in ("bfloat16", "float16"):
+            if _runs_on_cpu(dtype):
+                assert main(["sample", model_dir, "--dtype", dtype, "--steps", "1", "--num", "1", "--out",
+                             str(tmp_path / "x.png"), "--quiet"]) == 0  # fmt: skip
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    assert not [r for r in records if "cannot run with `cpu`" in r.getMessage()]
 
 
 def test_a_dtype_the_cpu_cannot_run_is_refused_naming_the_fix(model_dir, tmp_path, capsys, monkeypatch):

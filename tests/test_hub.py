@@ -391,11 +391,9 @@ def test_the_cards_other_scheduler_snippet_runs_with_stock_dpm_solver(tmp_path, 
     assert type(pipeline.scheduler) is DPMSolverMultistepScheduler and len(namespace["images"]) == 16
     expected = DDIMSchedulerPlus(timestep_spacing=spacing)
     expected.set_timesteps(20)
-    if spacing in ("logsnr", "quadratic"):
-        assert pipeline.scheduler.timesteps.tolist() == expected.timesteps.tolist()
-        pipeline(batch_size=1, num_inference_steps=3)  # the stock spacing the card sets serves step counts
-    else:
-        assert pipeline.scheduler.config.timestep_spacing == spacing
+    # DDIMPlusPipeline samples at the config's own timesteps (the stock spacing's for trailing)
+    assert pipeline.scheduler.timesteps.tolist() == expected.timesteps.tolist()
+    assert pipeline.scheduler.config.timestep_spacing == spacing
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -122,6 +122,44 @@ def test_other_diffusers_schedulers_sample_as_diffusers_loop(scheduler_cls):
     assert calls == []
 
 
+@pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler, DDPMScheduler])
+def test_other_schedulers_from_a_config_with_our_spacing_sample_at_its_timesteps(scheduler_cls):
+    # `from_config` of a ddim_plus config (the trainer saves `logsnr`) gives a stock scheduler that raises on our
+    # spacing; the pipeline passes that spacing's timesteps instead, here the paper's quadratic closed form.
+    pipe = make_pipe(timestep_spacing="quadratic")
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    expected_timesteps = np.floor(np.linspace(0, np.sqrt(0.8 * 1000), STEPS) ** 2)[::-1].astype(int).tolist()
+    seen = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: seen.append(round(float(args[1]))))
+    latents = randn_tensor((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)  # DDPM's step draws noise
+    got = pipe(batch_size=2, latents=latents, num_inference_steps=STEPS, generator=generator, output_type="pt").images
+    hook.remove()
+    # the same scheduler given the timesteps explicitly, in diffusers' own loop
+    reference = scheduler_cls.from_config(pipe.scheduler.config)
+    reference.set_timesteps(timesteps=expected_timesteps)
+    sample, generator = latents * reference.init_noise_sigma, torch.Generator().manual_seed(1)
+    for t in reference.timesteps:
+        with torch.no_grad():
+            model_output = pipe.unet(reference.scale_model_input(sample, t), t).sample
+        sample = reference.step(model_output, t, sample, generator=generator).prev_sample
+    assert [round(float(t)) for t in reference.timesteps] == seen
+    if scheduler_cls is not EulerDiscreteScheduler:  # Euler's timesteps are interpolated floats of these
+        assert seen == expected_timesteps
+    torch.testing.assert_close(got, (sample / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="`num_inference_steps` must be between 1 and"):
+        pipe(num_inference_steps=0)
+
+
+def test_stock_ddim_scheduler_from_a_config_with_our_spacing_is_refused_with_the_fix():
+    pipe = make_pipe(timestep_spacing="logsnr")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    calls = count_unet_calls(pipe)
+    with pytest.raises(ValueError, match=r"no 'logsnr' timestep spacing.*timestep_spacing=\"trailing\""):
+        pipe(num_inference_steps=STEPS)
+    assert calls == []
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_assigned_stock_ddim_scheduler_matches_stock_ddim_pipeline(eta):
     pipe = make_pipe()

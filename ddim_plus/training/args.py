@@ -4,6 +4,7 @@ noise schedule they describe, and the checks of the data and output folder done 
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import os
 import re
@@ -17,7 +18,6 @@ from ddim_plus import ddim_math
 from ddim_plus.scheduling_ddim_plus import DDIMSchedulerPlus
 from ddim_plus.training.checkpoints import (
     RUN_RECORD_NAME,
-    check_checkpoint_compatible,
     compare_run_records,
     data_fingerprint,
     find_run_outputs,
@@ -367,6 +367,9 @@ def validate_args(args: argparse.Namespace) -> None:
             "`--hub_token` cannot be used with `--report_to wandb`: the token would be uploaded with the run's "
             "config. Log in with `hf auth login` instead and leave out `--hub_token`."
         )
+    if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        # accelerate only warns and then logs nowhere; diffusers' examples refuse, as here.
+        raise ValueError("`--report_to wandb` needs the wandb package: pip install wandb, or pass `--report_to none`.")
     if args.pretrained_model_name_or_path is not None and args.model_config_name_or_path is not None:
         raise ValueError(
             "Both `--pretrained_model_name_or_path` (a model to fine-tune) and `--model_config_name_or_path` (a new "
@@ -576,6 +579,13 @@ def prepare_run(args: argparse.Namespace, accelerator) -> dict:
     )
     image_column = find_image_column(dataset, args.image_column)
     images = check_images(dataset, image_column, root=args.train_data_dir)
+    grayscale = images["grayscale_in_colour"]
+    if grayscale:
+        logger.warning(
+            f"{len(grayscale)} of {len(dataset)} images are grayscale among colour ones ({', '.join(grayscale[:5])}"
+            f"{', ...' if len(grayscale) > 5 else ''}): they train as gray RGB images (R = G = B), as in "
+            "train_unconditional. Remove them for a model of colour images only."
+        )
     smaller = sum(min(size) < args.resolution for size in images["sizes"])
     if smaller:
         logger.warning(
@@ -593,8 +603,6 @@ def prepare_run(args: argparse.Namespace, accelerator) -> dict:
             f"A larger `--resolution` (up to {min(shorter_sides)}) keeps more of it."
         )
     unet_config = build_unet_config(args, images["num_channels"])
-    if checkpoint is not None:
-        check_checkpoint_compatible(checkpoint, unet_config)
     data = data_fingerprint(dataset, args.dataset_name, args.dataset_config_name, args.train_data_dir)
     return {
         "data": data,

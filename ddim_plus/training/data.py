@@ -104,8 +104,10 @@ def load_image_dataset(
     """The training split of the bundled digits, a Hub or local dataset, or an image folder.
 
     Args:
-        dataset_name (`str`, *optional*, defaults to `"digits"`): `"digits"` for the bundled digits, else a Hub
-            dataset id or a local path, loaded with `datasets.load_dataset`. Ignored when `train_data_dir` is given.
+        dataset_name (`str`, *optional*, defaults to `"digits"`): `"digits"` for the bundled digits, a folder written
+            by `save_to_disk` (loaded with `datasets.load_from_disk`, its `train` split for a `DatasetDict`), else a
+            Hub dataset id or a local path, loaded with `datasets.load_dataset`. Ignored when `train_data_dir` is
+            given.
         dataset_config_name (`str`, *optional*): the dataset's configuration.
         train_data_dir (`str`, *optional*): a folder of images loaded as `datasets`' imagefolder.
         cache_dir (`str`, *optional*): where `datasets` caches downloads.
@@ -121,7 +123,43 @@ def load_image_dataset(
         return datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
     if dataset_name == DIGITS_DATASET_NAME:
         return load_digits_dataset(resolution)
-    return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+    if is_saved_dataset(dataset_name):
+        return load_saved_dataset(dataset_name)
+    try:
+        return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+    except (ConnectionError, FileNotFoundError, ValueError) as error:
+        # a typo'd path, an unknown id or no network: `datasets` says which, the trainer names the flag
+        raise ValueError(
+            f"`dataset_name`={dataset_name!r} cannot be loaded with `datasets.load_dataset` ({type(error).__name__}: "
+            f"{error}). Pass a Hub dataset id (cached, with HF_HUB_OFFLINE=1), a local folder of images or data "
+            "files, or a `save_to_disk` folder; a plain folder of images also goes to `train_data_dir`."
+        ) from error
+
+
+def is_saved_dataset(path: str) -> bool:
+    """Whether `path` is a folder written by `datasets`' `save_to_disk` (a `Dataset` or a `DatasetDict`), which
+    `datasets.load_dataset` refuses ("use `load_from_disk` instead")."""
+    markers = ("dataset_dict.json", "state.json")
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, marker)) for marker in markers)
+
+
+def load_saved_dataset(path: str):
+    """A `save_to_disk` folder loaded with `datasets.load_from_disk`: the dataset, or a `DatasetDict`'s `train` split.
+
+    Raises:
+        `ValueError`: a `DatasetDict` without a `train` split (naming its splits).
+    """
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ValueError(
+                f"`dataset_name`={path!r} is a saved DatasetDict without a 'train' split (its splits: "
+                f"{', '.join(loaded)}); save the training images as its 'train' split."
+            )
+        return loaded["train"]
+    return loaded
 
 
 def find_image_column(dataset, image_column: Optional[str] = None) -> str:
@@ -182,12 +220,12 @@ def check_images(dataset, image_column: str, root: Optional[str] = None, num_wor
         num_workers (`int`, defaults to 4): decoding threads.
 
     Returns:
-        `Dict[str, object]`: `num_channels` (1 or 3), `min_side` (the shortest image side, in pixels) and `sizes`
-        (the (width, height) of each image, in dataset order).
+        `Dict[str, object]`: `num_channels` (1 if every image is grayscale, else 3), `min_side` (the shortest image
+        side, in pixels), `sizes` (the (width, height) of each image, in dataset order) and `grayscale_in_colour`
+        (the names of grayscale images among colour ones, which train converted to RGB).
 
     Raises:
-        `ValueError`: the dataset has no rows, some images cannot be decoded (naming them and why), or grayscale
-        and colour images are mixed.
+        `ValueError`: the dataset has no rows, or some images cannot be decoded (naming them and why).
     """
     import datasets
     from tqdm.auto import tqdm
@@ -225,18 +263,16 @@ def check_images(dataset, image_column: str, root: Optional[str] = None, num_wor
             f"{'; ...' if len(broken) > 5 else ''}. Remove or fix them before training."
         )
     channels = [image_num_channels(mode) for mode in modes]
-    grayscale = [index for index, count in enumerate(channels) if count == 1]
-    if 0 < len(grayscale) < len(channels):
-        colour = [index for index, count in enumerate(channels) if count == 3]
-        odd, kind, other = (
-            (grayscale, "grayscale", "colour") if len(grayscale) <= len(colour) else (colour, "colour", "grayscale")
-        )
-        examples = ", ".join(f"{name(index)} (mode {modes[index]})" for index in odd[:5])
-        raise ValueError(
-            f"The images mix grayscale and colour: {len(odd)} {kind} among {len(channels) - len(odd)} {other} ones: "
-            f"{examples}{', ...' if len(odd) > 5 else ''}. Convert them to one kind (a model has one channel count)."
-        )
-    return {"num_channels": channels[0], "min_side": min(min(size) for size in sizes), "sizes": sizes}
+    # As train_unconditional (which converts every image to RGB): one colour image makes a colour model, and the
+    # grayscale images among colour ones train as gray RGB images (R = G = B) rather than stopping the run.
+    num_channels = max(channels)
+    grayscale = [name(index) for index, count in enumerate(channels) if count < num_channels]
+    return {
+        "num_channels": num_channels,
+        "min_side": min(min(size) for size in sizes),
+        "sizes": sizes,
+        "grayscale_in_colour": grayscale,
+    }
 
 
 class TrainingImages(torch.utils.data.Dataset):

@@ -1,6 +1,9 @@
 """ddim_plus.training.data: the bundled digits, image folders, column and channel detection, reproducible
 augmentation."""
 
+import os
+
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -169,15 +172,39 @@ def test_every_image_is_decoded_before_training_and_bad_ones_are_named(tmp_path)
         check_images(dataset, column, root=str(folder))
 
 
-def test_mixed_grayscale_and_colour_is_an_error_naming_the_odd_files(tmp_path):
+def test_grayscale_among_colour_trains_as_gray_rgb_as_in_train_unconditional(tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
     for index in range(5):
         Image.new("RGB", (8, 8), (index * 40, 10, 200)).save(folder / f"rgb_{index}.png")
     Image.new("L", (8, 8), 90).save(folder / "scan.png")
+    ramp = np.linspace(0, 65535, 64).reshape(8, 8).round().astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "scan16.png")
     dataset, column = load_folder(folder, tmp_path)
-    with pytest.raises(ValueError, match=r"1 grayscale among 5 colour ones: scan.png \(mode L\)"):
-        check_images(dataset, column, root=str(folder))
+    images = check_images(dataset, column, root=str(folder))
+    assert images["num_channels"] == 3
+    assert sorted(images["grayscale_in_colour"]) == ["scan.png", "scan16.png"]
+    training = TrainingImages(dataset, column, 8, images["num_channels"], center_crop=True)
+    for index in range(len(dataset)):
+        name = os.path.basename(dataset.cast_column(column, datasets.Image(decode=False))[index][column]["path"])
+        pixels = training[index]["pixel_values"].double().numpy()
+        if name == "scan.png":  # PIL's own L -> RGB conversion, as train_unconditional's `convert("RGB")`
+            expected = np.asarray(Image.new("L", (8, 8), 90).convert("RGB"), dtype=np.float64)
+        elif name == "scan16.png":  # scaled by the 16-bit range, then gray RGB
+            expected = np.repeat(np.round(ramp / 65535 * 255)[..., None], 3, axis=2)
+        else:
+            continue
+        np.testing.assert_allclose(pixels, expected.transpose(2, 0, 1) / 127.5 - 1, atol=1e-6)
+
+
+def test_all_grayscale_images_train_a_one_channel_model(tmp_path):
+    folder = tmp_path / "gray"
+    folder.mkdir()
+    for index in range(3):
+        Image.new("L", (8, 8), index * 60).save(folder / f"scan_{index}.png")
+    dataset, column = load_folder(folder, tmp_path)
+    images = check_images(dataset, column, root=str(folder))
+    assert images["num_channels"] == 1 and images["grayscale_in_colour"] == []
 
 
 def write_16bit_folder(folder, num_images=3, size=(12, 10)):
@@ -236,3 +263,24 @@ def test_cli_loads_16bit_images_as_the_trainer_does(tmp_path):
     loaded = _load_images(sorted(str(p) for p in (tmp_path / "scans").iterdir()), channels=1, size=8)
     assert loaded.shape == (3, 8, 8, 1)
     np.testing.assert_allclose(loaded[..., 0], np.stack(arrays) / 65535, atol=1e-6)
+
+
+def test_save_to_disk_folders_load_as_datasets_saves_them(tmp_path):
+    # Expected: the rows `datasets.load_from_disk` reads back, for a Dataset and for a DatasetDict's train split.
+    images = [Image.new("RGB", (6, 6), (index * 50, 0, 0)) for index in range(3)]
+    saved = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
+    saved.save_to_disk(str(tmp_path / "dataset"))
+    datasets.DatasetDict({"train": saved, "test": saved.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    datasets.DatasetDict({"validation": saved}).save_to_disk(str(tmp_path / "no_train"))
+    for name in ("dataset", "dict"):
+        loaded = load_image_dataset(str(tmp_path / name), cache_dir=str(tmp_path / "cache"))
+        assert len(loaded) == 3
+        assert [np.asarray(row["image"]).tolist() for row in loaded] == [np.asarray(i).tolist() for i in images]
+    with pytest.raises(ValueError, match=r"without a 'train' split \(its splits: validation\)"):
+        load_image_dataset(str(tmp_path / "no_train"))
+
+
+def test_a_dataset_name_that_does_not_load_is_one_error_naming_it(tmp_path):
+    missing = str(tmp_path / "typo_folder")
+    with pytest.raises(ValueError, match=r"`dataset_name`='.*typo_folder' cannot be loaded with `datasets"):
+        load_image_dataset(missing, cache_dir=str(tmp_path / "cache"))

@@ -5,6 +5,7 @@ Runs launch the script in a subprocess (as users do) with a tiny UNet; bad-input
 they must fail before anything is trained or written.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -302,6 +303,17 @@ def test_bad_flags_fail_before_training(tmp_path, flags, match):
     expect_error_without_output(["--output_dir", str(tmp_path / "out"), *flags], tmp_path / "out", match)
 
 
+def test_wandb_without_the_package_fails_before_training(tmp_path, monkeypatch):
+    # accelerate would only warn and log nowhere; diffusers' examples refuse
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    expect_error_without_output(
+        ["--output_dir", str(tmp_path / "out"), "--report_to", "wandb"],
+        tmp_path / "out",
+        "`--report_to wandb` needs the wandb package: pip install wandb",
+    )
+
+
 @pytest.mark.parametrize(
     "flag, value, choices",
     [
@@ -592,6 +604,10 @@ def test_resuming_another_run_or_a_finished_one_is_refused(reference_run, workdi
         output_dir,
         r"other settings \(`--seed`: checkpoint 0, now 1; `--learning_rate`: checkpoint 0.001, now 0.0003\)",
     )
+    # Another resolution is named as the flag, not as the UNet configuration it changes.
+    expect_error_without_output(
+        [*argv, *resume, "--resolution", "16"], output_dir, r"other settings \(`--resolution`: checkpoint 8, now 16\)"
+    )
     # The same run, but checkpoint-6 is past the end of a 5-step run.
     expect_error_without_output([*argv, *resume, "--max_train_steps", "5"], output_dir, "at step 6, past")
     # `latest` finding nothing says so (here the run then stops at its bad data).
@@ -631,8 +647,10 @@ def test_a_user_mistake_prints_the_message_not_a_traceback(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------------------------------------
 # diffusers users' habits: the anchor's flags, fine-tuning, --help, the documented flag table
 # ---------------------------------------------------------------------------------------------------------------
-def test_the_anchor_command_parses_with_the_anchors_meaning_and_unet():
-    # train_unconditional's README command and the flags its scripts pass.
+def test_the_anchor_command_parses_with_the_anchors_meaning_and_unet(monkeypatch):
+    # train_unconditional's README command and the flags its scripts pass (with wandb installed, as it needs).
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: name if name == "wandb" else find_spec(name, *a))
     args = train_args.parse_args(
         [
             "--dataset_name", "huggan/flowers-102-categories", "--resolution", "64", "--center_crop", "--random_flip",
@@ -746,6 +764,12 @@ def test_fine_tuning_refuses_data_with_other_channels_or_a_second_model(tmp_path
         ["--output_dir", str(output_dir), "--pretrained_model_name_or_path", str(rgb)],
         output_dir,
         "takes 3 channels, the training images have 1",
+    )
+    # Weights saved as the fp16 variant only, asked for without `--variant`: one error naming the flags, no traceback.
+    expect_error_without_output(
+        ["--output_dir", str(output_dir), "--pretrained_model_name_or_path", str(stock_ddpm_folder)],
+        output_dir,
+        r"its UNet \(`unet/`\) cannot be loaded .*Check `--variant` and `--revision`",
     )
     expect_error_without_output(
         [
