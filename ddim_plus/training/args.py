@@ -37,8 +37,20 @@ logger = get_logger(__name__, log_level="INFO")
 GRID_SAMPLES = 64
 # The values of the flags a user leaves out that depend on the data: the bundled digits keep the recipe the demo is
 # tuned with; any other data gets diffusers' train_unconditional's defaults.
-DIGITS_RECIPE = {"resolution": 8, "learning_rate": 1e-3, "train_batch_size": 64, "lr_warmup_steps": 100}
-ANCHOR_RECIPE = {"resolution": 64, "learning_rate": 1e-4, "train_batch_size": 16, "lr_warmup_steps": 500}
+DIGITS_RECIPE = {
+    "resolution": 8,
+    "learning_rate": 1e-3,
+    "train_batch_size": 64,
+    "lr_warmup_steps": 100,
+    "output_dir": "ddim-plus-digits",
+}
+ANCHOR_RECIPE = {
+    "resolution": 64,
+    "learning_rate": 1e-4,
+    "train_batch_size": 16,
+    "lr_warmup_steps": 500,
+    "output_dir": "ddim-plus-model",
+}
 RECIPE_HELP = "default: the bundled digits' recipe on them, train_unconditional's on other data (see the log)"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # The flags that shape a run's trajectory: a checkpoint records them, and resuming with any of them changed would
@@ -189,7 +201,12 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     )
     add("--eval_batch_size", type=int, default=64, help="samples per grid drawn during training")
     # Optimisation
-    add("--output_dir", default="ddim-plus-digits", help="where the pipeline, checkpoints and logs go")
+    add(
+        "--output_dir",
+        default=None,
+        help="where the pipeline, checkpoints and logs go (default: ddim-plus-digits for the bundled digits, "
+        "ddim-plus-model for other data; also the Hub repo name without --hub_model_id)",
+    )
     add("--overwrite_output_dir", action="store_true", help="delete another run's outputs in output_dir first")
     add("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation and noise")
     add("--train_batch_size", type=int, default=None, help=f"images per process per micro-batch ({RECIPE_HELP})")

@@ -790,13 +790,15 @@ def test_other_data_gets_train_unconditionals_defaults_for_what_is_left_out(tmp_
     folder = ["--train_data_dir", str(tmp_path)]
     args = train_args.parse_args(folder)
     assert (args.resolution, args.learning_rate, args.train_batch_size, args.lr_warmup_steps) == (64, 1e-4, 16, 500)
-    assert args.recipe_defaults == ("resolution", "learning_rate", "train_batch_size", "lr_warmup_steps")
+    assert args.recipe_defaults == ("resolution", "learning_rate", "train_batch_size", "lr_warmup_steps", "output_dir")
+    # A folder named after the data, not after the digits: it is also the Hub repo name without --hub_model_id.
+    assert args.output_dir == "ddim-plus-model"
     config = train_args.build_unet_config(args, 3)
     assert config["block_out_channels"] == (128, 128, 256, 256, 512, 512) and config["sample_size"] == 64
     assert "train_unconditional's defaults" in train_args.describe_recipe(args)
     # What the user sets is kept and not listed as a default.
-    args = train_args.parse_args([*folder, "--learning_rate", "3e-4", "--resolution", "32"])
-    assert (args.learning_rate, args.resolution, args.train_batch_size) == (3e-4, 32, 16)
+    args = train_args.parse_args([*folder, "--learning_rate", "3e-4", "--resolution", "32", "--output_dir", "out"])
+    assert (args.learning_rate, args.resolution, args.train_batch_size, args.output_dir) == (3e-4, 32, 16, "out")
     assert args.recipe_defaults == ("train_batch_size", "lr_warmup_steps")
     # A Hub dataset is other data too; the bundled digits keep their recipe.
     assert train_args.parse_args(["--dataset_name", "huggan/flowers-102-categories"]).learning_rate == 1e-4
@@ -808,6 +810,7 @@ def test_other_data_gets_train_unconditionals_defaults_for_what_is_left_out(tmp_
         100,
     )
     assert "the bundled digits' recipe" in train_args.describe_recipe(digits)
+    assert digits.output_dir == "ddim-plus-digits"
 
 
 def test_one_step_on_a_folder_of_photos_logs_the_recipe_and_trains_with_its_defaults(tmp_path, caplog, one_thread):
