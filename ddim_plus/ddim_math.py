@@ -266,6 +266,17 @@ def dpm_solver_2m_x0(x0: torch.Tensor, x0_prev: torch.Tensor, h: float, h_prev: 
     return (1.0 + c) * x0 - c * x0_prev
 
 
+def dpm_solver_2m_extrapolation(h: float, h_prev: float) -> float:
+    """The weight c = h / (2 h_prev) of :func:`dpm_solver_2m_x0`, D = x0_t + c (x0_t - x0_prev)."""
+    return h / (2.0 * h_prev)
+
+
+def extrapolate_x0(x0: torch.Tensor, x0_prev: torch.Tensor, weight: float) -> torch.Tensor:
+    """D = x0_t + weight (x0_t - x0_prev): a multistep x_0 with a free weight, as a tuned sampler stores it per
+    step (:func:`dpm_solver_2m_x0` is the weight :func:`dpm_solver_2m_extrapolation`)."""
+    return torch.add(x0, x0 - x0_prev, alpha=weight)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Timestep subsequences (App. D.2) and interpolation (sec. 5.3)
 # ----------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,22 @@ def check_int_in_range(name: str, value, low: int, high: int, high_name: str) ->
         raise ValueError(f"`{name}` must be between {low} and {high_name}, got {value}.")
 
 
+def check_tuned_coefficients(entry: dict) -> None:
+    """Raise a `ValueError` unless a `tuned_timesteps` entry has no coefficients or one finite `extrapolation` and
+    one finite `eps_scale` per timestep."""
+    if entry.get("extrapolation") is None and entry.get("eps_scale") is None:
+        return
+    steps = len(entry["timesteps"])
+    for key in ("extrapolation", "eps_scale"):
+        values = entry.get(key)
+        if values is None or len(values) != steps or not np.all(np.isfinite(np.asarray(values, dtype=np.float64))):
+            raise ValueError(
+                f"`tuned_timesteps` entry for {steps} steps has `{key}`={values!r}; a tuned sampler needs one finite "
+                f"value per timestep in both `extrapolation` and `eps_scale`. Re-run `ddim-plus tune-steps` or delete "
+                "the entry from scheduler_config.json."
+            )
+
+
 @dataclass
 class DDIMSchedulerPlusOutput(BaseOutput):
     """Output of :meth:`DDIMSchedulerPlus.step` and :meth:`DDIMSchedulerPlus.inverse_step`.
@@ -110,6 +126,9 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             `num_inference_steps`, `solver_order`, `timesteps` and the `alphas_cumprod` at those timesteps;
             `set_timesteps(S)` uses the entry for S and this `ddim_solver_order` instead of `timestep_spacing`. Entries
             whose abar differ from this noise schedule (another T or other betas) are ignored with a warning.
+            An entry written by `ddim_plus.tune_sampler` also holds per-step coefficients, `extrapolation` and
+            `eps_scale` (one per step): deterministic steps on that schedule then use them (see `step`). Without
+            them, or with `eta` > 0, the step is the plain one of this `ddim_solver_order`.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -201,6 +220,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         T = self.config.num_train_timesteps
         usable = {}
         for entry in entries:
+            check_tuned_coefficients(entry)
             steps, order, timesteps = entry["num_inference_steps"], entry["solver_order"], list(entry["timesteps"])
             recorded = np.asarray(entry["alphas_cumprod"], dtype=np.float64)
             in_range = all(0 <= t < T for t in timesteps) and len(recorded) == len(timesteps)
@@ -214,7 +234,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
                     "scheduler_config.json."
                 )
                 continue
-            usable[(order, steps)] = timesteps
+            usable[(order, steps)] = entry
         return usable
 
     def tuned_schedule(self, num_inference_steps: int) -> Optional[List[int]]:
@@ -224,7 +244,20 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         Returns:
             `List[int]` or `None`.
         """
-        return self._tuned.get((self.config.ddim_solver_order, num_inference_steps))
+        entry = self._tuned.get((self.config.ddim_solver_order, num_inference_steps))
+        return None if entry is None else list(entry["timesteps"])
+
+    def tuned_coefficients(self, num_inference_steps: int) -> Optional[Tuple[List[float], List[float]]]:
+        """The per-step coefficients (`extrapolation`, `eps_scale`) of the sampler tuned by
+        `ddim_plus.tune_sampler` for `num_inference_steps` at this `ddim_solver_order`, or `None`.
+
+        Returns:
+            `tuple` of two `List[float]`, or `None`.
+        """
+        entry = self._tuned.get((self.config.ddim_solver_order, num_inference_steps))
+        if entry is None or entry.get("extrapolation") is None:
+            return None
+        return [float(c) for c in entry["extrapolation"]], [float(c) for c in entry["eps_scale"]]
 
     def _reset_schedule_state(self, timesteps: List[int]) -> None:
         self._timestep_list = timesteps
@@ -234,6 +267,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._step_index = None
         self._last_x0 = None  # multistep history (ddim_solver_order=2): x_0 of the last step taken
+        self._step_coefficients = None  # (extrapolation, eps_scale) per step of a tuned sampler, see `step`
 
     def _prev_of_index(self, index: int) -> int:
         return self._timestep_list[index + 1] if index + 1 < len(self._timestep_list) else -1
@@ -292,6 +326,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(schedule)
         self.timesteps = torch.from_numpy(np.asarray(schedule, dtype=np.int64)).to(device)
         self._reset_schedule_state([int(t) for t in schedule])
+        if timesteps is None:
+            self._step_coefficients = self.tuned_coefficients(int(num_inference_steps))
 
     def _validate_custom_timesteps(self, timesteps: Sequence[int]) -> np.ndarray:
         T = self.config.num_train_timesteps
@@ -429,7 +465,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             prev_t = self.previous_timestep(t)
             plan, next_index = self._plan(t, prev_t), self._index_of.get(prev_t, self.num_inference_steps)
         stochastic = self.config.sigma_type == "sigma_hat" or eta > 0
-        if self.config.ddim_solver_order == 2:
+        tuned = None if stochastic else self._step_coefficients
+        if self.config.ddim_solver_order == 2 or tuned is not None:
             starts = self._check_multistep_order(t, index)
 
         # 1. x_0 and eps from the network's output (eq. 9), then clipping or thresholding of x_0
@@ -444,7 +481,17 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         # Eq. 12 with that x_0 is DPM-Solver++(2M) at eta = 0 and SDE-DPM-Solver++(2M) at eta = 1: both solvers put
         # the same extrapolated x_0 into their first-order step, and their first-order steps are DDIM at eta 0 and 1.
         x0_for_step = x0
-        if self.config.ddim_solver_order == 2:
+        if tuned is not None:
+            # 2'. a sampler tuned by `ddim_plus.tune_sampler`: its own extrapolation weight and eps scale per step
+            # take the place of the 2M weight (which they start from) and of eps's weight 1.
+            extrapolation, eps_scale = tuned[0][index], tuned[1][index]
+            if not starts and extrapolation != 0.0:
+                x0_for_step = dm.extrapolate_x0(x0, self._last_x0, extrapolation)
+                eps = dm.eps_from_x0(sample, x0_for_step, plan.abar_t)
+            if eps_scale != 1.0:
+                eps = eps * eps_scale
+            self._last_x0 = x0
+        elif self.config.ddim_solver_order == 2:
             # With fewer than 15 steps the last two steps are first order (diffusers' `lower_order_final` makes
             # only the last one first order). The log-SNR jump into the last timestep (t = 0 for most spacings) is
             # then several times the previous one and the 2M extrapolation overshoots (10x worse at 5 "leading"
