@@ -450,11 +450,7 @@ def run_tune_steps(args) -> None:
             f"before any search (with --teacher-steps {args.teacher_steps}); raise --max-unet-calls."
         )
     what = "timesteps" if args.timesteps_only else "timesteps and per-step coefficients"
-    print(
-        f"tuning the {what} of {args.steps} steps (solver_order={args.order}) against a {args.teacher_steps}-step "
-        f"teacher on {args.num_samples} latents, checked on {args.num_samples} held-out latents: at most {budget} "
-        f"UNet calls of batch {args.num_samples}"
-    )
+    print(f"tuning the {what}; checked on {args.num_samples} held-out latents before anything is written")
     result = tune_sampler(
         pipe,
         args.steps,
@@ -465,7 +461,7 @@ def run_tune_steps(args) -> None:
         max_unet_calls=args.max_unet_calls,
         max_trials=args.max_trials,
         tune_coefficients=not args.timesteps_only,
-        progress=False,
+        progress=not args.quiet,
     )
     fixed = ", ".join(f"{name} {value:.4f}" for name, value in result.spacing_distance.items())
     print(f"timesteps: {result.entry['timesteps']}")

@@ -149,7 +149,7 @@ def tune_sampler(
     spent; finally a teacher run and both samplers on `num_samples` held-out latents.
 
     Cost: at most `sampler_tuning_cost(S, num_teacher_steps, max_unet_calls)[1]` UNet calls on batches of
-    `num_samples` (1,430 for S = 5 with the defaults); it is printed before the first call when `progress` is on.
+    `num_samples` (1,430 for S = 5 with the defaults); it is printed before the first call.
 
     Args:
         pipeline (`DDIMPlusPipeline`): its UNet and scheduler config (betas, prediction type, clipping) are used.
@@ -164,7 +164,7 @@ def tune_sampler(
         max_trials (`int`, *optional*): candidates of the timestep search; defaults to 10 S.
         tune_coefficients (`bool`, defaults to `True`): `False` tunes the timesteps only (`optimize_timesteps`'s
             search, with the held-out check).
-        progress (`bool`, defaults to `True`): print the budget and show a progress bar of the UNet calls.
+        progress (`bool`, defaults to `True`): show a progress bar of the UNet calls.
 
     Returns:
         `SamplerTuningOutput`
@@ -181,11 +181,10 @@ def tune_sampler(
             f"search (two {num_teacher_steps}-step teacher runs, {len(INITIAL_SPACINGS)} fixed spacings and the "
             f"held-out check); raise `max_unet_calls` or lower `num_teacher_steps`."
         )
-    if progress:
-        print(
-            f"tune_sampler: {S} steps, solver_order={solver_order}, {num_teacher_steps}-step teacher; budget "
-            f"{budget} UNet calls on batches of {num_samples} ({least} fixed, the rest for the search)"
-        )
+    print(
+        f"tune_sampler: {S} steps, solver_order={solver_order}, {num_teacher_steps}-step teacher: at most {budget} "
+        f"UNet calls on batches of {num_samples} ({least} fixed, the rest for the search)"
+    )
 
     base = DDIMSchedulerPlus.from_config(config, ddim_solver_order=solver_order)
     student = DDIMSchedulerPlus.from_config(base.config, tuned_timesteps=None)

@@ -82,10 +82,17 @@ def test_tuned_sampler_beats_untuned_and_tuned_timesteps_on_heldout_latents(tune
     assert tuned_distance < 0.7 * distance(eq12_sampler(oracle, _plain_order2_entry(STEPS), x_T), exact)
 
     timesteps_only = oracle_pipeline()
-    tune_sampler(timesteps_only, STEPS, generator=torch.Generator().manual_seed(0), tune_coefficients=False, **TUNING)
+    tune_sampler(
+        timesteps_only,
+        STEPS,
+        generator=torch.Generator().manual_seed(0),
+        tune_coefficients=False,
+        max_unet_calls=400,
+        **TUNING,
+    )
     timesteps_entry = timesteps_only.scheduler.config.tuned_timesteps[0]
     assert "extrapolation" not in timesteps_entry
-    samples = timesteps_only(num_inference_steps=STEPS, latents=x_T, output_type="latent").images
+    samples = timesteps_only(batch_size=len(x_T), num_inference_steps=STEPS, latents=x_T, output_type="latent").images
     assert tuned_distance < distance(samples, exact)
 
 
@@ -106,7 +113,7 @@ def _plain_order2_entry(steps):
 def test_pipeline_samples_with_the_tuned_coefficients_as_eq12_says(tuned, heldout):
     pipe, result = tuned
     x_T = heldout[0][:8]
-    samples = pipe(num_inference_steps=STEPS, latents=x_T, eta=0.0, output_type="latent").images
+    samples = pipe(batch_size=len(x_T), num_inference_steps=STEPS, latents=x_T, eta=0.0, output_type="latent").images
     torch.testing.assert_close(samples, eq12_sampler(pipe.unet.oracle, result.entry, x_T), rtol=1e-9, atol=1e-9)
     # another S, or eta > 0: the plain step of the config, the tuned coefficients unused
     assert pipe.scheduler.tuned_coefficients(STEPS + 1) is None
@@ -117,6 +124,7 @@ def test_pipeline_samples_with_the_tuned_coefficients_as_eq12_says(tuned, heldou
     )
     stochastic = [
         sampler(
+            batch_size=len(x_T),
             num_inference_steps=STEPS,
             latents=x_T,
             eta=0.5,
@@ -159,7 +167,7 @@ def test_budget_is_printed_kept_and_refused_below_the_fixed_part(capsys):
     least, budget = sampler_tuning_cost(3, 20, 150)
     assert least == 2 * 20 + 3 * 6 and budget == 150
     result = tune_sampler(pipe, 3, num_samples=8, num_teacher_steps=20, max_unet_calls=150)
-    assert f"budget 150 UNet calls on batches of 8 ({least} fixed" in capsys.readouterr().out
+    assert f"at most 150 UNet calls on batches of 8 ({least} fixed" in capsys.readouterr().out
     assert len(calls) == result.num_unet_calls <= 150
     assert sampler_tuning_cost(5) == (430, 1430)  # the docstring's default for S = 5
     calls.clear()
@@ -180,8 +188,10 @@ def test_round_trip_and_stock_diffusers_load_the_folder(tuned, tmp_path):
     loaded = DDIMPlusPipeline.from_pretrained(tmp_path)
     assert loaded.scheduler.tuned_coefficients(STEPS) == (result.entry["extrapolation"], result.entry["eps_scale"])
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    before = pipe(num_inference_steps=STEPS, latents=x_T, output_type="latent").images
-    torch.testing.assert_close(loaded(num_inference_steps=STEPS, latents=x_T, output_type="latent").images, before)
+    before = pipe(batch_size=len(x_T), num_inference_steps=STEPS, latents=x_T, output_type="latent").images
+    torch.testing.assert_close(
+        loaded(batch_size=len(x_T), num_inference_steps=STEPS, latents=x_T, output_type="latent").images, before
+    )
 
     stock = DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")  # the extra key is ignored
     reference = DDIMScheduler(**CONFIG)
