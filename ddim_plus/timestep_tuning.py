@@ -12,7 +12,9 @@ coordinates, started from the best of a few fixed spacings. Every candidate sche
 steps, which it shares with the current schedule, and costs S - i UNet calls.
 
 :func:`save_tuned_timesteps` writes a result into a pipeline folder's scheduler config (key ``tuned_timesteps``),
-where `DDIMSchedulerPlus.set_timesteps(S)` picks it up; ``ddim-plus tune-steps`` does both.
+where `DDIMSchedulerPlus.set_timesteps(S)` picks it up. `ddim_plus.tune_sampler` (``ddim-plus tune-steps``) runs
+this search, then searches per-step coefficients jointly with the timesteps (the same pattern search over more
+coordinates) and stores the result only if it beats the untuned sampler on held-out latents.
 """
 
 from __future__ import annotations

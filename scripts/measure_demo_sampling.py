@@ -72,28 +72,15 @@ def cells(saved_clip: bool):
     # `ddim-plus tune-steps` included), the untuned saved config, and diffusers' multistep solvers from its config.
     for steps in (5, 10):
         yield "fewstep:as-stored", {}, steps, 0.0, None
-        yield (
-            "fewstep:logsnr+order2",
-            {**untuned, "timestep_spacing": "logsnr", "ddim_solver_order": 2},
-            steps,
-            0.0,
-            None,
-        )
-        yield (
-            "fewstep:dpmsolver++2m",
-            {"scheduler": "DPMSolverMultistepScheduler", "solver_order": 2},
-            steps,
-            0.0,
-            None,
-        )
-        yield (
-            "fewstep:dpmsolver++3m",
-            {"scheduler": "DPMSolverMultistepScheduler", "solver_order": 3},
-            steps,
-            0.0,
-            None,
-        )
-        yield "fewstep:unipc", {"scheduler": "UniPCMultistepScheduler"}, steps, 0.0, None
+        order2 = {**untuned, "timestep_spacing": "logsnr", "ddim_solver_order": 2}
+        yield "fewstep:logsnr+order2", order2, steps, 0.0, None
+        # diffusers' defaults (linspace, its own lower-order final steps), and DPM-Solver++ with Lu's lambdas
+        for order in (2, 3):
+            dpm = {"scheduler": "DPMSolverMultistepScheduler", "solver_order": order, "timestep_spacing": "linspace"}
+            yield f"fewstep:dpmsolver++{order}m", dpm, steps, 0.0, None
+            yield f"fewstep:dpmsolver++{order}m-lu", {**dpm, "use_lu_lambdas": True}, steps, 0.0, None
+        unipc = {"scheduler": "UniPCMultistepScheduler", "timestep_spacing": "linspace"}
+        yield "fewstep:unipc", unipc, steps, 0.0, None
 
 
 def sample_cell(pipe, overrides, steps, eta, use_clipped, seed, size, device):
