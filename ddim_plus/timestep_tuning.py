@@ -195,7 +195,7 @@ def _moved(candidate: dict, kind: str, i: int, sign: float, step: float, log_snr
             return None
         return {**candidate, "timesteps": timesteps[:i] + [moved] + timesteps[i + 1 :]}
     values = list(candidate[kind])
-    values[i] += sign * step * COEFFICIENT_UNITS[kind]
+    values[i] = round(values[i] + sign * step * COEFFICIENT_UNITS[kind], 12)  # 1.0, not 0.9999999999999999
     return {**candidate, kind: values}
 
 
