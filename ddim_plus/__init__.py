@@ -12,6 +12,7 @@ from .ddim_math import slerp
 from .inversion import InversionRefinement, inversion_scheduler, invert, make_denoiser
 from .pipeline_ddim_inversion import DDIMInversionPipeline, DDIMInversionPipelineOutput
 from .pipeline_ddim_plus import DDIMPlusPipeline, DDIMPlusPipelineOutput
+from .sampler_tuning import tune_sampler
 from .scheduling_ddim_plus import DDIMSchedulerPlus, DDIMSchedulerPlusOutput
 from .timestep_tuning import optimize_timesteps
 
@@ -24,6 +25,7 @@ __all__ = [
     "DDIMInversionPipelineOutput",
     "slerp",
     "optimize_timesteps",
+    "tune_sampler",
     "invert",
     "InversionRefinement",
     "inversion_scheduler",

@@ -653,46 +653,53 @@ def run_tune_steps(args) -> None:
     import torch
 
     from .hub import TUNED_SCHEDULES_HEADING, set_card_section, tuned_schedules_markdown
-    from .timestep_tuning import (
-        check_tuning_arguments,
-        optimize_timesteps,
-        save_tuned_timesteps,
-        scheduler_config_path,
-        tuned_timesteps_entry,
-        tuning_cost,
-    )
+    from .sampler_tuning import sampler_tuning_cost, tune_sampler
+    from .timestep_tuning import check_tuning_arguments, save_tuned_timesteps, scheduler_config_path
 
     scheduler_config_path(args.model)  # a local folder to write into, checked before any work
     pipe = load_pipeline(args.model, **model_options(args))
     check_tuning_arguments(pipe.scheduler.config.num_train_timesteps, args.steps, args.order, args.teacher_steps)
-    budget = tuning_cost(args.steps, args.teacher_steps, args.max_trials)
-    print(
-        f"tuning {args.steps} steps (solver_order={args.order}) against a {args.teacher_steps}-step teacher on "
-        f"{args.num_samples} latents: at most {budget} UNet calls of batch {args.num_samples}"
-    )
-    result = optimize_timesteps(
+    least, budget = sampler_tuning_cost(args.steps, args.teacher_steps, args.max_unet_calls)
+    if budget < least:
+        raise CommandError(
+            f"--max-unet-calls {args.max_unet_calls} is below the {least} UNet calls tuning {args.steps} steps needs "
+            f"before any search (with --teacher-steps {args.teacher_steps}); raise --max-unet-calls."
+        )
+    what = "timesteps" if args.timesteps_only else "timesteps and per-step coefficients"
+    print(f"tuning the {what}; checked on {args.num_samples} held-out latents before anything is written")
+    result = tune_sampler(
         pipe,
         args.steps,
         solver_order=args.order,
-        num_samples=args.num_samples,
         generator=torch.Generator().manual_seed(args.seed),
+        num_samples=args.num_samples,
         num_teacher_steps=args.teacher_steps,
+        max_unet_calls=args.max_unet_calls,
         max_trials=args.max_trials,
+        tune_coefficients=not args.timesteps_only,
         progress=not args.quiet,
-        return_details=True,
     )
-    entries = save_tuned_timesteps(args.model, tuned_timesteps_entry(pipe.scheduler, result.timesteps, args.order))
+    fixed = ", ".join(f"{name} {value:.4f}" for name, value in result.spacing_distance.items())
+    print(f"timesteps: {result.entry['timesteps']}")
+    if "extrapolation" in result.entry:
+        print(f"extrapolation: {[round(c, 4) for c in result.entry['extrapolation']]}")
+        print(f"eps_scale: {[round(c, 4) for c in result.entry['eps_scale']]}")
+    print(f"distance to the teacher: tuned {result.teacher_distance:.4f}; fixed spacings: {fixed}")
+    print(
+        f"held-out latents: tuned {result.heldout_distance:.4f}, untuned {result.heldout_untuned_distance:.4f}; "
+        f"{result.num_unet_calls} UNet calls"
+    )
+    if not result.stored:
+        print(f"the tuned sampler is not better on the held-out latents: nothing written to {args.model}")
+        return
+    entries = save_tuned_timesteps(args.model, result.entry)
     card_path = os.path.join(args.model, "README.md")
     card = open(card_path, encoding="utf-8").read() if os.path.isfile(card_path) else str(pipe.model_card(args.model))
     with open(card_path, "w", encoding="utf-8") as handle:
         handle.write(set_card_section(card, TUNED_SCHEDULES_HEADING, tuned_schedules_markdown(entries)))
-    fixed = ", ".join(f"{name} {value:.4f}" for name, value in result.spacing_distance.items())
-    print(f"timesteps: {result.timesteps}")
-    print(f"distance to the teacher: tuned {result.teacher_distance:.4f}; fixed spacings: {fixed}")
     print(
-        f"{result.num_unet_calls} UNet calls; wrote {scheduler_config_path(args.model)} and the model card "
-        f"{card_path}. "
-        f"Sampling with {args.steps} steps at solver_order={args.order} now uses these timesteps."
+        f"wrote {scheduler_config_path(args.model)} and the model card {card_path}. Sampling with {args.steps} "
+        f"steps at solver_order={args.order} (eta = 0) now uses this sampler."
     )
 
 
@@ -969,10 +976,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune = _add_command(
         commands,
         "tune-steps",
-        help="tune the timesteps of S steps to the model and store them in its folder",
-        description="Choose the S timesteps that bring the model's samples closest to a many-step run of the same "
-        "model (no data needed; see ddim_plus.optimize_timesteps) and store them in MODEL/scheduler/"
-        "scheduler_config.json and its model card. Sampling with S steps at that solver order then uses them.",
+        help="tune the S-step sampler (timesteps and per-step coefficients) to the model and store it in its folder",
+        description="Choose the S timesteps and two coefficients per step that bring the model's samples closest to "
+        "a many-step run of the same model (no data needed; see ddim_plus.tune_sampler) and store them in MODEL/"
+        "scheduler/scheduler_config.json and its model card if they beat the untuned sampler on held-out latents. "
+        "Deterministic sampling with S steps at that solver order then uses them.",
         spacing=False,
     )
     tune.add_argument("--steps", type=_positive_int, required=True, help="number of sampling steps S to tune")
@@ -984,7 +992,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher-steps", type=_positive_int, default=200, help="steps of the order-2 teacher (default: 200)"
     )
     tune.add_argument(
-        "--max-trials", type=_positive_int, default=None, help="candidate schedules to score (default: 10 S)"
+        "--max-trials",
+        type=_positive_int,
+        default=None,
+        help="candidate schedules of the timestep search (default: 10 S)",
+    )
+    tune.add_argument(
+        "--max-unet-calls",
+        type=_positive_int,
+        default=None,
+        help="budget of UNet calls, held-out check included (default: the fixed part plus 200 S; printed)",
+    )
+    tune.add_argument(
+        "--timesteps-only", action="store_true", help="tune the timesteps only, not the per-step coefficients"
     )
     tune.add_argument("--seed", type=int, default=0, help="seed of the latents (default: 0)")
     tune.set_defaults(run=run_tune_steps)

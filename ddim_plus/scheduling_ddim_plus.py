@@ -56,6 +56,22 @@ def check_int_in_range(name: str, value, low: int, high: int, high_name: str) ->
         raise ValueError(f"`{name}` must be between {low} and {high_name}, got {value}.")
 
 
+def check_tuned_coefficients(entry: dict) -> None:
+    """Raise a `ValueError` unless a `tuned_timesteps` entry has no coefficients or one finite `extrapolation` and
+    one finite `eps_scale` per timestep."""
+    if entry.get("extrapolation") is None and entry.get("eps_scale") is None:
+        return
+    steps = len(entry["timesteps"])
+    for key in ("extrapolation", "eps_scale"):
+        values = entry.get(key)
+        if values is None or len(values) != steps or not np.all(np.isfinite(np.asarray(values, dtype=np.float64))):
+            raise ValueError(
+                f"`tuned_timesteps` entry for {steps} steps has `{key}`={values!r}; a tuned sampler needs one finite "
+                f"value per timestep in both `extrapolation` and `eps_scale`. Re-run `ddim-plus tune-steps` or delete "
+                "the entry from scheduler_config.json."
+            )
+
+
 @dataclass
 class DDIMSchedulerPlusOutput(BaseOutput):
     """Output of :meth:`DDIMSchedulerPlus.step` and :meth:`DDIMSchedulerPlus.inverse_step`.
@@ -139,6 +155,9 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             `num_inference_steps`, `solver_order`, `timesteps` and the `alphas_cumprod` at those timesteps;
             `set_timesteps(S)` uses the entry for S and this `ddim_solver_order` instead of `timestep_spacing`. Entries
             whose abar differ from this noise schedule (another T or other betas) are ignored with a warning.
+            An entry written by `ddim_plus.tune_sampler` also holds per-step coefficients, `extrapolation` and
+            `eps_scale` (one per step): deterministic steps on that schedule then use them (see `step`). Without
+            them, or with `eta` > 0, the step is the plain one of this `ddim_solver_order`.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -230,6 +249,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         T = self.config.num_train_timesteps
         usable = {}
         for entry in entries:
+            check_tuned_coefficients(entry)
             steps, order, timesteps = entry["num_inference_steps"], entry["solver_order"], list(entry["timesteps"])
             recorded = np.asarray(entry["alphas_cumprod"], dtype=np.float64)
             in_range = all(0 <= t < T for t in timesteps) and len(recorded) == len(timesteps)
@@ -243,7 +263,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
                     "scheduler_config.json."
                 )
                 continue
-            usable[(order, steps)] = timesteps
+            usable[(order, steps)] = entry
         return usable
 
     def tuned_schedule(self, num_inference_steps: int) -> Optional[List[int]]:
@@ -253,7 +273,20 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         Returns:
             `List[int]` or `None`.
         """
-        return self._tuned.get((self.config.ddim_solver_order, num_inference_steps))
+        entry = self._tuned.get((self.config.ddim_solver_order, num_inference_steps))
+        return None if entry is None else list(entry["timesteps"])
+
+    def tuned_coefficients(self, num_inference_steps: int) -> Optional[Tuple[List[float], List[float]]]:
+        """The per-step coefficients (`extrapolation`, `eps_scale`) of the sampler tuned by
+        `ddim_plus.tune_sampler` for `num_inference_steps` at this `ddim_solver_order`, or `None`.
+
+        Returns:
+            `tuple` of two `List[float]`, or `None`.
+        """
+        entry = self._tuned.get((self.config.ddim_solver_order, num_inference_steps))
+        if entry is None or entry.get("extrapolation") is None:
+            return None
+        return [float(c) for c in entry["extrapolation"]], [float(c) for c in entry["eps_scale"]]
 
     def _reset_schedule_state(self, timesteps: List[int]) -> None:
         self._timestep_list = timesteps
@@ -265,6 +298,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._step_index = None
         self._last_x0 = None  # multistep history (ddim_solver_order=2): x_0 of the last step taken
+        self._step_coefficients = None  # (extrapolation, eps_scale) per step of a tuned sampler, see `step`
 
     def _prev_of_index(self, index: int) -> int:
         return self._timestep_list[index + 1] if index + 1 < len(self._timestep_list) else -1
@@ -283,6 +317,23 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         sigma_hat = 0.0 if prev_timestep < 0 else dm.ddim_sigma_hat(abar_t, abar_prev)
         return _StepPlan(abar_t, abar_prev, dm.ddim_sigma(abar_t, abar_prev, 1.0), sigma_hat, lam_prev - lam_t)
 
+    def multistep_extrapolation_weights(self) -> List[float]:
+        """DPM-Solver++(2M)'s extrapolation weight for each step of the current schedule, 0 where `step` takes a
+        first-order step: the first step, the step to abar = 1 and, with fewer than 15 steps, the last two (see
+        `step`). With `ddim_solver_order=2` these are the weights `step` uses; `ddim_plus.tune_sampler` starts
+        from them.
+
+        Returns:
+            `List[float]`: one weight per element of `self.timesteps`.
+        """
+        num_steps = len(self._plans)
+        weights = [0.0] * num_steps
+        for index in range(1, num_steps):
+            final_steps = num_steps < 15 and index >= num_steps - 2
+            if self._plans[index].abar_prev < 1.0 and not final_steps:
+                weights[index] = dm.dpm_solver_2m_weight(self._plans[index].h, self._plans[index - 1].h)
+        return weights
+
     def _build_step_table(self) -> torch.Tensor:
         """Every coefficient `step` needs, per training timestep t in [0, T), in float64: row t holds the columns
         of `_STEP_TABLE_COLUMNS` for the step from t to the largest scheduled timestep below it (the next element of
@@ -300,15 +351,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         abar_prev = np.where(prev >= 0, abar[np.maximum(prev, 0)], final)
         ddpm_sigma = dm.ddim_sigma(abar_t, abar_prev, 1.0)
         sigma_hat = np.where(prev >= 0, dm.ddim_sigma_hat(abar_t, abar_prev), 0.0)  # no noise into the output
-        # DPM-Solver++(2M)'s weight where a scheduled step is second order (see `step`), 0 where it is first order
         weight_2m = np.zeros(T)
-        num_steps = len(self._plans)
-        for index in range(1, num_steps):
-            final_steps = num_steps < 15 and index >= num_steps - 2
-            if self._plans[index].abar_prev < 1.0 and not final_steps:
-                weight_2m[self._timestep_list[index]] = dm.dpm_solver_2m_weight(
-                    self._plans[index].h, self._plans[index - 1].h
-                )
+        weight_2m[self._timestep_list] = self.multistep_extrapolation_weights()
         columns = {
             "sqrt_abar": np.sqrt(abar_t),
             "sqrt_one_minus_abar": np.sqrt(1.0 - abar_t),
@@ -372,6 +416,8 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(schedule)
         self.timesteps = torch.from_numpy(np.asarray(schedule, dtype=np.int64)).to(device)
         self._reset_schedule_state([int(t) for t in schedule])
+        if timesteps is None:
+            self._step_coefficients = self.tuned_coefficients(int(num_inference_steps))
 
     def _validate_custom_timesteps(self, timesteps: Sequence[int]) -> np.ndarray:
         T = self.config.num_train_timesteps
@@ -508,6 +554,9 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         dtype = compute_dtype(sample.dtype)
         table, timesteps = self._device_table(sample.device, dtype)
         order_2 = self.config.ddim_solver_order == 2
+        stochastic = self.config.sigma_type == "sigma_hat" or eta > 0
+        # a sampler tuned by `ddim_plus.tune_sampler` steps deterministically; with noise the plain step is taken
+        tuned = None if stochastic else self._step_coefficients
         if _is_device_timestep(timestep):
             # Read on the device only: its row of coefficients is gathered there, and the position in the schedule
             # comes from the host's step counter, not from the value (reading it would wait for the GPU).
@@ -523,7 +572,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
                 if index is not None
                 else self._index_of.get(self.previous_timestep(t), self.num_inference_steps)
             )
-            starts = self._check_multistep_order(t, index) if order_2 else True
+            starts = self._check_multistep_order(t, index) if order_2 or tuned is not None else True
         (
             sqrt_abar,
             sqrt_one_minus_abar,
@@ -534,7 +583,6 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             sigma_hat,
             weight_2m,
         ) = row.unbind()
-        stochastic = self.config.sigma_type == "sigma_hat" or eta > 0
         # Half-precision samples are stepped in float32 and rounded once at the end (see `compute_dtype`).
         model_output_c, sample_c = model_output.to(dtype), sample.to(dtype)
 
@@ -556,7 +604,17 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         # the log-SNR jump into the last timestep (t = 0 for most spacings) is then several times the previous one
         # and the 2M extrapolation overshoots (docs/sampler_quality.md measures it at 5 "leading" steps).
         x0_for_step = x0
-        if order_2:
+        if tuned is not None:
+            # 2'. a sampler tuned by `ddim_plus.tune_sampler`: its own extrapolation weight and eps scale per step
+            # take the place of the 2M weight (which they start from) and of eps's weight 1.
+            extrapolation, eps_scale = tuned[0][next_index - 1], tuned[1][next_index - 1]
+            if not starts and extrapolation != 0.0:
+                x0_for_step = dm.dpm_solver_2m_x0(x0, self._last_x0, extrapolation)
+                eps = dm.eps_from_x0(sample_c, x0_for_step, sqrt_abar, sqrt_one_minus_abar)
+            if eps_scale != 1.0:
+                eps = eps * eps_scale
+            self._last_x0 = x0
+        elif order_2:
             if not starts and self._last_x0 is not None:
                 if _is_device_timestep(timestep):
                     # a loop restarted at `begin_index` without `set_timesteps` starts first order again

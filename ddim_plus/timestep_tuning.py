@@ -12,7 +12,9 @@ coordinates, started from the best of a few fixed spacings. Every candidate sche
 steps, which it shares with the current schedule, and costs S - i UNet calls.
 
 :func:`save_tuned_timesteps` writes a result into a pipeline folder's scheduler config (key ``tuned_timesteps``),
-where `DDIMSchedulerPlus.set_timesteps(S)` picks it up; ``ddim-plus tune-steps`` does both.
+where `DDIMSchedulerPlus.set_timesteps(S)` picks it up. `ddim_plus.tune_sampler` (``ddim-plus tune-steps``) runs
+this search, then searches per-step coefficients jointly with the timesteps (the same pattern search over more
+coordinates) and stores the result only if it beats the untuned sampler on held-out latents.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ DEFAULT_TEACHER_STEPS = 200
 # Pattern-search step in log-SNR: starts at 1 and halves after every sweep without improvement, down to 1/64.
 INITIAL_LOG_SNR_STEP = 1.0
 MIN_LOG_SNR_STEP = 1.0 / 64
+# What one unit of that step moves each per-step coefficient of a tuned sampler (`ddim_plus.tune_sampler`) by.
+COEFFICIENT_UNITS = {"extrapolation": 0.5, "eps_scale": 0.05}
 SOLVER_ORDERS = (1, 2)
 
 
@@ -101,7 +105,10 @@ def check_tuning_arguments(
 
 
 class _TeacherMatching:
-    """Runs candidate schedules of one scheduler from fixed x_T and scores them against the teacher's samples."""
+    """Runs candidate samplers of one scheduler config from fixed x_T and scores them against the teacher's samples.
+
+    A candidate is a dict with `timesteps` and, for a tuned sampler, its per-step `extrapolation` and `eps_scale`
+    (the `tuned_timesteps` entry `DDIMSchedulerPlus` reads); it runs through the real `DDIMSchedulerPlus.step`."""
 
     def __init__(self, unet, scheduler: DDIMSchedulerPlus, x_T: torch.Tensor, bar: tqdm):
         self.unet, self.scheduler, self.x_T, self.bar = unet, scheduler, x_T, bar
@@ -113,29 +120,125 @@ class _TeacherMatching:
         self.bar.update(1)
         return self.unet(x, torch.tensor(t, device=x.device)).sample
 
-    def run(self, scheduler: DDIMSchedulerPlus, timesteps: List[int], cached_outputs: List[torch.Tensor] = ()):
-        """The deterministic sampling loop over `timesteps`; the first len(cached_outputs) model outputs are reused.
+    def sampler(self, candidate: dict) -> DDIMSchedulerPlus:
+        """The scheduler that samples `candidate`, its timesteps set."""
+        if candidate.get("extrapolation") is None:
+            self.scheduler.set_timesteps(timesteps=candidate["timesteps"])
+            return self.scheduler
+        entry = {
+            **tuned_timesteps_entry(self.scheduler, candidate["timesteps"], self.scheduler.config.ddim_solver_order)
+        }
+        entry.update(extrapolation=candidate["extrapolation"], eps_scale=candidate["eps_scale"])
+        scheduler = DDIMSchedulerPlus.from_config(self.scheduler.config, tuned_timesteps=[entry])
+        scheduler.set_timesteps(len(entry["timesteps"]))
+        return scheduler
+
+    def run(self, scheduler: DDIMSchedulerPlus, cached_outputs: List[torch.Tensor] = ()):
+        """The deterministic sampling loop over `scheduler.timesteps`; the first len(cached_outputs) model outputs
+        are reused.
 
         Returns:
             `tuple`: (x_0, the model output at every step).
         """
-        scheduler.set_timesteps(timesteps=timesteps)
         x, outputs = self.x_T, []
-        for k, t in enumerate(timesteps):
+        for k, t in enumerate(scheduler.timesteps.tolist()):
             output = cached_outputs[k] if k < len(cached_outputs) else self._model_output(x, t)
             outputs.append(output)
             x = scheduler.step(output, t, x).prev_sample
         return x, outputs
 
-    def score(self, timesteps: List[int], cached_outputs: List[torch.Tensor] = ()):
-        """(distance to the teacher, model outputs) of a candidate schedule. The distance is the mean over samples
-        of each sample's root mean squared distance to its teacher sample: unlike the overall mean squared error it
-        does not let the few samples that end in another mode than their teacher (a large, sampler-independent
-        distance) decide, and on the Gaussian-mixture oracle its schedules are closer to the data in distribution
-        (docs/sampler_quality.md)."""
-        x, outputs = self.run(self.scheduler, timesteps, cached_outputs)
-        per_sample = (x.double() - self.target).flatten(1).pow(2).mean(1).sqrt()
-        return float(per_sample.mean()), outputs
+    def distance(self, x: torch.Tensor) -> float:
+        """The mean over samples of each sample's root mean squared distance to its teacher sample: unlike the
+        overall mean squared error it does not let the few samples that end in another mode than their teacher (a
+        large, sampler-independent distance) decide, and on the Gaussian-mixture oracle its schedules are closer to
+        the data in distribution (docs/sampler_quality.md)."""
+        return float((x.double() - self.target).flatten(1).pow(2).mean(1).sqrt().mean())
+
+    def score(self, candidate: dict, cached_outputs: List[torch.Tensor] = ()):
+        """(distance to the teacher, model outputs) of a candidate sampler."""
+        x, outputs = self.run(self.sampler(candidate), cached_outputs)
+        return self.distance(x), outputs
+
+
+def _teacher_samples(matching: _TeacherMatching, num_teacher_steps: int) -> torch.Tensor:
+    teacher = DDIMSchedulerPlus.from_config(
+        matching.scheduler.config, ddim_solver_order=2, timestep_spacing=TEACHER_SPACING, tuned_timesteps=None
+    )
+    teacher.set_timesteps(num_teacher_steps)
+    return matching.run(teacher)[0].double()
+
+
+def _best_spacing(matching: _TeacherMatching, num_inference_steps: int):
+    """(distance, candidate, outputs) of the best of `INITIAL_SPACINGS`, and the distance of each."""
+    scheduler, spacing_distance, best = matching.scheduler, {}, None
+    T = scheduler.config.num_train_timesteps
+    for spacing in INITIAL_SPACINGS:
+        timesteps = dm.timesteps_for_spacing(spacing, num_inference_steps, T, 0, scheduler.alphas_cumprod).tolist()
+        error, outputs = matching.score({"timesteps": timesteps})
+        spacing_distance[spacing] = error
+        if best is None or error < best[0]:
+            best = (error, {"timesteps": timesteps}, outputs)
+    return best, spacing_distance
+
+
+def _moved(candidate: dict, kind: str, i: int, sign: float, step: float, log_snr: np.ndarray, T: int):
+    """`candidate` with coordinate (`kind`, i) moved by sign x step units, or `None` where that changes nothing.
+    A timestep moves by `step` in log-SNR to the nearest timestep, strictly between its neighbours; a coefficient
+    by `step` x its unit in `COEFFICIENT_UNITS`."""
+    if kind == "timesteps":
+        timesteps = candidate["timesteps"]
+        upper = timesteps[i - 1] if i > 0 else T  # timestep i stays strictly between its neighbours
+        lower = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        nearest = int(np.abs(log_snr - (log_snr[timesteps[i]] + sign * step)).argmin())
+        moved = min(max(nearest, lower + 1), upper - 1)
+        if moved == timesteps[i]:
+            return None
+        return {**candidate, "timesteps": timesteps[:i] + [moved] + timesteps[i + 1 :]}
+    values = list(candidate[kind])
+    values[i] = round(values[i] + sign * step * COEFFICIENT_UNITS[kind], 12)  # 1.0, not 0.9999999999999999
+    return {**candidate, kind: values}
+
+
+def _pattern_search(
+    matching: _TeacherMatching,
+    start: tuple,
+    coordinates: List[tuple],
+    max_trials: int,
+    max_calls: Optional[int] = None,
+):
+    """Coordinate descent with a shrinking step over `coordinates` ((kind, step index) pairs, swept in order): a
+    move is kept when it brings the samples closer to the teacher; the step starts at `INITIAL_LOG_SNR_STEP` and
+    halves after a sweep without improvement, down to `MIN_LOG_SNR_STEP`. A candidate that changes step i reuses
+    the model outputs of the steps before it. Stops after `max_trials` candidates or when the next one could take
+    the UNet calls past `max_calls`.
+
+    Returns:
+        `tuple`: (distance, candidate, outputs) of the best candidate found.
+    """
+    error, candidate, outputs = start
+    S, T = len(candidate["timesteps"]), matching.scheduler.config.num_train_timesteps
+    log_snr = dm.log_snr(matching.scheduler.alphas_cumprod.clamp(min=dm.ZERO_SNR_ABAR_FLOOR))
+    step, trials_left = INITIAL_LOG_SNR_STEP, max_trials
+    while step >= MIN_LOG_SNR_STEP and trials_left > 0:
+        improved = False
+        for kind, i in coordinates:
+            for sign in (1.0, -1.0):
+                moved = _moved(candidate, kind, i, sign, step, log_snr, T)
+                # a moved timestep changes the step into it (i - 1) too; a coefficient only its own step
+                reused = i if kind == "timesteps" else i + 1
+                if moved is None or trials_left == 0:
+                    continue
+                if max_calls is not None and matching.num_calls + S - reused > max_calls:
+                    trials_left = 0
+                    continue
+                trials_left -= 1
+                moved_error, moved_outputs = matching.score(moved, outputs[:reused])
+                if moved_error < error:
+                    error, candidate, outputs, improved = moved_error, moved, moved_outputs, True
+                    break
+        if not improved:
+            step /= 2
+    return error, candidate, outputs
 
 
 @torch.inference_mode()
@@ -152,6 +255,7 @@ def optimize_timesteps(
 ) -> Union[List[int], TimestepTuningOutput]:
     """Timesteps for `num_inference_steps` deterministic steps (eta = 0) that bring the pipeline's samples closest to
     those of a many-step run of the same model: chosen from the model's outputs only, no data needed.
+    `ddim_plus.tune_sampler` runs the same search and then tunes per-step coefficients too, with a held-out check.
 
     Cost: at most `tuning_cost(num_inference_steps, num_teacher_steps, max_trials)` =
     num_teacher_steps + S * (3 + max_trials) UNet calls, each on a batch of `num_samples` latents (200 + 3 S + 10 S^2
@@ -172,56 +276,23 @@ def optimize_timesteps(
         `List[int]` (strictly descending, in [0, T)) or `TimestepTuningOutput`.
     """
     config = pipeline.scheduler.config
-    T = config.num_train_timesteps
-    check_tuning_arguments(T, num_inference_steps, solver_order, num_teacher_steps)
+    check_tuning_arguments(config.num_train_timesteps, num_inference_steps, solver_order, num_teacher_steps)
     if num_samples < 1:
         raise ValueError(f"`num_samples` must be at least 1, got {num_samples}.")
     S = int(num_inference_steps)
-    trials_left = default_max_trials(S) if max_trials is None else max_trials
+    trials = default_max_trials(S) if max_trials is None else max_trials
 
     student = DDIMSchedulerPlus.from_config(config, ddim_solver_order=solver_order, tuned_timesteps=None)
-    teacher = DDIMSchedulerPlus.from_config(
-        config, ddim_solver_order=2, timestep_spacing=TEACHER_SPACING, tuned_timesteps=None
-    )
     x_T = pipeline.prepare_latents(num_samples, generator, None)
     with tqdm(total=tuning_cost(S, num_teacher_steps, max_trials), desc="UNet calls", disable=not progress) as bar:
         matching = _TeacherMatching(pipeline.unet, student, x_T, bar)
-        teacher.set_timesteps(num_teacher_steps)
-        matching.target = matching.run(teacher, teacher.timesteps.tolist())[0].double()
-
-        spacing_distance, best = {}, None
-        for spacing in INITIAL_SPACINGS:
-            timesteps = dm.timesteps_for_spacing(spacing, S, T, 0, student.alphas_cumprod).tolist()
-            error, outputs = matching.score(timesteps)
-            spacing_distance[spacing] = error
-            if best is None or error < best[0]:
-                best = (error, timesteps, outputs)
-        error, timesteps, outputs = best
-
-        log_snr = dm.log_snr(student.alphas_cumprod.clamp(min=dm.ZERO_SNR_ABAR_FLOOR))
-        step = INITIAL_LOG_SNR_STEP
-        while step >= MIN_LOG_SNR_STEP and trials_left > 0:
-            improved = False
-            for i in range(S):
-                upper = timesteps[i - 1] if i > 0 else T  # timestep i stays strictly between its neighbours
-                lower = timesteps[i + 1] if i + 1 < S else -1
-                for sign in (1.0, -1.0):
-                    nearest = int(np.abs(log_snr - (log_snr[timesteps[i]] + sign * step)).argmin())
-                    moved = min(max(nearest, lower + 1), upper - 1)
-                    if moved == timesteps[i] or trials_left == 0:
-                        continue
-                    trials_left -= 1
-                    candidate = timesteps[:i] + [moved] + timesteps[i + 1 :]
-                    candidate_error, candidate_outputs = matching.score(candidate, outputs[:i])
-                    if candidate_error < error:
-                        error, timesteps, outputs, improved = candidate_error, candidate, candidate_outputs, True
-                        break
-            if not improved:
-                step /= 2
+        matching.target = _teacher_samples(matching, num_teacher_steps)
+        start, spacing_distance = _best_spacing(matching, S)
+        error, candidate, _ = _pattern_search(matching, start, [("timesteps", i) for i in range(S)], trials)
         bar.total = matching.num_calls
         bar.refresh()
 
-    timesteps = [int(t) for t in timesteps]
+    timesteps = [int(t) for t in candidate["timesteps"]]
     if not return_details:
         return timesteps
     return TimestepTuningOutput(

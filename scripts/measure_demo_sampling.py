@@ -16,6 +16,7 @@ import json
 import os
 import time
 
+import diffusers
 import numpy as np
 import torch
 
@@ -67,11 +68,29 @@ def cells(saved_clip: bool):
             yield f"s20:{spacing}+order{order}", overrides, 20, 0.0, None
     yield "s20:trailing+order2", {**untuned, "timestep_spacing": "trailing", "ddim_solver_order": 2}, 10, 0.0, None
     yield "s20:trailing+order1", {**untuned, "timestep_spacing": "trailing", **FIRST_ORDER}, 1000, 0.0, None
+    # Few steps (docs/sampler_quality.md): the folder's own sampler (a sampler or timesteps stored by
+    # `ddim-plus tune-steps` included), the untuned saved config, and diffusers' multistep solvers from its config.
+    for steps in (5, 10):
+        yield "fewstep:as-stored", {}, steps, 0.0, None
+        order2 = {**untuned, "timestep_spacing": "logsnr", "ddim_solver_order": 2}
+        yield "fewstep:logsnr+order2", order2, steps, 0.0, None
+        # diffusers' defaults (linspace, its own lower-order final steps), and DPM-Solver++ with Lu's lambdas
+        for order in (2, 3):
+            dpm = {"scheduler": "DPMSolverMultistepScheduler", "solver_order": order, "timestep_spacing": "linspace"}
+            yield f"fewstep:dpmsolver++{order}m", dpm, steps, 0.0, None
+            yield f"fewstep:dpmsolver++{order}m-lu", {**dpm, "use_lu_lambdas": True}, steps, 0.0, None
+        unipc = {"scheduler": "UniPCMultistepScheduler", "timestep_spacing": "linspace"}
+        yield "fewstep:unipc", unipc, steps, 0.0, None
 
 
 def sample_cell(pipe, overrides, steps, eta, use_clipped, seed, size, device):
     sigma_type = SIGMA_HAT if eta == SIGMA_HAT else "eta"
-    scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, sigma_type=sigma_type, **overrides)
+    overrides = dict(overrides)
+    stock = overrides.pop("scheduler", None)  # a diffusers scheduler class, made from the folder's config
+    if stock is not None:
+        scheduler = getattr(diffusers, stock).from_config(pipe.scheduler.config, **overrides)
+    else:
+        scheduler = DDIMSchedulerPlus.from_config(pipe.scheduler.config, sigma_type=sigma_type, **overrides)
     sampler = DDIMPlusPipeline(unet=pipe.unet, scheduler=scheduler)
     sampler.set_progress_bar_config(disable=True)
     return sampler(

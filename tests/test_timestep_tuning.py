@@ -15,6 +15,7 @@ from ddim_plus import DDIMPlusPipeline, DDIMSchedulerPlus, optimize_timesteps
 from ddim_plus.cli import main
 from ddim_plus.evaluation.gmm import GaussianMixture, GaussianMixtureOracle
 from ddim_plus.evaluation.quality import quality_sweep
+from ddim_plus.sampler_tuning import sampler_tuning_cost
 from ddim_plus.timestep_tuning import tuning_cost
 
 CONFIG = dict(clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon")
@@ -106,7 +107,7 @@ def test_bad_requests_raise_naming_the_fix(kwargs, message):
 # ----------------------------------------------------------------------------------------------------------------
 # Stored in a pipeline folder
 # ----------------------------------------------------------------------------------------------------------------
-TUNE_ARGS = ["--num-samples", "2", "--teacher-steps", "8", "--max-trials", "3", "--quiet"]
+TUNE_ARGS = ["--num-samples", "2", "--teacher-steps", "8", "--max-trials", "3", "--max-unet-calls", "60", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,9 @@ def test_tune_steps_stores_the_schedule_and_sampling_uses_it(tuned_dir, capsys):
     entries = stored_entries(tuned_dir)
     assert [(e["num_inference_steps"], e["solver_order"]) for e in entries] == [(2, 1), (3, 1)]
     printed = capsys.readouterr().out
-    assert f"at most {tuning_cost(3, 8, 3)} UNet calls" in printed and str(entries[1]["timesteps"]) in printed
+    assert (
+        f"at most {sampler_tuning_cost(3, 8, 60)[1]} UNet calls" in printed and str(entries[1]["timesteps"]) in printed
+    )
 
 
 def test_explicit_spacing_overrides_the_tuned_schedule(tuned_dir):
