@@ -992,10 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher-steps", type=_positive_int, default=200, help="steps of the order-2 teacher (default: 200)"
     )
     tune.add_argument(
-        "--max-trials",
-        type=_positive_int,
-        default=None,
-        help="candidate schedules of the timestep search (default: 10 S)",
+        "--max-trials", type=_positive_int, default=None, help="timestep-search candidates (default: 10 S)"
     )
     tune.add_argument(
         "--max-unet-calls",

@@ -201,12 +201,7 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     )
     add("--eval_batch_size", type=int, default=64, help="samples per grid drawn during training")
     # Optimisation
-    add(
-        "--output_dir",
-        default=None,
-        help="where the pipeline, checkpoints and logs go (default: ddim-plus-digits for the bundled digits, "
-        "ddim-plus-model for other data; also the Hub repo name without --hub_model_id)",
-    )
+    add("--output_dir", default=None, help="output folder (default: ddim-plus-digits on digits, else ddim-plus-model)")
     add("--overwrite_output_dir", action="store_true", help="delete another run's outputs in output_dir first")
     add("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation and noise")
     add("--train_batch_size", type=int, default=None, help=f"images per process per micro-batch ({RECIPE_HELP})")
