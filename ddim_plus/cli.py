@@ -1003,7 +1003,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--timesteps-only", action="store_true", help="tune the timesteps only, not the per-step coefficients"
     )
-    tune.add_argument("--seed", type=int, default=0, help="seed of the latents (default: 0)")
+    tune.add_argument(
+        "--seed",
+        type=int,
+        default=12345,
+        help="seed of the tuning latents (default: 12345, not sample's or evaluate's 0: scored images stay held out)",
+    )
     tune.set_defaults(run=run_tune_steps)
 
     env = commands.add_parser(
