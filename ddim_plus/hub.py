@@ -409,20 +409,28 @@ def tuned_schedules_markdown(entries: Sequence[Dict[str, object]]) -> str:
         entries (`Sequence[Dict[str, object]]`): the `tuned_timesteps` entries (see `DDIMSchedulerPlus`).
 
     Returns:
-        `str`: a sentence and a table (steps, solver order, timesteps).
+        `str`: a sentence and a table (steps, solver order, timesteps and, for a tuned sampler, its per-step
+        extrapolation weights and eps scales).
     """
+
+    def per_step(values) -> str:
+        return "-" if values is None else ", ".join(f"{float(v):.3g}" for v in values)
+
     rows = [
         {
             "steps": entry["num_inference_steps"],
             "solver_order": entry["solver_order"],
             "timesteps": ", ".join(str(t) for t in entry["timesteps"]),
+            "extrapolation": per_step(entry.get("extrapolation")),
+            "eps_scale": per_step(entry.get("eps_scale")),
         }
         for entry in entries
     ]
     return (
-        "Timesteps tuned to this model by `ddim-plus tune-steps` (matching a many-step run of the model itself). "
-        "`pipeline(num_inference_steps=S)` uses them when the scheduler's `ddim_solver_order` matches; other "
-        "step counts use the `timestep_spacing`.\n\n" + _markdown_table(rows)
+        "Samplers tuned to this model by `ddim-plus tune-steps` (matching a many-step run of the model itself): "
+        "the timesteps and, where given, each step's extrapolation weight and eps scale. "
+        "`pipeline(num_inference_steps=S)` uses them when the scheduler's `ddim_solver_order` matches (the "
+        "coefficients at eta = 0 only); other step counts use the `timestep_spacing`.\n\n" + _markdown_table(rows)
     )
 
 

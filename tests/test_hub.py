@@ -10,7 +10,14 @@ from huggingface_hub import ModelCard
 
 import ddim_plus
 from ddim_plus import DDIMInversionPipeline, DDIMPlusPipeline, DDIMSchedulerPlus
-from ddim_plus.hub import INSTALL_COMMAND, NOT_ON_PYPI, make_model_card, merge_model_card, set_card_section
+from ddim_plus.hub import (
+    INSTALL_COMMAND,
+    NOT_ON_PYPI,
+    make_model_card,
+    merge_model_card,
+    set_card_section,
+    tuned_schedules_markdown,
+)
 from ddim_plus.timestep_tuning import tuned_timesteps_entry
 
 TAGS = ["ddim-plus", "diffusers", "unconditional-image-generation", "ddim"]
@@ -147,6 +154,17 @@ def test_save_pretrained_card_lists_the_tuned_schedules(tmp_path):
     assert text.count("## Tuned timestep schedules") == 1
     assert "| 3 | 1 | 900, 400, 0 |" in text and "| 2 | 2 | 800, 0 |" in text
     assert "the tuned timestep schedules below" in text.split("## How to use")[0]
+
+
+def test_the_card_lists_a_tuned_samplers_coefficients_step_by_step():
+    """A `tune_sampler` entry's per-step extrapolation weights and eps scales are on the card; a timesteps-only
+    entry shows none."""
+    sampler = {"num_inference_steps": 2, "solver_order": 2, "timesteps": [700, 0]}
+    sampler.update(extrapolation=[0.0, 0.5], eps_scale=[1.25, 1.0])
+    steps_only = {"num_inference_steps": 3, "solver_order": 1, "timesteps": [900, 400, 0]}
+    text = tuned_schedules_markdown([sampler, steps_only])
+    assert "| steps | solver_order | timesteps | extrapolation | eps_scale |" in text
+    assert "| 2 | 2 | 700, 0 | 0, 0.5 | 1.25, 1 |" in text and "| 3 | 1 | 900, 400, 0 | - | - |" in text
 
 
 def test_save_pretrained_keeps_an_edited_card_and_writes_a_given_one(tmp_path):
