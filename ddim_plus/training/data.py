@@ -210,7 +210,7 @@ def check_images(dataset, image_column: str, root: Optional[str] = None, num_wor
     """Decode every image once before training, so that a broken file stops the run before its first step.
 
     Images are decoded in `num_workers` threads with a progress bar. The channel count is decided from all images:
-    a dataset mixing grayscale and colour images is an error naming the images of the smaller kind.
+    1 if every image is grayscale, else 3, with the grayscale images among colour ones named (they train as RGB).
 
     Args:
         dataset (`datasets.Dataset`): the training data.
