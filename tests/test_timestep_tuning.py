@@ -114,8 +114,10 @@ TUNE_ARGS = ["--num-samples", "2", "--teacher-steps", "8", "--max-trials", "3", 
 def tuned_once(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tuned") / "tiny"
     DDIMPlusPipeline(unet=make_tiny_unet(channels=1), scheduler=DDIMSchedulerPlus()).save_pretrained(folder)
-    assert main(["tune-steps", str(folder), "--steps", "3", "--order", "1", *TUNE_ARGS]) == 0
-    assert main(["tune-steps", str(folder), "--steps", "2", "--order", "1", *TUNE_ARGS]) == 0
+    # Seed 0's tuned samplers pass the held-out check on this random tiny UNet, so both are stored; a tuned sampler
+    # that fails it (nothing stored) is tested in tests/test_sampler_tuning.py.
+    assert main(["tune-steps", str(folder), "--steps", "3", "--order", "1", *TUNE_ARGS, "--seed", "0"]) == 0
+    assert main(["tune-steps", str(folder), "--steps", "2", "--order", "1", *TUNE_ARGS, "--seed", "0"]) == 0
     return folder
 
 
