@@ -1046,7 +1046,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"ddim-plus {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group a launched command joined: gloo's threads then stop before the interpreter exits,
+    instead of aborting the process ("terminate called without an active exception") after its work is done."""
+    if "torch" not in sys.modules:  # --help, --version and parse errors never import torch
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
