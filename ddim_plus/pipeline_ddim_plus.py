@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import ddim_math as dm
 from .pipeline_utils import DDIMPlusPipelineBase, check_latents, check_output_type, postprocess, sample_shape
-from .scheduling_ddim_plus import DDIMSchedulerPlus
+from .scheduling_ddim_plus import DDIMSchedulerPlus, check_int_in_range
 
 logger = logging.get_logger(__name__)
 
@@ -128,12 +128,7 @@ class DDIMPlusPipeline(DDIMPlusPipelineBase):
         scheduler (`own_spacing_on_foreign_scheduler`) whose `set_timesteps` takes a `timesteps` list."""
         config = self.scheduler.config
         T = config.num_train_timesteps
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-            raise ValueError(f"`num_inference_steps` must be an int, got {num_inference_steps!r}.")
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(
-                f"`num_inference_steps` must be between 1 and `num_train_timesteps`={T}, got {num_inference_steps}."
-            )
+        check_int_in_range("num_inference_steps", num_inference_steps, 1, T, f"`num_train_timesteps`={T}")
         return dm.timesteps_for_spacing(
             config.timestep_spacing,
             int(num_inference_steps),

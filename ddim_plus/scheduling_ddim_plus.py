@@ -88,12 +88,11 @@ class DDIMSchedulerPlusOutput(BaseOutput):
 
 @dataclass(frozen=True)
 class _StepPlan:
-    """Everything a step needs about one transition, as Python floats (no tensor indexing in the hot path)."""
+    """One scheduled transition as Python floats: the levels `inverse_step` moves between and the log-SNR step the
+    second-order weights are made of (`step` reads its coefficients from the step table)."""
 
     abar_t: float  # abar at the current timestep (ZERO_SNR_ABAR_FLOOR for epsilon prediction where it is 0)
     abar_prev: float  # abar at the timestep stepped to (final_alpha_cumprod after the last scheduled one)
-    ddpm_sigma: float  # sigma_t(eta = 1), eq. 16
-    sigma_hat: float  # section 5.1's sigma-hat; 0 on the step to final_alpha_cumprod (see `_plan`)
     h: float  # step in log-SNR, lambda_prev - lambda_t (inf when stepping to abar = 1)
 
 
@@ -312,10 +311,7 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
         if abar_t <= 0 and self.config.prediction_type == "epsilon":
             abar_t = dm.ZERO_SNR_ABAR_FLOOR  # eq. 9 is undefined only here; any abar > 0 is used as it is
         lam_t, lam_prev = dm.log_snr((abar_t, abar_prev)).tolist()
-        # The step to final_alpha_cumprod adds no fresh noise: it is the output (DDPM's Algorithm 2 sets z = 0 at
-        # t = 1, the paper's code masks the noise at t = 0, diffusers' DDPMScheduler adds none at t = 0).
-        sigma_hat = 0.0 if prev_timestep < 0 else dm.ddim_sigma_hat(abar_t, abar_prev)
-        return _StepPlan(abar_t, abar_prev, dm.ddim_sigma(abar_t, abar_prev, 1.0), sigma_hat, lam_prev - lam_t)
+        return _StepPlan(abar_t, abar_prev, lam_prev - lam_t)
 
     def multistep_extrapolation_weights(self) -> List[float]:
         """DPM-Solver++(2M)'s extrapolation weight for each step of the current schedule, 0 where `step` takes a
@@ -350,7 +346,9 @@ class DDIMSchedulerPlus(SchedulerMixin, ConfigMixin):
             abar_t[abar_t <= 0] = dm.ZERO_SNR_ABAR_FLOOR  # as in `_plan`
         abar_prev = np.where(prev >= 0, abar[np.maximum(prev, 0)], final)
         ddpm_sigma = dm.ddim_sigma(abar_t, abar_prev, 1.0)
-        sigma_hat = np.where(prev >= 0, dm.ddim_sigma_hat(abar_t, abar_prev), 0.0)  # no noise into the output
+        # The step to final_alpha_cumprod adds no fresh noise: it is the output (DDPM's Algorithm 2 sets z = 0 at
+        # t = 1, the paper's code masks the noise at t = 0, diffusers' DDPMScheduler adds none at t = 0).
+        sigma_hat = np.where(prev >= 0, dm.ddim_sigma_hat(abar_t, abar_prev), 0.0)
         weight_2m = np.zeros(T)
         weight_2m[self._timestep_list] = self.multistep_extrapolation_weights()
         columns = {
